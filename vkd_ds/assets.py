@@ -1,0 +1,108 @@
+"""Offline assets for the demo and the tests: English text from the Python
+standard library's docs, a BPE tokenizer trained on it, and small causal LMs.
+
+Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+def pydoc_records(chars_per_record: int = 480) -> list[str]:
+    """~465k characters of English from `pydoc_data.topics`, packed into records of whole paragraphs."""
+    from pydoc_data.topics import topics
+
+    records = []
+    for name in sorted(topics):
+        current = ""
+        for para in topics[name].split("\n\n"):
+            para = " ".join(para.split())
+            if not para:
+                continue
+            if current and len(current) + len(para) > chars_per_record:
+                records.append(current)
+                current = ""
+            current = f"{current} {para}".strip()
+        if current:
+            records.append(current)
+    return records
+
+
+def write_jsonl(path: Path, texts: list[str]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({"text": text}) + "\n")
+
+
+def split_records(records: list[str], valid_every: int = 20) -> tuple[list[str], list[str]]:
+    """Deterministic train/valid split: every `valid_every`-th record is held out."""
+    train = [r for i, r in enumerate(records) if i % valid_every != 0]
+    valid = [r for i, r in enumerate(records) if i % valid_every == 0]
+    return train, valid
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE trained with `tokenizers`, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def llama_config(vocab_size: int, hidden: int, layers: int, heads: int = 4, intermediate: int | None = None,
+                 max_positions: int = 512):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False,
+                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
+
+
+def pretrain_lm(model, tokenizer, texts: list[str], *, steps: int, batch_size: int, seq_len: int, lr: float,
+                seed: int, log=print) -> None:
+    """Plain single-process next-token training on packed text (how the demo's teacher is made)."""
+    torch.manual_seed(seed)
+    ids: list[int] = []
+    for text in texts:
+        ids += [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    stream = torch.tensor(ids)
+    num_windows = (len(stream) - 1) // seq_len
+    windows = stream[: num_windows * seq_len].view(num_windows, seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.9 + 0.1)
+    )
+    rng = random.Random(seed)
+    model.train()
+    started = time.time()
+    for step in range(steps):
+        batch = windows[torch.tensor(rng.sample(range(num_windows), batch_size))]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"  teacher pretraining step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f}s)")
+    model.eval()

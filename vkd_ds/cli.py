@@ -1,0 +1,95 @@
+"""The `vkd-ds` command: demo, train, export."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from vkd_ds.errors import EXIT_USER_ERROR, VkdError
+from vkd_ds.launch import select_accelerator
+
+
+def launcher_command(overrides: list[str], num_procs: int, master_port: int | None = None) -> list[str]:
+    """The deepspeed launcher command line that runs `vkd_ds.launch` on this machine."""
+    from vkd_ds.dist import _free_port
+
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
+            "--master_port", str(master_port or _free_port()), "--module", "vkd_ds.launch", *overrides]
+
+
+def procs_for(cfg) -> int:
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return int(cfg.num_procs)
+
+
+def cmd_train(overrides: list[str]) -> int:
+    select_accelerator()
+    if any(arg.startswith("-") for arg in overrides):
+        # Hydra's own flags (--cfg job, --help, ...) run in this process.
+        from vkd_ds.launch import main
+
+        sys.argv = ["vkd-ds train", *overrides]
+        main()
+        return 0
+    from vkd_ds.config import compose
+    from vkd_ds.train import prepare
+
+    cfg = compose(overrides)
+    prepare(cfg)  # every input check once, here, before any process starts
+    return subprocess.call(launcher_command(overrides, procs_for(cfg)), env=os.environ.copy())
+
+
+def cmd_export(args) -> int:
+    from vkd_ds.export import export
+
+    out = export(args.run_dir, args.out_dir, args.checkpoint)
+    print(f"exported {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    select_accelerator()
+    from vkd_ds.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vkd-ds", description="Valence-weighted knowledge distillation on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="the embedded default job: build assets offline, distill, compare")
+    demo.add_argument("--out", default="vkd-demo", help="output directory (default: ./vkd-demo)")
+    demo.add_argument("--quick", action="store_true", help="smaller models and fewer steps (about 3 minutes)")
+    train = sub.add_parser("train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]",
+                           add_help=False)
+    train.add_argument("overrides", nargs=argparse.REMAINDER)
+    export = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face directory")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the latest complete)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args.overrides)
+        if args.command == "export":
+            return cmd_export(args)
+        return cmd_demo(args)
+    except VkdError as err:
+        print(f"vkd-ds: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""`vkd-ds demo`: the embedded default job, offline from start to finish.
+
+1. assets: English text from `pydoc_data`, a BPE tokenizer, and a teacher
+   pretrained here (single process);
+2. distillation of a 2-layer student with 2 processes on ZeRO-3 (`vkd-ds train`);
+3. the same student trained with cross-entropy only, same steps and data;
+4. a summary: held-out perplexity of teacher, distilled student, CE-only student.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vkd_ds.errors import VkdError
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    vocab_size: int
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_steps: int
+    teacher_batch: int
+    seq_len: int
+    distill_steps: int
+
+
+FULL = DemoSettings(vocab_size=2048, teacher_hidden=256, teacher_layers=4, teacher_steps=300, teacher_batch=16,
+                    seq_len=128, distill_steps=300)
+QUICK = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=120, teacher_batch=16,
+                     seq_len=128, distill_steps=100)
+ASSETS_MARKER = "ASSETS_COMPLETE.json"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def build_assets(assets: Path, settings: DemoSettings) -> None:
+    """Tokenizer, teacher, train.jsonl, valid.jsonl; reused when already built with the same settings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vkd_ds.assets import llama_config, pretrain_lm, pydoc_records, split_records, train_tokenizer, write_jsonl
+
+    marker = assets / ASSETS_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == asdict(settings):
+        say(f"[1/4] assets: reusing {assets}")
+        return
+    shutil.rmtree(assets, ignore_errors=True)
+    assets.mkdir(parents=True)
+    started = time.time()
+    train_texts, valid_texts = split_records(pydoc_records())
+    write_jsonl(assets / "train.jsonl", train_texts)
+    write_jsonl(assets / "valid.jsonl", valid_texts)
+    tokenizer = train_tokenizer(train_texts, settings.vocab_size, assets / "tokenizer")
+    say(f"[1/4] assets: {len(train_texts)} train / {len(valid_texts)} valid records from pydoc_data, "
+        f"BPE tokenizer of {len(tokenizer)} tokens")
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    teacher = AutoModelForCausalLM.from_config(
+        llama_config(len(tokenizer), settings.teacher_hidden, settings.teacher_layers, max_positions=512))
+    n_params = sum(p.numel() for p in teacher.parameters())
+    say(f"      pretraining the teacher ({n_params / 1e6:.1f}M parameters, {settings.teacher_steps} steps)")
+    pretrain_lm(teacher, tokenizer, train_texts, steps=settings.teacher_steps, batch_size=settings.teacher_batch,
+                seq_len=settings.seq_len, lr=3e-3, seed=0, log=say)
+    teacher.save_pretrained(assets / "teacher")
+    tokenizer.save_pretrained(assets / "teacher")
+    marker.write_text(json.dumps(asdict(settings)))
+    say(f"      assets ready in {time.time() - started:.0f}s")
+
+
+def _train(overrides: list[str], label: str) -> dict:
+    from vkd_ds.cli import cmd_train
+
+    started = time.time()
+    code = cmd_train(overrides)
+    if code != 0:
+        raise VkdError(f"demo: the {label} run failed (exit {code}); see the messages above")
+    run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")))
+    result = json.loads((run_dir / "eval.json").read_text())
+    result["seconds"] = time.time() - started
+    return result
+
+
+def run_demo(out: str | Path, quick: bool = False) -> dict:
+    settings = QUICK if quick else FULL
+    out = Path(out).resolve()
+    assets = out / "assets"
+    started = time.time()
+    build_assets(assets, settings)
+    common = ["experiment=demo", f"assets_dir={assets}", f"trainer.max_steps={settings.distill_steps}",
+              f"data.max_seq_len={settings.seq_len}", "resume=never", "trainer.progress_bar=false",
+              f"trainer.log_every={max(settings.distill_steps // 10, 1)}"]
+    kd_dir, ce_dir = out / "run", out / "run_ce_only"
+    for run_dir in (kd_dir, ce_dir):
+        shutil.rmtree(run_dir, ignore_errors=True)
+    say(f"[2/4] distilling the student: 2 processes, ZeRO-3, {settings.distill_steps} steps -> {kd_dir}")
+    kd = _train(common + [f"run.dir={kd_dir}"], "distillation")
+    say(f"[3/4] the same student with cross-entropy only -> {ce_dir}")
+    ce = _train(common + [f"run.dir={ce_dir}", "loss.soft=0"], "CE-only")
+    summary = {
+        "teacher_ppl": kd["eval/teacher_ppl"],
+        "distilled_student_ppl": kd["eval/ppl"],
+        "ce_only_student_ppl": ce["eval/ppl"],
+        "distilled_kl_to_teacher": kd["eval/kl_teacher"],
+        "steps": settings.distill_steps,
+        "quick": quick,
+        "seconds": time.time() - started,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    verdict = "beats" if summary["distilled_student_ppl"] < summary["ce_only_student_ppl"] else "does NOT beat"
+    say("[4/4] held-out perplexity (valid.jsonl, lower is better)")
+    say(f"      teacher                      {summary['teacher_ppl']:9.2f}")
+    say(f"      student, distilled (KD)      {summary['distilled_student_ppl']:9.2f}")
+    say(f"      student, CE only             {summary['ce_only_student_ppl']:9.2f}")
+    say(f"      the distilled student {verdict} the CE-only student "
+        f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})")
+    sys.stdout.flush()
+    return summary

@@ -1,0 +1,108 @@
+"""Every collective vkd-ds issues lives here (losses and models never talk to other ranks).
+
+Reductions are of sums (numerators and denominators), never of means: a mean
+of per-rank means is wrong under masks and sample weights.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+
+def on_gpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
+
+
+def init() -> None:
+    """Join the process group started by the deepspeed launcher (or make a group of one)."""
+    import deepspeed
+
+    if torch_dist.is_initialized():
+        return
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if on_gpu() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+    if on_gpu():
+        torch.cuda.set_device(local_rank())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    return torch.device("cuda", local_rank()) if on_gpu() else torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a (small, detached) tensor; returns a new tensor."""
+    out = tensor.detach().to(device(), copy=True)
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out.to(tensor.device)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.detach().to(device(), copy=True)
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
+    return out.to(tensor.device)
+
+
+def all_gather_object(obj) -> list:
+    if not (torch_dist.is_initialized() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (torch_dist.is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and world_size() > 1:
+        torch_dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (rank-agreed decisions)."""
+    return bool(all_reduce_max(torch.tensor([float(flag)]))[0] > 0)
+
+
+def destroy() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

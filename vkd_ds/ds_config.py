@@ -1,0 +1,106 @@
+"""The one place where DeepSpeed JSON is derived from the Hydra config.
+
+Batch sizes, precision, ZeRO stage, offload and the LR schedule are written
+here and nowhere else (DeepSpeed-Chat's habit of patching `train_batch_size`
+in many places is what this avoids).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vkd_ds.config import check_global_batch
+from vkd_ds.errors import VkdError
+
+
+def resolve_precision(cfg: DictConfig, on_gpu: bool) -> str:
+    precision = cfg.deepspeed.precision
+    if precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    if precision == "bf16" and not on_gpu:
+        raise VkdError("deepspeed.precision=bf16 needs a GPU; use auto or fp32 on a CPU-only machine")
+    return precision
+
+
+def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
+    if device == "nvme":
+        return {"device": "nvme", "nvme_path": nvme_path}
+    # Pinned host memory only helps with a GPU; on DeepSpeed's CPU accelerator it is not available.
+    return {"device": "cpu", "pin_memory": False}
+
+
+def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed JSON of the student engine (optimizer and LR schedule included)."""
+    trainer = cfg.trainer
+    global_batch = check_global_batch(cfg, world_size)
+    precision = resolve_precision(cfg, on_gpu)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        # Export and the equivalence tests read consolidated weights; keep them gatherable.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.deepspeed.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(cfg.deepspeed.offload_optimizer, cfg.deepspeed.nvme_path)
+    warmup = min(trainer.warmup_steps, trainer.max_steps - 1) if trainer.max_steps > 1 else 0
+    ds: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum,
+        "gradient_clipping": trainer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": trainer.lr,
+                "betas": list(trainer.betas),
+                "eps": 1e-8,
+                "weight_decay": trainer.weight_decay,
+                # torch's AdamW: no JIT-compiled op needed (DeepSpeedCPUAdam is used with offload).
+                "torch_adam": cfg.deepspeed.offload_optimizer == "none",
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": trainer.max_steps,
+                "warmup_num_steps": max(warmup, 1),
+                # Linear warmup from lr/warmup (not 0, which would waste the first step) to lr.
+                "warmup_min_ratio": 1.0 / max(warmup, 1),
+                "cos_min_ratio": trainer.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True)
+    return _merge(ds, extra)
+
+
+def teacher_ds_config(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed JSON of the frozen teacher: ZeRO-3 inference, params offloaded."""
+    precision = resolve_precision(cfg, on_gpu)
+    zero: dict[str, Any] = {"stage": 3}
+    if cfg.teacher.offload_param != "none":
+        zero["offload_param"] = _offload(cfg.teacher.offload_param, cfg.teacher.nvme_path)
+    return {
+        # DeepSpeed requires a batch size even for an engine that never steps.
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+    }
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base

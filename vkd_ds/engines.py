@@ -1,0 +1,100 @@
+"""Builds the two DeepSpeed engines: the frozen, sharded teacher and the trained student.
+
+Both models are constructed under `deepspeed.zero.Init` (through transformers'
+ZeRO-3 integration) when their engine is ZeRO-3, so neither is ever whole on
+one rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+# These modules patch torch at import time; importing them inside zero.Init's
+# tensor-construction hooks breaks, so import them first.
+import torch._dynamo  # noqa: F401
+import transformers.generation.utils  # noqa: F401
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from vkd_ds.errors import VkdError
+from vkd_ds.models import StudentModule
+
+
+@contextlib.contextmanager
+def _zero3_construction(ds_config: dict[str, Any]):
+    """While alive, transformers builds models under zero.Init with this DeepSpeed config."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # registers itself through a weak reference
+    try:
+        yield
+    finally:
+        del hf_ds_config
+        unset_hf_deepspeed_config()
+
+
+def _dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    return torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+
+
+def _initialize(**kwargs):
+    import deepspeed
+
+    try:
+        return deepspeed.initialize(**kwargs)
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        raise VkdError(f"bad DeepSpeed settings: {err}") from None
+
+
+def build_teacher_engine(path: str, ds_config: dict[str, Any]):
+    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed."""
+    with _zero3_construction(ds_config):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config))
+        except (OSError, ValueError) as err:
+            raise VkdError(f"teacher.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+    model.requires_grad_(False)
+    model.eval()
+    engine, *_ = _initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def build_student_model(path: str | None, model_config, ds_config: dict[str, Any], seed: int) -> StudentModule:
+    """The student module, from a local directory or freshly initialized from `model_config`."""
+    torch.manual_seed(seed)  # a fresh student's init is a function of the seed only
+    with _zero3_construction(ds_config):
+        if path is not None:
+            try:
+                lm = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config))
+            except (OSError, ValueError) as err:
+                raise VkdError(f"student.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+        else:
+            lm = AutoModelForCausalLM.from_config(model_config, dtype=_dtype(ds_config))
+    return StudentModule(lm)
+
+
+def build_student_engine(student: StudentModule, ds_config: dict[str, Any]):
+    """The student's training engine: optimizer and LR schedule come from `ds_config`."""
+    engine, optimizer, _, scheduler = _initialize(
+        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config
+    )
+    return engine, optimizer, scheduler
+
+
+def local_param_count(engine) -> tuple[int, int]:
+    """(elements held by this rank, elements in the whole model) of a ZeRO-3 engine."""
+    local = total = 0
+    for param in engine.module.parameters():
+        if hasattr(param, "ds_tensor"):
+            local += param.ds_tensor.numel()
+            total += param.ds_numel
+        else:
+            local += param.numel()
+            total += param.numel()
+    return local, total

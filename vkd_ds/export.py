@@ -1,0 +1,71 @@
+"""`vkd-ds export RUN_DIR OUT_DIR`: a run's latest checkpoint as a plain Hugging Face directory.
+
+Weights are consolidated from the ZeRO shards on disk (no process group
+needed), so export runs on any machine with enough CPU memory for the student.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from vkd_ds import checkpoint
+from vkd_ds.errors import VkdError
+from vkd_ds.models import StudentModule
+
+
+def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The student module's full fp32 state dict from a checkpoint written with any ZeRO stage."""
+    unsharded = checkpoint_dir / "mp_rank_00_model_states.pt"
+    if unsharded.is_file() and not (checkpoint_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists():
+        state = torch.load(unsharded, map_location="cpu", weights_only=False)
+        if not any(checkpoint_dir.glob("*optim_states.pt")):  # ZeRO-0: the module holds the weights
+            return {k: v.float() for k, v in state["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not run_dir.is_dir():
+        raise VkdError(f"export: run directory not found: {run_dir}")
+    if checkpoint_dir is None:
+        checkpoint_dir = checkpoint.latest_checkpoint(run_dir)
+        if checkpoint_dir is None:
+            raise VkdError(f"export: {run_dir} holds no complete checkpoint")
+    checkpoint_dir = Path(checkpoint_dir)
+    student_dir = run_dir / "student"
+    if not (student_dir / "config.json").is_file():
+        raise VkdError(f"export: {student_dir}/config.json is missing; is {run_dir} a vkd-ds run directory?")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise VkdError(f"export: {out_dir} exists and is not empty")
+
+    state = consolidated_state_dict(checkpoint_dir)
+    prefix = StudentModule.LM_PREFIX
+    lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    config = AutoConfig.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(lm_state, strict=False)
+    model.tie_weights()
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise VkdError(f"export: checkpoint {checkpoint_dir} does not match the student config "
+                       f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    # Write next to the target, then publish with one rename: a kill leaves no half-written export.
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(staging)
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(staging, out_dir)
+    return out_dir

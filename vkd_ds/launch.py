@@ -1,0 +1,70 @@
+"""Per-rank entry point started by the deepspeed launcher (also `launcher/train.py`).
+
+The launcher appends `--local_rank=N`, which Hydra would reject as an
+override: it is moved into the LOCAL_RANK environment variable first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ["LOCAL_RANK"] = arg.split("=", 1)[1]
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ["LOCAL_RANK"] = argv[i + 1]
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def select_accelerator() -> None:
+    """DeepSpeed's CPU accelerator when there is no GPU (must be decided before deepspeed is imported)."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def run_job(cfg) -> None:
+    from vkd_ds import dist
+    from vkd_ds.errors import EXIT_USER_ERROR, VkdError
+    from vkd_ds.train import train
+
+    try:
+        train(cfg)
+    except VkdError as err:
+        if dist.rank() == 0:
+            print(f"vkd-ds: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def quiet_warnings() -> None:
+    import warnings
+
+    # torch.distributed deprecations triggered inside DeepSpeed, once per collective kind and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
+
+
+def main() -> None:
+    quiet_warnings()
+    sys.argv = [sys.argv[0]] + strip_local_rank(sys.argv[1:])
+    select_accelerator()
+    import hydra
+
+    from vkd_ds.config import CONFIG_NAME, config_dir
+
+    hydra.main(config_path=str(config_dir()), config_name=CONFIG_NAME, version_base="1.3")(run_job)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Loss terms of SPEC §2 as pure functions of tensors (no collectives, no config).
+
+Shapes: B sequences, S positions, V vocabulary. `mask[b, t]` marks the
+positions whose prediction (of token t+1) counts. Every public term returns a
+per-sequence value `[B]`: the mean over that sequence's valid positions, 0
+for a sequence with none. The global reduction over the batch takes the
+global weight sum as an argument (see `weighted_batch_loss`).
+
+The per-token terms run over the vocabulary in token chunks, in fp32 per
+chunk, and keep their gradient in the logits' dtype, so no fp32
+`[tokens, vocab]` tensor of either model is ever materialized.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _soft_kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits."""
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    loss = (p_teacher * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
+    # d/dz_S [T² KL] = T² (p_S - p_T) / T
+    grad = (log_p_student.exp() - p_teacher) * temperature
+    return loss, grad
+
+
+def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
+    log_p = F.log_softmax(student, dim=-1)
+    loss = -log_p.gather(-1, targets[:, None]).squeeze(-1)
+    grad = log_p.exp()
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
+    return loss, grad
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """Per-token loss over selected positions, computed chunk by chunk.
+
+    Forward stores only d(loss)/d(logits) of the selected positions, in the
+    logits' dtype; backward scales it by the incoming per-token gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, flat_index, other, temperature, vocab_size, chunk_tokens):
+        flat_logits = logits.flatten(0, 1)
+        num_tokens = flat_index.numel()
+        losses = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
+        grads = None
+        if logits.requires_grad:
+            grads = torch.empty((num_tokens, vocab_size), dtype=logits.dtype, device=logits.device)
+        for start in range(0, num_tokens, chunk_tokens):
+            sel = flat_index[start:start + chunk_tokens]
+            student = flat_logits[sel, :vocab_size].float()
+            if temperature is None:
+                loss, grad = _cross_entropy_chunk(student, other[sel])
+            else:
+                teacher = other.flatten(0, 1)[sel, :vocab_size].float()
+                loss, grad = _soft_kd_chunk(student, teacher, temperature)
+            losses[start:start + chunk_tokens] = loss
+            if grads is not None:
+                grads[start:start + chunk_tokens] = grad
+        ctx.save_for_backward(flat_index, grads)
+        ctx.logits_shape = logits.shape
+        ctx.vocab_size = vocab_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        flat_index, grads = ctx.saved_tensors
+        shape = ctx.logits_shape
+        grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
+        grad_logits[flat_index, :ctx.vocab_size] = grads * grad_losses[:, None].to(grads.dtype)
+        return grad_logits.view(shape), None, None, None, None, None
+
+
+def _per_sequence_mean(per_token: torch.Tensor, flat_index: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    seq_of = torch.div(flat_index, seq_len, rounding_mode="floor")
+    sums = torch.zeros(batch, dtype=per_token.dtype, device=per_token.device).index_add(0, seq_of, per_token)
+    counts = torch.bincount(seq_of, minlength=batch).to(per_token.dtype)
+    return sums / counts.clamp(min=1.0)
+
+
+def _selected(mask: torch.Tensor) -> torch.Tensor:
+    return mask.flatten().nonzero(as_tuple=True)[0]
+
+
+def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+            temperature: float, vocab_size: int | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Hinton soft KD per sequence: mean over valid positions of KL(softmax(z_T/T) || softmax(z_S/T))·T².
+
+    student_logits [B,S,Vs], teacher_logits [B,S,Vt], mask [B,S] bool -> [B] fp32.
+    Only the first `vocab_size` logits are compared (default: the smaller
+    width), so embeddings padded past the tokenizer do not matter.
+    """
+    batch, seq_len = mask.shape
+    vocab = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    flat_index = _selected(mask)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, teacher_logits.detach(),
+                                        float(temperature), vocab, chunk_tokens)
+    return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+
+
+def token_ce(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+             vocab_size: int | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+    """Next-token cross-entropy per sequence: mean over valid positions of -log p_S(targets[b,t]).
+
+    student_logits [B,S,V], targets [B,S] (the token following each position), mask [B,S] -> [B] fp32.
+    """
+    batch, seq_len = mask.shape
+    vocab = vocab_size or student_logits.shape[-1]
+    flat_index = _selected(mask)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, vocab, chunk_tokens)
+    return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+
+
+def shift_for_next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor):
+    """(targets, mask) aligned with positions: position t predicts token t+1 when that token is a target."""
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    mask = torch.zeros_like(loss_mask)
+    mask[:, :-1] = loss_mask[:, 1:]
+    return targets, mask
+
+
+def combine_terms(terms: dict[str, torch.Tensor], lambdas: dict[str, float]) -> torch.Tensor:
+    """L_base per sequence: Σ_term λ_term · term[B]; terms with λ = 0 may be absent."""
+    total = None
+    for name, lam in lambdas.items():
+        if lam == 0:
+            continue
+        part = lam * terms[name]
+        total = part if total is None else total + part
+    return total
+
+
+def weighted_batch_loss(base: torch.Tensor, weights: torch.Tensor, global_weight_sum: torch.Tensor | float) -> torch.Tensor:
+    """This rank's share of L = Σ_{i∈B} w_i L_base^i / Σ_{i∈B} w_i, where the denominator is over the
+    whole global batch (all ranks and micro-steps). Summing the shares over ranks and micro-steps gives L."""
+    return (weights * base).sum() / global_weight_sum

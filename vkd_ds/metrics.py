@@ -1,0 +1,83 @@
+"""Run-directory outputs of rank 0: `train.log` and `metrics.csv` (one row per optimizer step)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "vkd_ds"
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> logging.Logger:
+    """Rank 0 logs INFO to stderr and run_dir/train.log; other ranks log warnings only."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if is_main and run_dir is not None:
+        handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    # DeepSpeed's INFO lines drown the run's own log; keep its warnings.
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+class MetricsCSV:
+    """Appends one row per step. On resume, rows after the resumed step are dropped first,
+    so the file always holds exactly one row per completed step."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                self.columns = list(reader.fieldnames or []) or None
+                rows = [row for row in reader if int(row["step"]) <= resume_step]
+            self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            if self.columns:
+                writer = csv.DictWriter(handle, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        if self.columns is None:
+            self.columns = list(row)
+            self._rewrite([])
+        elif any(key not in self.columns for key in row):
+            with self.path.open(newline="", encoding="utf-8") as handle:
+                old = list(csv.DictReader(handle))
+            self.columns += [key for key in row if key not in self.columns]
+            self._rewrite(old)
+        with self.path.open("a", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=self.columns).writerow(
+                {k: _fmt(row.get(k, "")) for k in self.columns}
+            )
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    return value
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with Path(path).open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,105 @@
+"""Teacher and student models: local Hugging Face causal LMs, or a student built from a config.
+
+No DeepSpeed here: `engines.py` decides how these are constructed and sharded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vkd_ds.errors import VkdError
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    _require_dir(path, "data.tokenizer_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise VkdError(f"no usable tokenizer in {path} (data.tokenizer_path): {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss; any id will do, EOS is the convention.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    return tokenizer
+
+
+def _require_dir(path: str | None, key: str) -> Path:
+    if not path or not Path(path).is_dir():
+        raise VkdError(f"{key}: directory not found: {path}")
+    return Path(path)
+
+
+def load_model_config(path: str, key: str):
+    """The transformers config of a local model directory (no weights are read)."""
+    from transformers import AutoConfig
+
+    directory = _require_dir(path, key)
+    if not (directory / "config.json").is_file():
+        raise VkdError(f"{key}: {directory} has no config.json (not a Hugging Face model directory)")
+    try:
+        return AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError) as err:
+        raise VkdError(f"{key}: cannot read {directory / 'config.json'}: {str(err).splitlines()[0]}") from None
+
+
+def student_config_from_dict(spec: DictConfig, vocab_size: int):
+    """A transformers config from `student.config` (model_type plus keys)."""
+    from transformers import AutoConfig
+
+    fields = OmegaConf.to_container(spec, resolve=True)
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise VkdError("student.config needs a `model_type` (e.g. llama, qwen2, gpt2, mistral)")
+    fields.setdefault("vocab_size", vocab_size)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError) as err:
+        raise VkdError(f"student.config: {str(err).splitlines()[0]}") from None
+
+
+def check_vocab(tokenizer_len: int, model_vocab: int, who: str) -> None:
+    """Embedding tables padded past the tokenizer (e.g. 152064 for 151936 tokens) are fine;
+    a table smaller than the tokenizer is a real mismatch."""
+    if model_vocab < tokenizer_len:
+        raise VkdError(
+            f"vocabulary mismatch: the tokenizer has {tokenizer_len} tokens but the {who} "
+            f"has only {model_vocab} embeddings"
+        )
+
+
+def check_same_tokenizer(tokenizer, other_dir: str, who: str) -> None:
+    """A student directory that ships its own tokenizer must ship the same one."""
+    directory = Path(other_dir)
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return
+    other = load_tokenizer(str(directory))
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise VkdError(
+            f"vocabulary mismatch: the {who} at {directory} ships a tokenizer that differs from "
+            f"data.tokenizer_path ({len(other)} vs {len(tokenizer)} tokens, or different ids)"
+        )
+
+
+class StudentModule(nn.Module):
+    """Everything the student engine trains: the LM (projectors and valence head join it later).
+
+    Checkpoints hold this module's state dict; `lm.` is the prefix of the plain LM's weights.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    LM_PREFIX = "lm."
+
+
+def lm_forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

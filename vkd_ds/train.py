@@ -1,0 +1,120 @@
+"""`train(cfg)`: the whole distillation job, from a composed config.
+
+Order matters for "nothing half-written": every check (config, paths,
+tokenizer, vocabularies, data) runs before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vkd_ds import checkpoint, dist
+from vkd_ds.config import check_global_batch, to_yaml, validate
+from vkd_ds.data import Example, load_examples
+from vkd_ds.errors import VkdError
+from vkd_ds.metrics import setup_logging
+from vkd_ds.models import (check_same_tokenizer, check_vocab, load_model_config, load_tokenizer,
+                           student_config_from_dict)
+from vkd_ds.trainer import TEACHER_TERMS
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    student_config: object
+    train_data: list[Example]
+    valid_data: list[Example]
+    needs_teacher: bool
+
+
+def prepare(cfg: DictConfig) -> Prepared:
+    """Every input check, with no side effects (no process group needed)."""
+    validate(cfg)
+    teacher_config = load_model_config(cfg.teacher.path, "teacher.path")
+    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    vocab = len(tokenizer)
+    check_vocab(vocab, teacher_config.vocab_size, f"teacher ({cfg.teacher.path})")
+    if cfg.student.path is not None:
+        student_config = load_model_config(cfg.student.path, "student.path")
+        check_same_tokenizer(tokenizer, cfg.student.path, "student")
+    else:
+        student_config = student_config_from_dict(cfg.student.config, vocab)
+    check_vocab(vocab, student_config.vocab_size, "student")
+    max_len = cfg.data.max_seq_len
+    train_data = load_examples(cfg.data.train_path, tokenizer, max_len)
+    valid_data = load_examples(cfg.data.valid_path, tokenizer, max_len) if cfg.data.valid_path else []
+    needs_teacher = any(float(cfg.loss[t]) > 0 for t in TEACHER_TERMS)
+    return Prepared(tokenizer, student_config, train_data, valid_data, needs_teacher)
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
+    if cfg.resume == "never":
+        if checkpoint.complete_checkpoints(run_dir):
+            raise VkdError(f"resume=never but {run_dir} already holds checkpoints; pick another run.dir or resume=auto")
+        return None
+    if cfg.resume == "auto":
+        return checkpoint.latest_checkpoint(run_dir)
+    return Path(cfg.resume)
+
+
+def _write_run_files(cfg: DictConfig, run_dir: Path, prepared: Prepared) -> None:
+    """Rank 0: the resolved config, and what export needs (student config, tokenizer)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    student_dir = run_dir / "student"
+    if student_dir.exists():
+        shutil.rmtree(student_dir)
+    prepared.student_config.save_pretrained(student_dir)
+    prepared.tokenizer.save_pretrained(student_dir)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Runs the job on the process group the launcher started (or a group of one)."""
+    import torch
+
+    from vkd_ds import engines
+    from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+    from vkd_ds.trainer import Trainer
+
+    prepared = prepare(cfg)
+    dist.init()
+    world = dist.world_size()
+    check_global_batch(cfg, world)
+    run_dir = Path(cfg.run.dir).resolve()
+    resume_from = _resume_point(cfg, run_dir)
+    torch.manual_seed(cfg.trainer.seed)
+
+    teacher = None
+    if prepared.needs_teacher:
+        teacher = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, dist.on_gpu()))
+    ds_config = student_ds_config(cfg, world, dist.on_gpu())
+    student = engines.build_student_model(cfg.student.path, prepared.student_config, ds_config, cfg.trainer.seed)
+    engine, _, _ = engines.build_student_engine(student, ds_config)
+
+    # All checks passed and both engines exist: only now is the run directory written.
+    if dist.is_main():
+        _write_run_files(cfg, run_dir, prepared)
+    dist.barrier()
+    log = setup_logging(run_dir, dist.is_main())
+    log.info("vkd-ds: %d rank(s), world global batch %d sequences, run dir %s",
+             world, check_global_batch(cfg, world), run_dir)
+    if teacher is not None:
+        local, total = engines.local_param_count(teacher)
+        log.info("teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
+                 total / 1e6, local / 1e6, cfg.teacher.offload_param)
+
+    trainer = Trainer(cfg, engine, teacher, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir)
+    if resume_from is not None:
+        trainer.restore(checkpoint.load(engine, resume_from))
+        log.info("resumed from %s at step %d", resume_from, trainer.step)
+    result = trainer.fit()
+    log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    return result
+
+
+def config_summary(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
