@@ -36,12 +36,14 @@ def cmd_train(overrides: list[str]) -> int:
         sys.argv = ["vkd-ds train", *overrides]
         main()
         return 0
-    from vkd_ds.config import compose
+    from vkd_ds.config import check_global_batch, compose
     from vkd_ds.train import prepare
 
     cfg = compose(overrides)
     prepare(cfg)  # every input check once, here, before any process starts
-    return subprocess.call(launcher_command(overrides, procs_for(cfg)), env=os.environ.copy())
+    num_procs = procs_for(cfg)
+    check_global_batch(cfg, num_procs)
+    return subprocess.call(launcher_command(overrides, num_procs), env=os.environ.copy())
 
 
 def cmd_export(args) -> int:

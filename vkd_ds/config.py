@@ -125,6 +125,7 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "trainer.eval_every", low=0, integer=True)
     _number(cfg, "trainer.eval_max_batches", low=1, integer=True, allow_none=True)
     _number(cfg, "trainer.log_every", low=1, integer=True)
+    _number(cfg, "trainer.stop_after_steps", low=1, integer=True, allow_none=True)
     _number(cfg, "num_procs", low=1, integer=True)
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and Path(resume).is_dir()):

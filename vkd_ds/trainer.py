@@ -164,7 +164,10 @@ class Trainer:
         last_eval: dict[str, float] = {}
         if self.step >= cfg.max_steps:
             self.log.info("run already complete at step %d (trainer.max_steps=%d)", self.step, cfg.max_steps)
-        while self.step < cfg.max_steps:
+        stop_at = cfg.max_steps
+        if cfg.stop_after_steps is not None:
+            stop_at = min(cfg.max_steps, self.step + cfg.stop_after_steps)
+        while self.step < stop_at:
             metrics = self.train_step()
             if self._due(cfg.eval_every):
                 last_eval = self.evaluate()
@@ -172,12 +175,16 @@ class Trainer:
             if csv is not None:
                 csv.write(metrics)
             self._report(metrics, bar)
-            if self._due(cfg.save_every):
+            if self._due(cfg.save_every) or self.step == stop_at:
                 path = checkpoint.save(self.engine, self.run_dir, self.step, self.client_state(),
                                        cfg.keep_checkpoints)
                 self.log.info("saved checkpoint %s", path)
         if bar is not None:
             bar.close()
+        if self.step < cfg.max_steps:
+            self.log.info("stopping at step %d of %d (trainer.stop_after_steps); resume=auto continues",
+                          self.step, cfg.max_steps)
+            return last_eval
         if not last_eval:
             last_eval = self.evaluate()
         if dist.is_main():

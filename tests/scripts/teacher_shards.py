@@ -1,0 +1,22 @@
+"""Run under the deepspeed launcher: build the teacher engine and report what each rank holds."""
+
+import json
+import sys
+from pathlib import Path
+
+from vkd_ds.launch import strip_local_rank
+
+args = strip_local_rank(sys.argv[1:])
+from vkd_ds import dist, engines  # noqa: E402
+from vkd_ds.config import compose  # noqa: E402
+from vkd_ds.ds_config import teacher_ds_config  # noqa: E402
+
+out_dir = Path(args[0])
+cfg = compose(args[1:])
+dist.init()
+teacher = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, on_gpu=False))
+local, total = engines.local_param_count(teacher)
+report = {"rank": dist.rank(), "world": dist.world_size(), "local": local, "total": total,
+          "frozen": all(not p.requires_grad for p in teacher.module.parameters()),
+          "eval_mode": not teacher.module.training}
+(out_dir / f"rank_{dist.rank()}.json").write_text(json.dumps(report))

@@ -1,0 +1,74 @@
+"""Config composition, validation and the derived DeepSpeed JSON."""
+
+import pytest
+
+from vkd_ds.config import check_global_batch, compose, validate
+from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+from vkd_ds.errors import VkdError
+from vkd_ds.launch import strip_local_rank
+
+REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl"]
+
+
+def test_defaults_compose_and_validate():
+    cfg = compose(REQUIRED)
+    validate(cfg)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.teacher.offload_param == "cpu"
+    assert cfg.loss.soft == 0.8 and cfg.loss.temperature == 4.0 and cfg.loss.ce == 1.0
+    assert cfg.data.tokenizer_path == "/t"
+
+
+def test_demo_experiment_fills_paths():
+    cfg = compose(["experiment=demo", "assets_dir=/a"])
+    assert cfg.teacher.path == "/a/teacher" and cfg.data.train_path == "/a/train.jsonl"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "`teacher.path` is required"),
+    (REQUIRED + ["trainer.micro_batch_size=0"], "trainer.micro_batch_size` must be >= 1"),
+    (REQUIRED + ["trainer.lr=fast"], "trainer.lr` must be a number"),
+    (REQUIRED + ["deepspeed.zero_stage=4"], "deepspeed.zero_stage` must be <= 3"),
+    (REQUIRED + ["teacher.offload_param=disk"], "teacher.offload_param` must be one of"),
+    (REQUIRED + ["loss.feat=0.4"], "not implemented yet"),
+    (REQUIRED + ["loss.ce=0", "loss.soft=0"], "nothing to train"),
+    (REQUIRED + ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"], "needs deepspeed.zero_stage >= 1"),
+    (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
+])
+def test_validation_names_the_key(overrides, message):
+    with pytest.raises(VkdError, match=message.replace("(", r"\(")):
+        validate(compose(overrides))
+
+
+def test_unknown_override_is_a_clear_error():
+    with pytest.raises(VkdError, match="bad config override"):
+        compose(REQUIRED + ["trainer.no_such_key=1"])
+
+
+def test_global_batch_check():
+    cfg = compose(REQUIRED + ["trainer.micro_batch_size=4", "trainer.grad_accum=2", "trainer.global_batch_size=16"])
+    assert check_global_batch(cfg, 2) == 16
+    with pytest.raises(VkdError, match=r"global_batch_size=16 does not match .* x world size \(3\) = 24"):
+        check_global_batch(cfg, 3)
+
+
+def test_deepspeed_json_is_derived_in_one_place():
+    cfg = compose(REQUIRED + ["trainer.micro_batch_size=4", "trainer.grad_accum=2", "+deepspeed.extra.zero_optimization.stage3_max_live_parameters=1000"])
+    ds = student_ds_config(cfg, world_size=2, on_gpu=False)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # extra merged, stage kept
+    assert ds["bf16"]["enabled"] is False  # fp32 on CPU
+    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.trainer.max_steps
+    teacher = teacher_ds_config(cfg, on_gpu=True)
+    assert teacher["zero_optimization"]["offload_param"]["device"] == "cpu" and teacher["bf16"]["enabled"]
+    with pytest.raises(VkdError, match="bf16 needs a GPU"):
+        student_ds_config(compose(REQUIRED + ["deepspeed.precision=bf16"]), 1, on_gpu=False)
+
+
+def test_local_rank_is_moved_out_of_hydra_args(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert strip_local_rank(["--local_rank=1", "a=b"]) == ["a=b"]
+    import os
+
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert strip_local_rank(["x=y", "--local_rank", "3"]) == ["x=y"] and os.environ["LOCAL_RANK"] == "3"

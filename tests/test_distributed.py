@@ -1,0 +1,122 @@
+"""Real DeepSpeed jobs: 2 processes, ZeRO-3, gloo, DeepSpeed's CPU accelerator."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import base_overrides, deepspeed_launch, train_job, vkd_cli
+from vkd_ds import checkpoint
+from vkd_ds.export import consolidated_state_dict
+from vkd_ds.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+
+def losses(run_dir):
+    return [float(row["loss"]) for row in read_metrics(run_dir / "metrics.csv")]
+
+
+def final_weights(run_dir):
+    return consolidated_state_dict(checkpoint.latest_checkpoint(run_dir))
+
+
+@pytest.fixture(scope="module")
+def six_step_run(tiny_assets, tmp_path_factory):
+    """2 ranks, ZeRO-3, 6 steps straight, checkpoints at 3 and 6: reused by several tests."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = train_job(base_overrides(tiny_assets, run_dir) + [
+        "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.micro_batch_size=2"])
+    return run_dir, result
+
+
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
+    common = ["trainer.max_steps=3", "trainer.grad_accum=2", "trainer.eval_every=0"]
+    two = tmp_path / "two"
+    one = tmp_path / "one"
+    train_job(base_overrides(tiny_assets, two) + common + ["trainer.micro_batch_size=2"], num_procs=2)
+    train_job(base_overrides(tiny_assets, one) + common + ["trainer.micro_batch_size=4"], num_procs=1)
+    loss_two, loss_one = losses(two), losses(one)
+    assert len(loss_two) == len(loss_one) == 3
+    for a, b in zip(loss_two, loss_one):
+        assert abs(a - b) < 1e-5, (loss_two, loss_one)
+    assert loss_two[-1] != loss_two[0]  # it trained
+    # Adam hides a constant gradient scale from the weights; the gradient norm does not.
+    norms_two = [float(r["grad_norm"]) for r in read_metrics(two / "metrics.csv")]
+    norms_one = [float(r["grad_norm"]) for r in read_metrics(one / "metrics.csv")]
+    torch.testing.assert_close(norms_two, norms_one, rtol=1e-4, atol=0)
+    w_two, w_one = final_weights(two), final_weights(one)
+    assert w_two.keys() == w_one.keys()
+    for name in w_two:
+        torch.testing.assert_close(w_two[name], w_one[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_resume_continues_exactly(six_step_run, tiny_assets, tmp_path):
+    straight, _ = six_step_run
+    run_dir = tmp_path / "resumed"
+    overrides = base_overrides(tiny_assets, run_dir) + [
+        "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.micro_batch_size=2"]
+    train_job(overrides + ["trainer.stop_after_steps=3"])
+    assert len(losses(run_dir)) == 3 and not (run_dir / "eval.json").exists()
+    second = train_job(overrides + ["resume=auto"])
+    assert "resumed from" in second.stderr
+    assert losses(run_dir) == losses(straight)  # loss for loss, exactly
+    assert json.loads((run_dir / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+def test_run_directory_layout(six_step_run):
+    run_dir, result = six_step_run
+    for name in ("config.yaml", "metrics.csv", "train.log", "eval.json", "student/config.json"):
+        assert (run_dir / name).is_file(), name
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 7))
+    for column in ("loss", "loss/ce", "loss/soft", "lr", "tokens_per_s", "mem_rss_gb", "eval/ppl", "eval/kl_teacher"):
+        assert column in rows[0], column
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_0000003", "step_0000006"]
+    assert "step 6/6" in (run_dir / "train.log").read_text()
+
+
+def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_assets, tmp_path):
+    run_dir, _ = six_step_run
+    result = deepspeed_launch(["tests/scripts/teacher_shards.py", str(tmp_path),
+                               *base_overrides(tiny_assets, tmp_path / "unused")], num_procs=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    from transformers import AutoModelForCausalLM
+
+    teacher_numel = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_assets / "teacher").parameters())
+    for report in reports:
+        assert report["world"] == 2 and report["total"] == teacher_numel
+        assert abs(report["local"] - teacher_numel / 2) <= 0.02 * teacher_numel  # about 1/N each
+        assert report["frozen"] and report["eval_mode"]
+    # The checkpoint holds the student module only.
+    weights = final_weights(run_dir)
+    assert all(name.startswith("lm.") for name in weights)
+    student_numel = sum(t.numel() for t in weights.values())
+    assert student_numel < teacher_numel
+    files = {p.name for p in checkpoint.latest_checkpoint(run_dir).iterdir()}
+    assert files == {"COMPLETE", "rng", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+
+def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tmp_path):
+    run_dir, _ = six_step_run
+    out_dir = tmp_path / "exported"
+    result = vkd_cli(["export", str(run_dir), str(out_dir)])
+    assert result.returncode == 0, result.stderr
+    logits_file = tmp_path / "engine_logits.pt"
+    result = deepspeed_launch(["tests/scripts/engine_logits.py", str(logits_file),
+                               *base_overrides(tiny_assets, run_dir)], num_procs=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    engine = torch.load(logits_file)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert len(AutoTokenizer.from_pretrained(out_dir)) == engine["logits"].shape[-1]
+    with torch.no_grad():
+        logits = model(input_ids=engine["input_ids"]).logits
+    torch.testing.assert_close(logits, engine["logits"], atol=1e-5, rtol=1e-5)
+    # A second export into a non-empty directory refuses and leaves it untouched.
+    again = vkd_cli(["export", str(run_dir), str(out_dir)])
+    assert again.returncode == 2 and "not empty" in again.stderr
