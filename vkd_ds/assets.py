@@ -103,6 +103,6 @@ def pretrain_lm(model, tokenizer, texts: list[str], *, steps: int, batch_size: i
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % 50 == 0 or step + 1 == steps:
+        if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"  teacher pretraining step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f}s)")
     model.eval()

@@ -34,11 +34,15 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise VkdError(f"data file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            where = _where(path, line_no)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise VkdError(f"{where}: not valid UTF-8 (byte {err.start + 1})") from None
             if not line.strip():
                 continue
-            where = _where(path, line_no)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:

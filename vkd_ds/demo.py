@@ -30,10 +30,10 @@ class DemoSettings:
     distill_steps: int
 
 
-FULL = DemoSettings(vocab_size=2048, teacher_hidden=256, teacher_layers=4, teacher_steps=300, teacher_batch=16,
+FULL = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=600, teacher_batch=16,
                     seq_len=128, distill_steps=300)
-QUICK = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=120, teacher_batch=16,
-                     seq_len=128, distill_steps=100)
+QUICK = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=150, teacher_batch=16,
+                     seq_len=128, distill_steps=80)
 ASSETS_MARKER = "ASSETS_COMPLETE.json"
 
 
@@ -68,7 +68,7 @@ def build_assets(assets: Path, settings: DemoSettings) -> None:
     n_params = sum(p.numel() for p in teacher.parameters())
     say(f"      pretraining the teacher ({n_params / 1e6:.1f}M parameters, {settings.teacher_steps} steps)")
     pretrain_lm(teacher, tokenizer, train_texts, steps=settings.teacher_steps, batch_size=settings.teacher_batch,
-                seq_len=settings.seq_len, lr=3e-3, seed=0, log=say)
+                seq_len=settings.seq_len, lr=6e-3, seed=0, log=say)
     teacher.save_pretrained(assets / "teacher")
     tokenizer.save_pretrained(assets / "teacher")
     marker.write_text(json.dumps(asdict(settings)))
