@@ -14,8 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 # A student small enough that a 2-process ZeRO-3 step takes well under a second.
-TINY_STUDENT = ["student.config.hidden_size=32", "student.config.intermediate_size=64",
-                "student.config.num_attention_heads=2", "student.config.num_key_value_heads=2"]
+TINY_STUDENT = [
+    "student.config.hidden_size=32",
+    "student.config.intermediate_size=64",
+    "student.config.num_attention_heads=2",
+    "student.config.num_key_value_heads=2",
+]
 
 
 def free_port() -> int:
@@ -34,8 +38,16 @@ def cpu_env() -> dict[str, str]:
 
 def deepspeed_launch(target: list[str], num_procs: int, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N <target>` for real: N processes, gloo, DeepSpeed's CPU accelerator."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
-           "--master_port", str(free_port()), *target]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(num_procs),
+        "--master_port",
+        str(free_port()),
+        *target,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -47,8 +59,14 @@ def train_job(overrides: list[str], num_procs: int = 2, timeout: int = 600) -> s
 
 
 def vkd_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vkd_ds.cli", *args], cwd=REPO, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vkd_ds.cli", *args],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +91,16 @@ def tiny_assets(tmp_path_factory) -> Path:
 
 
 def base_overrides(assets: Path, run_dir: Path) -> list[str]:
-    return [f"teacher.path={assets / 'teacher'}", f"data.train_path={assets / 'train.jsonl'}",
-            f"data.valid_path={assets / 'valid.jsonl'}", f"data.tokenizer_path={assets / 'tokenizer'}",
-            f"run.dir={run_dir}", "data.max_seq_len=48", "trainer.warmup_steps=2", "trainer.lr=3e-3",
-            "trainer.eval_max_batches=2", "trainer.progress_bar=false", *TINY_STUDENT]
+    return [
+        f"teacher.path={assets / 'teacher'}",
+        f"data.train_path={assets / 'train.jsonl'}",
+        f"data.valid_path={assets / 'valid.jsonl'}",
+        f"data.tokenizer_path={assets / 'tokenizer'}",
+        f"run.dir={run_dir}",
+        "data.max_seq_len=48",
+        "trainer.warmup_steps=2",
+        "trainer.lr=3e-3",
+        "trainer.eval_max_batches=2",
+        "trainer.progress_bar=false",
+        *TINY_STUDENT,
+    ]

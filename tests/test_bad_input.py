@@ -41,8 +41,9 @@ def test_malformed_jsonl_line(tiny_assets, tmp_path, malformed_data):
 def test_malformed_jsonl_through_the_deepspeed_launcher(tiny_assets, tmp_path, malformed_data):
     """The same check on the `deepspeed launcher/train.py` path: rank 0 reports, once."""
     run_dir = tmp_path / "run"
-    result = deepspeed_launch(["launcher/train.py", *base_overrides(tiny_assets, run_dir),
-                               f"data.train_path={malformed_data}"], num_procs=2)
+    result = deepspeed_launch(
+        ["launcher/train.py", *base_overrides(tiny_assets, run_dir), f"data.train_path={malformed_data}"], num_procs=2
+    )
     assert result.returncode != 0
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "vkd-ds: error:" in line]
     assert len(errors) == 1 and f"{malformed_data}:3: malformed JSON" in errors[0]
@@ -79,10 +80,22 @@ def test_student_with_a_different_tokenizer(tiny_assets, tmp_path):
 
 def test_global_batch_inconsistent_with_world_size(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), "trainer.micro_batch_size=4",
-                      "trainer.grad_accum=2", "trainer.global_batch_size=12", "num_procs=2"])
-    assert_clean_failure(result, "trainer.global_batch_size=12 does not match trainer.micro_batch_size (4) "
-                                 "x trainer.grad_accum (2) x world size (2) = 16", run_dir)
+    result = vkd_cli(
+        [
+            "train",
+            *base_overrides(tiny_assets, run_dir),
+            "trainer.micro_batch_size=4",
+            "trainer.grad_accum=2",
+            "trainer.global_batch_size=12",
+            "num_procs=2",
+        ]
+    )
+    assert_clean_failure(
+        result,
+        "trainer.global_batch_size=12 does not match trainer.micro_batch_size (4) "
+        "x trainer.grad_accum (2) x world size (2) = 16",
+        run_dir,
+    )
 
 
 def test_unknown_key(tiny_assets, tmp_path):

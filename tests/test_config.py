@@ -23,17 +23,20 @@ def test_demo_experiment_fills_paths():
     assert cfg.teacher.path == "/a/teacher" and cfg.data.train_path == "/a/train.jsonl"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ([], "`teacher.path` is required"),
-    (REQUIRED + ["trainer.micro_batch_size=0"], "trainer.micro_batch_size` must be >= 1"),
-    (REQUIRED + ["trainer.lr=fast"], "trainer.lr` must be a number"),
-    (REQUIRED + ["deepspeed.zero_stage=4"], "deepspeed.zero_stage` must be <= 3"),
-    (REQUIRED + ["teacher.offload_param=disk"], "teacher.offload_param` must be one of"),
-    (REQUIRED + ["loss.feat=0.4"], "not implemented yet"),
-    (REQUIRED + ["loss.ce=0", "loss.soft=0"], "nothing to train"),
-    (REQUIRED + ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"], "needs deepspeed.zero_stage >= 1"),
-    (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "`teacher.path` is required"),
+        (REQUIRED + ["trainer.micro_batch_size=0"], "trainer.micro_batch_size` must be >= 1"),
+        (REQUIRED + ["trainer.lr=fast"], "trainer.lr` must be a number"),
+        (REQUIRED + ["deepspeed.zero_stage=4"], "deepspeed.zero_stage` must be <= 3"),
+        (REQUIRED + ["teacher.offload_param=disk"], "teacher.offload_param` must be one of"),
+        (REQUIRED + ["loss.feat=0.4"], "not implemented yet"),
+        (REQUIRED + ["loss.ce=0", "loss.soft=0"], "nothing to train"),
+        (REQUIRED + ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"], "needs deepspeed.zero_stage >= 1"),
+        (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
+    ],
+)
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(VkdError, match=message.replace("(", r"\(")):
         validate(compose(overrides))
@@ -52,7 +55,14 @@ def test_global_batch_check():
 
 
 def test_deepspeed_json_is_derived_in_one_place():
-    cfg = compose(REQUIRED + ["trainer.micro_batch_size=4", "trainer.grad_accum=2", "+deepspeed.extra.zero_optimization.stage3_max_live_parameters=1000"])
+    cfg = compose(
+        REQUIRED
+        + [
+            "trainer.micro_batch_size=4",
+            "trainer.grad_accum=2",
+            "+deepspeed.extra.zero_optimization.stage3_max_live_parameters=1000",
+        ]
+    )
     ds = student_ds_config(cfg, world_size=2, on_gpu=False)
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3

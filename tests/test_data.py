@@ -20,14 +20,17 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
-@pytest.mark.parametrize("record, message", [
-    ('["a list"]', "must be a JSON object"),
-    ('{"txt": "typo"}', 'either "text" or "prompt"'),
-    ('{"text": "a", "prompt": "b", "completion": "c"}', 'either "text" or "prompt"'),
-    ('{"prompt": "only a prompt"}', '"completion" must be a string'),
-    ('{"text": 5}', '"text" must be a string'),
-    ('{"text": "   "}', '"text" is empty'),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ('["a list"]', "must be a JSON object"),
+        ('{"txt": "typo"}', 'either "text" or "prompt"'),
+        ('{"text": "a", "prompt": "b", "completion": "c"}', 'either "text" or "prompt"'),
+        ('{"prompt": "only a prompt"}', '"completion" must be a string'),
+        ('{"text": 5}', '"text" must be a string'),
+        ('{"text": "   "}', '"text" is empty'),
+    ],
+)
 def test_bad_records(tmp_path, record, message):
     path = write_lines(tmp_path / "d.jsonl", ['{"text": "fine"}', record])
     with pytest.raises(VkdError, match=rf"d\.jsonl:2: .*{message}"):
@@ -43,8 +46,10 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_prompt_completion_masks_the_prompt(tiny_assets, tmp_path):
     tokenizer = load_tokenizer(str(tiny_assets / "tokenizer"))
-    path = write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "The list", "completion": " type"}),
-                                              json.dumps({"text": "The list type"})])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [json.dumps({"prompt": "The list", "completion": " type"}), json.dumps({"text": "The list type"})],
+    )
     pair, text = load_examples(path, tokenizer, max_seq_len=64)
     prompt_len = 1 + len(tokenizer.encode("The list", add_special_tokens=False))
     assert pair.loss_mask[:prompt_len] == [0] * prompt_len

@@ -23,7 +23,15 @@ def test_quick_demo_distilled_student_beats_ce_only(tmp_path):
 
     # SPEC §7: the distillation reruns on the demo's assets with `vkd-ds train`.
     rerun = out / "rerun"
-    result = vkd_cli(["train", "experiment=demo", f"assets_dir={out / 'assets'}", f"run.dir={rerun}",
-                      "trainer.max_steps=2", "trainer.eval_max_batches=1"])
+    result = vkd_cli(
+        [
+            "train",
+            "experiment=demo",
+            f"assets_dir={out / 'assets'}",
+            f"run.dir={rerun}",
+            "trainer.max_steps=2",
+            "trainer.eval_max_batches=1",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len((rerun / "metrics.csv").read_text().splitlines()) == 3  # header + 2 steps

@@ -25,8 +25,10 @@ def final_weights(run_dir):
 def six_step_run(tiny_assets, tmp_path_factory):
     """2 ranks, ZeRO-3, 6 steps straight, checkpoints at 3 and 6: reused by several tests."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    result = train_job(base_overrides(tiny_assets, run_dir) + [
-        "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.micro_batch_size=2"])
+    result = train_job(
+        base_overrides(tiny_assets, run_dir)
+        + ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.micro_batch_size=2"]
+    )
     return run_dir, result
 
 
@@ -38,7 +40,7 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_pat
     train_job(base_overrides(tiny_assets, one) + common + ["trainer.micro_batch_size=4"], num_procs=1)
     loss_two, loss_one = losses(two), losses(one)
     assert len(loss_two) == len(loss_one) == 3
-    for a, b in zip(loss_two, loss_one):
+    for a, b in zip(loss_two, loss_one, strict=True):
         assert abs(a - b) < 1e-5, (loss_two, loss_one)
     assert loss_two[-1] != loss_two[0]  # it trained
     # Adam hides a constant gradient scale from the weights; the gradient norm does not.
@@ -55,7 +57,11 @@ def test_resume_continues_exactly(six_step_run, tiny_assets, tmp_path):
     straight, _ = six_step_run
     run_dir = tmp_path / "resumed"
     overrides = base_overrides(tiny_assets, run_dir) + [
-        "trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.micro_batch_size=2"]
+        "trainer.max_steps=6",
+        "trainer.save_every=3",
+        "trainer.eval_every=3",
+        "trainer.micro_batch_size=2",
+    ]
     train_job(overrides + ["trainer.stop_after_steps=3"])
     assert len(losses(run_dir)) == 3 and not (run_dir / "eval.json").exists()
     second = train_job(overrides + ["resume=auto"])
@@ -78,8 +84,10 @@ def test_run_directory_layout(six_step_run):
 
 def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_assets, tmp_path):
     run_dir, _ = six_step_run
-    result = deepspeed_launch(["tests/scripts/teacher_shards.py", str(tmp_path),
-                               *base_overrides(tiny_assets, tmp_path / "unused")], num_procs=2)
+    result = deepspeed_launch(
+        ["tests/scripts/teacher_shards.py", str(tmp_path), *base_overrides(tiny_assets, tmp_path / "unused")],
+        num_procs=2,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
     from transformers import AutoModelForCausalLM
@@ -95,9 +103,14 @@ def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_asset
     student_numel = sum(t.numel() for t in weights.values())
     assert student_numel < teacher_numel
     files = {p.name for p in checkpoint.latest_checkpoint(run_dir).iterdir()}
-    assert files == {"COMPLETE", "rng", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                     "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    assert files == {
+        "COMPLETE",
+        "rng",
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
 
 
 def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tmp_path):
@@ -106,8 +119,9 @@ def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tm
     result = vkd_cli(["export", str(run_dir), str(out_dir)])
     assert result.returncode == 0, result.stderr
     logits_file = tmp_path / "engine_logits.pt"
-    result = deepspeed_launch(["tests/scripts/engine_logits.py", str(logits_file),
-                               *base_overrides(tiny_assets, run_dir)], num_procs=2)
+    result = deepspeed_launch(
+        ["tests/scripts/engine_logits.py", str(logits_file), *base_overrides(tiny_assets, run_dir)], num_procs=2
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     engine = torch.load(logits_file)
     from transformers import AutoModelForCausalLM, AutoTokenizer

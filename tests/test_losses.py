@@ -98,7 +98,7 @@ def test_weighted_global_reduction_splits_exactly():
     torch.manual_seed(1)
     base, weights = torch.rand(8), torch.rand(8) + 0.5
     whole = weighted_batch_loss(base, weights, weights.sum())
-    halves = sum(weighted_batch_loss(base[i:i + 4], weights[i:i + 4], weights.sum()) for i in (0, 4))
+    halves = sum(weighted_batch_loss(base[i : i + 4], weights[i : i + 4], weights.sum()) for i in (0, 4))
     torch.testing.assert_close(halves, whole)
     torch.testing.assert_close(whole, (weights * base).sum() / weights.sum())
 

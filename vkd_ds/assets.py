@@ -58,8 +58,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,18 +71,29 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     return fast
 
 
-def llama_config(vocab_size: int, hidden: int, layers: int, heads: int = 4, intermediate: int | None = None,
-                 max_positions: int = 512):
+def llama_config(
+    vocab_size: int, hidden: int, layers: int, heads: int = 4, intermediate: int | None = None, max_positions: int = 512
+):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=max_positions, tie_word_embeddings=False,
-                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
 
 
-def pretrain_lm(model, tokenizer, texts: list[str], *, steps: int, batch_size: int, seq_len: int, lr: float,
-                seed: int, log=print) -> None:
+def pretrain_lm(
+    model, tokenizer, texts: list[str], *, steps: int, batch_size: int, seq_len: int, lr: float, seed: int, log=print
+) -> None:
     """Plain single-process next-token training on packed text (how the demo's teacher is made)."""
     torch.manual_seed(seed)
     ids: list[int] = []

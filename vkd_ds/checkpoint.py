@@ -92,8 +92,12 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     for old in complete_checkpoints(root.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in root.iterdir():
-        if partial.is_dir() and partial.name.startswith("step_") and not (partial / COMPLETE).exists() \
-                and partial.name < newest.name:
+        if (
+            partial.is_dir()
+            and partial.name.startswith("step_")
+            and not (partial / COMPLETE).exists()
+            and partial.name < newest.name
+        ):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -110,8 +114,10 @@ def load(engine, checkpoint_dir: Path) -> dict:
         )
     try:
         path, client_state = engine.load_checkpoint(
-            str(checkpoint_dir.parent), tag=checkpoint_dir.name,
-            load_optimizer_states=True, load_lr_scheduler_states=True,
+            str(checkpoint_dir.parent),
+            tag=checkpoint_dir.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise VkdError(f"resume: cannot load {checkpoint_dir}: {str(err).splitlines()[0]}") from None

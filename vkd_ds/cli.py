@@ -15,8 +15,20 @@ def launcher_command(overrides: list[str], num_procs: int, master_port: int | No
     """The deepspeed launcher command line that runs `vkd_ds.launch` on this machine."""
     from vkd_ds.dist import _free_port
 
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
-            "--master_port", str(master_port or _free_port()), "--module", "vkd_ds.launch", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--log_level",
+        "warning",
+        "--num_gpus",
+        str(num_procs),
+        "--master_port",
+        str(master_port or _free_port()),
+        "--module",
+        "vkd_ds.launch",
+        *overrides,
+    ]
 
 
 def procs_for(cfg) -> int:
@@ -68,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default job: build assets offline, distill, compare")
     demo.add_argument("--out", default="vkd-demo", help="output directory (default: ./vkd-demo)")
     demo.add_argument("--quick", action="store_true", help="smaller models and fewer steps (about 3 minutes)")
-    train = sub.add_parser("train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]",
-                           add_help=False)
+    train = sub.add_parser(
+        "train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]", add_help=False
+    )
     train.add_argument("overrides", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face directory")
     export.add_argument("run_dir")
@@ -79,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        if args.command == "train":
-            return cmd_train(args.overrides)
+        if argv[:1] == ["train"]:
+            # Everything after `train` belongs to Hydra, flags such as --cfg job included.
+            return cmd_train(argv[1:])
+        args = build_parser().parse_args(argv)
         if args.command == "export":
             return cmd_export(args)
         return cmd_demo(args)

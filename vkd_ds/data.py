@@ -2,7 +2,7 @@
 
 A record is `{"text": ...}` or `{"prompt": ..., "completion": ...}` (the loss
 covers the completion only), with an optional `"valence"` (a number, or one
-number per token) kept for the valence terms.
+number per token), accepted now and read by the valence terms (issue #3).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vkd_ds.errors import VkdError
 class Example:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where token t is a training target (predicted from t-1)
-    source: str           # "file:line", for messages
+    source: str  # "file:line", for messages
 
 
 def _where(path: Path, line_no: int) -> str:
@@ -122,8 +122,7 @@ class GlobalBatchSampler:
     is just the step.
     """
 
-    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum: int,
-                 world_size: int, seed: int):
+    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int, seed: int):
         self.num_examples = num_examples
         self.micro = micro_batch_size
         self.accum = grad_accum
@@ -152,8 +151,9 @@ class GlobalBatchSampler:
         return step * self.global_batch_size / self.num_examples
 
 
-def eval_shards(num_examples: int, batch_size: int, world_size: int, rank: int,
-                max_batches: int | None) -> list[list[int | None]]:
+def eval_shards(
+    num_examples: int, batch_size: int, world_size: int, rank: int, max_batches: int | None
+) -> list[list[int | None]]:
     """Held-out micro-batches of this rank. Every rank gets the same number of
     batches (ZeRO-3 forwards are collective); `None` entries are padding."""
     per_rank = math.ceil(num_examples / world_size)

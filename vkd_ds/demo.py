@@ -30,10 +30,24 @@ class DemoSettings:
     distill_steps: int
 
 
-FULL = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=600, teacher_batch=16,
-                    seq_len=128, distill_steps=300)
-QUICK = DemoSettings(vocab_size=2048, teacher_hidden=192, teacher_layers=4, teacher_steps=150, teacher_batch=16,
-                     seq_len=128, distill_steps=80)
+FULL = DemoSettings(
+    vocab_size=2048,
+    teacher_hidden=192,
+    teacher_layers=4,
+    teacher_steps=600,
+    teacher_batch=16,
+    seq_len=128,
+    distill_steps=300,
+)
+QUICK = DemoSettings(
+    vocab_size=2048,
+    teacher_hidden=192,
+    teacher_layers=4,
+    teacher_steps=150,
+    teacher_batch=16,
+    seq_len=128,
+    distill_steps=80,
+)
 ASSETS_MARKER = "ASSETS_COMPLETE.json"
 
 
@@ -59,16 +73,28 @@ def build_assets(assets: Path, settings: DemoSettings) -> None:
     write_jsonl(assets / "train.jsonl", train_texts)
     write_jsonl(assets / "valid.jsonl", valid_texts)
     tokenizer = train_tokenizer(train_texts, settings.vocab_size, assets / "tokenizer")
-    say(f"[1/4] assets: {len(train_texts)} train / {len(valid_texts)} valid records from pydoc_data, "
-        f"BPE tokenizer of {len(tokenizer)} tokens")
+    say(
+        f"[1/4] assets: {len(train_texts)} train / {len(valid_texts)} valid records from pydoc_data, "
+        f"BPE tokenizer of {len(tokenizer)} tokens"
+    )
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher = AutoModelForCausalLM.from_config(
-        llama_config(len(tokenizer), settings.teacher_hidden, settings.teacher_layers, max_positions=512))
+        llama_config(len(tokenizer), settings.teacher_hidden, settings.teacher_layers, max_positions=512)
+    )
     n_params = sum(p.numel() for p in teacher.parameters())
     say(f"      pretraining the teacher ({n_params / 1e6:.1f}M parameters, {settings.teacher_steps} steps)")
-    pretrain_lm(teacher, tokenizer, train_texts, steps=settings.teacher_steps, batch_size=settings.teacher_batch,
-                seq_len=settings.seq_len, lr=6e-3, seed=0, log=say)
+    pretrain_lm(
+        teacher,
+        tokenizer,
+        train_texts,
+        steps=settings.teacher_steps,
+        batch_size=settings.teacher_batch,
+        seq_len=settings.seq_len,
+        lr=6e-3,
+        seed=0,
+        log=say,
+    )
     teacher.save_pretrained(assets / "teacher")
     tokenizer.save_pretrained(assets / "teacher")
     marker.write_text(json.dumps(asdict(settings)))
@@ -94,9 +120,15 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     assets = out / "assets"
     started = time.time()
     build_assets(assets, settings)
-    common = ["experiment=demo", f"assets_dir={assets}", f"trainer.max_steps={settings.distill_steps}",
-              f"data.max_seq_len={settings.seq_len}", "resume=never", "trainer.progress_bar=false",
-              f"trainer.log_every={max(settings.distill_steps // 10, 1)}"]
+    common = [
+        "experiment=demo",
+        f"assets_dir={assets}",
+        f"trainer.max_steps={settings.distill_steps}",
+        f"data.max_seq_len={settings.seq_len}",
+        "resume=never",
+        "trainer.progress_bar=false",
+        f"trainer.log_every={max(settings.distill_steps // 10, 1)}",
+    ]
     kd_dir, ce_dir = out / "run", out / "run_ce_only"
     for run_dir in (kd_dir, ce_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -119,7 +151,9 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     say(f"      teacher                      {summary['teacher_ppl']:9.2f}")
     say(f"      student, distilled (KD)      {summary['distilled_student_ppl']:9.2f}")
     say(f"      student, CE only             {summary['ce_only_student_ppl']:9.2f}")
-    say(f"      the distilled student {verdict} the CE-only student "
-        f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})")
+    say(
+        f"      the distilled student {verdict} the CE-only student "
+        f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})"
+    )
     sys.stdout.flush()
     return summary

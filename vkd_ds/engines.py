@@ -73,7 +73,9 @@ def build_student_model(path: str | None, model_config, ds_config: dict[str, Any
             try:
                 lm = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config))
             except (OSError, ValueError) as err:
-                raise VkdError(f"student.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+                raise VkdError(
+                    f"student.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}"
+                ) from None
         else:
             lm = AutoModelForCausalLM.from_config(model_config, dtype=_dtype(ds_config))
     return StudentModule(lm)

@@ -50,16 +50,19 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint_dir: str | Path 
 
     state = consolidated_state_dict(checkpoint_dir)
     prefix = StudentModule.LM_PREFIX
-    lm_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    lm_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     config = AutoConfig.from_pretrained(student_dir)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(lm_state, strict=False)
     model.tie_weights()
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()}
+        name for name, _ in model.named_parameters()
+    }
     if unexpected or set(missing) - tied:
-        raise VkdError(f"export: checkpoint {checkpoint_dir} does not match the student config "
-                       f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise VkdError(
+            f"export: checkpoint {checkpoint_dir} does not match the student config "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     # Write next to the target, then publish with one rename: a kill leaves no half-written export.
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

@@ -52,16 +52,16 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         if logits.requires_grad:
             grads = torch.empty((num_tokens, vocab_size), dtype=logits.dtype, device=logits.device)
         for start in range(0, num_tokens, chunk_tokens):
-            sel = flat_index[start:start + chunk_tokens]
+            sel = flat_index[start : start + chunk_tokens]
             student = flat_logits[sel, :vocab_size].float()
             if temperature is None:
                 loss, grad = _cross_entropy_chunk(student, other[sel])
             else:
                 teacher = other.flatten(0, 1)[sel, :vocab_size].float()
                 loss, grad = _soft_kd_chunk(student, teacher, temperature)
-            losses[start:start + chunk_tokens] = loss
+            losses[start : start + chunk_tokens] = loss
             if grads is not None:
-                grads[start:start + chunk_tokens] = grad
+                grads[start : start + chunk_tokens] = grad
         ctx.save_for_backward(flat_index, grads)
         ctx.logits_shape = logits.shape
         ctx.vocab_size = vocab_size
@@ -72,7 +72,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         flat_index, grads = ctx.saved_tensors
         shape = ctx.logits_shape
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
-        grad_logits[flat_index, :ctx.vocab_size] = grads * grad_losses[:, None].to(grads.dtype)
+        grad_logits[flat_index, : ctx.vocab_size] = grads * grad_losses[:, None].to(grads.dtype)
         return grad_logits.view(shape), None, None, None, None, None
 
 
@@ -87,8 +87,14 @@ def _selected(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten().nonzero(as_tuple=True)[0]
 
 
-def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-            temperature: float, vocab_size: int | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+def soft_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
     """Hinton soft KD per sequence: mean over valid positions of KL(softmax(z_T/T) || softmax(z_S/T))·T².
 
     student_logits [B,S,Vs], teacher_logits [B,S,Vt], mask [B,S] bool -> [B] fp32.
@@ -98,13 +104,19 @@ def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     batch, seq_len = mask.shape
     vocab = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     flat_index = _selected(mask)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, teacher_logits.detach(),
-                                        float(temperature), vocab, chunk_tokens)
+    per_token = _ChunkedTokenLoss.apply(
+        student_logits, flat_index, teacher_logits.detach(), float(temperature), vocab, chunk_tokens
+    )
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
 
-def token_ce(student_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-             vocab_size: int | None = None, chunk_tokens: int = 1024) -> torch.Tensor:
+def token_ce(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
     """Next-token cross-entropy per sequence: mean over valid positions of -log p_S(targets[b,t]).
 
     student_logits [B,S,V], targets [B,S] (the token following each position), mask [B,S] -> [B] fp32.
@@ -136,7 +148,9 @@ def combine_terms(terms: dict[str, torch.Tensor], lambdas: dict[str, float]) -> 
     return total
 
 
-def weighted_batch_loss(base: torch.Tensor, weights: torch.Tensor, global_weight_sum: torch.Tensor | float) -> torch.Tensor:
+def weighted_batch_loss(
+    base: torch.Tensor, weights: torch.Tensor, global_weight_sum: torch.Tensor | float
+) -> torch.Tensor:
     """This rank's share of L = Σ_{i∈B} w_i L_base^i / Σ_{i∈B} w_i, where the denominator is over the
     whole global batch (all ranks and micro-steps). Summing the shares over ranks and micro-steps gives L."""
     return (weights * base).sum() / global_weight_sum

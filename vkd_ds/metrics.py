@@ -67,9 +67,7 @@ class MetricsCSV:
             self.columns += [key for key in row if key not in self.columns]
             self._rewrite(old)
         with self.path.open("a", newline="", encoding="utf-8") as handle:
-            csv.DictWriter(handle, fieldnames=self.columns).writerow(
-                {k: _fmt(row.get(k, "")) for k in self.columns}
-            )
+            csv.DictWriter(handle, fieldnames=self.columns).writerow({k: _fmt(row.get(k, "")) for k in self.columns})
 
 
 def _fmt(value):

@@ -17,8 +17,7 @@ from vkd_ds.config import check_global_batch, to_yaml, validate
 from vkd_ds.data import Example, load_examples
 from vkd_ds.errors import VkdError
 from vkd_ds.metrics import setup_logging
-from vkd_ds.models import (check_same_tokenizer, check_vocab, load_model_config, load_tokenizer,
-                           student_config_from_dict)
+from vkd_ds.models import check_same_tokenizer, check_vocab, load_model_config, load_tokenizer, student_config_from_dict
 from vkd_ds.trainer import TEACHER_TERMS
 
 
@@ -100,12 +99,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _write_run_files(cfg, run_dir, prepared)
     dist.barrier()
     log = setup_logging(run_dir, dist.is_main())
-    log.info("vkd-ds: %d rank(s), world global batch %d sequences, run dir %s",
-             world, check_global_batch(cfg, world), run_dir)
+    log.info(
+        "vkd-ds: %d rank(s), world global batch %d sequences, run dir %s",
+        world,
+        check_global_batch(cfg, world),
+        run_dir,
+    )
     if teacher is not None:
         local, total = engines.local_param_count(teacher)
-        log.info("teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
-                 total / 1e6, local / 1e6, cfg.teacher.offload_param)
+        log.info(
+            "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
+            total / 1e6,
+            local / 1e6,
+            cfg.teacher.offload_param,
+        )
 
     trainer = Trainer(cfg, engine, teacher, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir)
     if resume_from is not None:

@@ -24,8 +24,16 @@ TRAIN_TERMS = ("ce", "soft")
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, engine, teacher, tokenizer, train_data: list[Example],
-                 valid_data: list[Example], run_dir: Path):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        engine,
+        teacher,
+        tokenizer,
+        train_data: list[Example],
+        valid_data: list[Example],
+        run_dir: Path,
+    ):
         self.cfg = cfg
         self.engine = engine
         self.teacher = teacher
@@ -40,8 +48,9 @@ class Trainer:
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.device = dist.device()
-        self.sampler = GlobalBatchSampler(len(train_data), cfg.trainer.micro_batch_size,
-                                          cfg.trainer.grad_accum, self.world, cfg.trainer.seed)
+        self.sampler = GlobalBatchSampler(
+            len(train_data), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, self.world, cfg.trainer.seed
+        )
         self.step = 0
         self.log = get_logger()
 
@@ -68,8 +77,9 @@ class Trainer:
         started = time.perf_counter()
         step = self.step
         accum = self.cfg.trainer.grad_accum
-        micro_batches = [self._batch([self.train_data[i] for i in self.sampler.indices(step, a, self.rank)])
-                         for a in range(accum)]
+        micro_batches = [
+            self._batch([self.train_data[i] for i in self.sampler.indices(step, a, self.rank)]) for a in range(accum)
+        ]
         # Per-sequence weights w_i (uniform until valence weighting) and their global sum,
         # the denominator of L over the whole global batch.
         weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
@@ -77,7 +87,7 @@ class Trainer:
         names = [t for t in TRAIN_TERMS if self.lambdas[t] > 0]
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
-        for batch, w in zip(micro_batches, weights):
+        for batch, w in zip(micro_batches, weights, strict=True):
             terms, mask = self._terms(batch, self.lambdas)
             base = combine_terms(terms, self.lambdas)
             loss = weighted_batch_loss(base, w, global_weight_sum)
@@ -94,17 +104,21 @@ class Trainer:
         metrics = {"step": step + 1, "loss": float(total[-2])}
         for j, name in enumerate(names):
             metrics[f"loss/{name}"] = float(total[j] / global_weight_sum)
-        metrics.update({
-            "lr": lr,
-            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
-            "tokens": int(total[-1]),
-            "tokens_per_s": float(total[-1]) / elapsed,
-            "step_time_s": elapsed,
-            "epoch": self.sampler.epoch_of(step + 1),
-            "mem_rss_gb": float(dist.all_reduce_max(torch.tensor([_rss_gb()]))[0]),
-        })
+        metrics.update(
+            {
+                "lr": lr,
+                "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                "tokens": int(total[-1]),
+                "tokens_per_s": float(total[-1]) / elapsed,
+                "step_time_s": elapsed,
+                "epoch": self.sampler.epoch_of(step + 1),
+                "mem_rss_gb": float(dist.all_reduce_max(torch.tensor([_rss_gb()]))[0]),
+            }
+        )
         if torch.cuda.is_available() and dist.on_gpu():
-            metrics["mem_gpu_gb"] = float(dist.all_reduce_max(torch.tensor([torch.cuda.max_memory_allocated() / 2**30]))[0])
+            metrics["mem_gpu_gb"] = float(
+                dist.all_reduce_max(torch.tensor([torch.cuda.max_memory_allocated() / 2**30]))[0]
+            )
         self.step = step + 1
         return metrics
 
@@ -116,8 +130,13 @@ class Trainer:
             return {}
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64)  # student nats, KL nats, teacher nats, tokens
-        shards = eval_shards(len(self.valid_data), self.cfg.trainer.micro_batch_size, self.world, self.rank,
-                             self.cfg.trainer.eval_max_batches)
+        shards = eval_shards(
+            len(self.valid_data),
+            self.cfg.trainer.micro_batch_size,
+            self.world,
+            self.rank,
+            self.cfg.trainer.eval_max_batches,
+        )
         for indices in shards:
             # Padding entries (None) keep every rank's forward count equal; their mask is emptied.
             examples = [self.valid_data[i if i is not None else 0] for i in indices]
@@ -131,8 +150,12 @@ class Trainer:
             sums[0] += (token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts).sum()
             if self.teacher is not None:
                 t_logits = lm_forward_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
-                sums[1] += (soft_kd(logits, t_logits, mask, 1.0, self.vocab_size, self.chunk_tokens).double() * counts).sum()
-                sums[2] += (token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts).sum()
+                sums[1] += (
+                    soft_kd(logits, t_logits, mask, 1.0, self.vocab_size, self.chunk_tokens).double() * counts
+                ).sum()
+                sums[2] += (
+                    token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts
+                ).sum()
             sums[3] += counts.sum()
         self.engine.train()
         total = dist.all_reduce_sum(sums)
@@ -148,8 +171,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.step * self.sampler.global_batch_size,
-                "world_size": self.world}
+        return {"step": self.step, "samples_seen": self.step * self.sampler.global_batch_size, "world_size": self.world}
 
     def restore(self, client_state: dict) -> None:
         self.step = int(client_state["step"])
@@ -176,14 +198,14 @@ class Trainer:
                 csv.write(metrics)
             self._report(metrics, bar)
             if self._due(cfg.save_every) or self.step == stop_at:
-                path = checkpoint.save(self.engine, self.run_dir, self.step, self.client_state(),
-                                       cfg.keep_checkpoints)
+                path = checkpoint.save(self.engine, self.run_dir, self.step, self.client_state(), cfg.keep_checkpoints)
                 self.log.info("saved checkpoint %s", path)
         if bar is not None:
             bar.close()
         if self.step < cfg.max_steps:
-            self.log.info("stopping at step %d of %d (trainer.stop_after_steps); resume=auto continues",
-                          self.step, cfg.max_steps)
+            self.log.info(
+                "stopping at step %d of %d (trainer.stop_after_steps); resume=auto continues", self.step, cfg.max_steps
+            )
             return last_eval
         if not last_eval:
             last_eval = self.evaluate()
@@ -206,8 +228,12 @@ class Trainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if metrics["step"] % self.cfg.trainer.log_every == 0 or "eval/ce" in metrics:
             shown = {k: v for k, v in metrics.items() if k.startswith(("loss", "eval/")) or k in ("lr", "tokens_per_s")}
-            self.log.info("step %d/%d %s", metrics["step"], self.cfg.trainer.max_steps,
-                          " ".join(f"{k}={_short(v)}" for k, v in shown.items()))
+            self.log.info(
+                "step %d/%d %s",
+                metrics["step"],
+                self.cfg.trainer.max_steps,
+                " ".join(f"{k}={_short(v)}" for k, v in shown.items()),
+            )
 
 
 def _as_float(value) -> float:

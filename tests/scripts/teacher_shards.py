@@ -16,7 +16,12 @@ cfg = compose(args[1:])
 dist.init()
 teacher = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, on_gpu=False))
 local, total = engines.local_param_count(teacher)
-report = {"rank": dist.rank(), "world": dist.world_size(), "local": local, "total": total,
-          "frozen": all(not p.requires_grad for p in teacher.module.parameters()),
-          "eval_mode": not teacher.module.training}
+report = {
+    "rank": dist.rank(),
+    "world": dist.world_size(),
+    "local": local,
+    "total": total,
+    "frozen": all(not p.requires_grad for p in teacher.module.parameters()),
+    "eval_mode": not teacher.module.training,
+}
 (out_dir / f"rank_{dist.rank()}.json").write_text(json.dumps(report))
