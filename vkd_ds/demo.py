@@ -59,6 +59,7 @@ def build_assets(assets: Path, settings: DemoSettings) -> None:
     """Tokenizer, teacher, train.jsonl, valid.jsonl; reused when already built with the same settings."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from vkd_ds.assets import llama_config, pretrain_lm, pydoc_records, split_records, train_tokenizer, write_jsonl
 
@@ -95,6 +96,7 @@ def build_assets(assets: Path, settings: DemoSettings) -> None:
         seed=0,
         log=say,
     )
+    hf_logging.disable_progress_bar()
     teacher.save_pretrained(assets / "teacher")
     tokenizer.save_pretrained(assets / "teacher")
     marker.write_text(json.dumps(asdict(settings)))
