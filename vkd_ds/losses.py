@@ -154,3 +154,34 @@ def weighted_batch_loss(
     """This rank's share of L = Σ_{i∈B} w_i L_base^i / Σ_{i∈B} w_i, where the denominator is over the
     whole global batch (all ranks and micro-steps). Summing the shares over ranks and micro-steps gives L."""
     return (weights * base).sum() / global_weight_sum
+
+
+def _masked_sequence_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """per_position [B,S] -> [B]: mean over valid positions, 0 for a sequence with none."""
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def valence_mse(v_student: torch.Tensor, v_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_val per sequence: MSE(v_S, v_T) over valid positions and all k steps.
+
+    v_student, v_teacher [B,S,k], mask [B,S] -> [B] fp32.
+    """
+    per_position = (v_student.float() - v_teacher.detach().float()).pow(2).mean(-1)
+    return _masked_sequence_mean(per_position, mask)
+
+
+def feature_kd(
+    student_hiddens: list[torch.Tensor], teacher_hiddens: list[torch.Tensor], projectors: list, mask: torch.Tensor
+) -> torch.Tensor:
+    """L_feat per sequence: Σ_l MSE(P_l(h_S^(l)), h_T^(m(l))) over the mapped layer pairs.
+
+    Lists of [B,S,Hs] and [B,S,Ht] tensors (one per pair), `projectors[l]` a module mapping Hs -> Ht or
+    None (identity, widths equal); the MSE averages over hidden units and valid positions -> [B] fp32.
+    """
+    total = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    for h_s, h_t, proj in zip(student_hiddens, teacher_hiddens, projectors, strict=True):
+        projected = proj(h_s) if proj is not None else h_s
+        per_position = (projected.float() - h_t.detach().float()).pow(2).mean(-1)
+        total = total + _masked_sequence_mean(per_position, mask)
+    return total

@@ -1,0 +1,106 @@
+"""Valence heads, saliency and per-sequence weights of SPEC §3, as pure functions of tensors.
+
+Shapes: B sequences, S positions, k trajectory steps, V vocabulary.
+`mask[b, t]` marks the valid positions. Nothing here talks to other ranks:
+the trainer gathers the global batch's saliencies and calls
+`valence_weights` on them, so N ranks get exactly the weights one rank gets
+on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_ALPHAS = (0.55, 0.20, 0.15, 0.10)
+
+
+class ValenceHead(nn.Module):
+    """Last hidden state [B,S,H] -> predicted valence of the next k steps [B,S,k], each in [0, 1]."""
+
+    def __init__(self, hidden_size: int, k: int = 8):
+        super().__init__()
+        self.k = k
+        self.proj = nn.Linear(hidden_size, k)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(hidden))
+
+
+def normalized_entropy(
+    logits: torch.Tensor, mask: torch.Tensor, vocab_size: int | None = None, chunk_tokens: int = 1024
+) -> torch.Tensor:
+    """Mean over a sequence's valid positions of the token entropy at T = 1, divided by log(V): [B] in [0, 1].
+
+    Computed in fp32 token chunks (no fp32 [tokens, V] copy). 0 for a sequence without valid positions.
+    """
+    batch, seq_len = mask.shape
+    vocab = vocab_size or logits.shape[-1]
+    flat_logits = logits.flatten(0, 1)
+    index = mask.flatten().nonzero(as_tuple=True)[0]
+    entropy = torch.empty(index.numel(), dtype=torch.float32, device=logits.device)
+    for start in range(0, index.numel(), chunk_tokens):
+        chunk = flat_logits[index[start : start + chunk_tokens], :vocab].float()
+        log_p = F.log_softmax(chunk, dim=-1)
+        entropy[start : start + chunk_tokens] = -(log_p.exp() * log_p).sum(-1)
+    seq_of = torch.div(index, seq_len, rounding_mode="floor")
+    sums = torch.zeros(batch, dtype=torch.float32, device=logits.device).index_add(0, seq_of, entropy)
+    counts = torch.bincount(seq_of, minlength=batch).float()
+    return sums / counts.clamp(min=1.0) / math.log(vocab)
+
+
+@torch.no_grad()
+def saliency(
+    trajectory: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    alphas: tuple[float, float, float, float] = DEFAULT_ALPHAS,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """s_i = α1·mean(V_i) + α2·min(V_i) + α3·(1 − H_i) + α4·C_i, per sequence [B], without gradient.
+
+    trajectory [B,S,k]: the teacher's valence trajectory; V_i is its [valid positions, k] slice.
+    H_i: `normalized_entropy` of the teacher's logits. C_i: mean cosine similarity of consecutive
+    rows V_i[t], V_i[t+1] over the valid positions (1 when there are fewer than two: a single
+    step is trivially coherent). A sequence without valid positions gets s_i = 0.
+    """
+    a1, a2, a3, a4 = alphas
+    entropy = normalized_entropy(teacher_logits, mask, vocab_size, chunk_tokens)
+    out = torch.zeros(mask.shape[0], dtype=torch.float32, device=trajectory.device)
+    for b in range(mask.shape[0]):
+        rows = trajectory[b][mask[b]].float()  # [P, k]
+        if rows.shape[0] == 0:
+            continue
+        coherence = F.cosine_similarity(rows[:-1], rows[1:], dim=-1).mean() if rows.shape[0] > 1 else 1.0
+        out[b] = a1 * rows.mean() + a2 * rows.min() + a3 * (1.0 - entropy[b]) + a4 * coherence
+    return out
+
+
+def valence_weights(
+    saliency: torch.Tensor, lam: float = 6.0, z_max: float | None = 3.0, normalize: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """w_i = exp(λ·clip(z_i, ±z_max)), z_i = (s_i − μ)/(σ + ε), μ and σ the mean and population std of
+    `saliency` [B]; then scaled to mean 1 when `normalize`. `z_max=None, normalize=False` is the raw formula.
+
+    Pass the whole global batch's saliencies: weights depend on the batch statistics.
+    """
+    s = saliency.double()
+    mu = s.mean()
+    sigma = s.var(unbiased=False).sqrt()
+    z = (s - mu) / (sigma + eps)
+    if z_max is not None:
+        z = z.clamp(-z_max, z_max)
+    w = torch.exp(lam * z)
+    if normalize:
+        w = w / w.mean()
+    return w.to(saliency.dtype)
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """ESS = (Σw)² / Σw² as a fraction of the batch size: 1 for uniform weights, 1/B for one dominant."""
+    w = weights.double()
+    return (w.sum() ** 2 / (w * w).sum() / w.numel()).to(weights.dtype)
