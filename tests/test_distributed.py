@@ -113,15 +113,12 @@ def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_asset
     }
 
 
-def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tmp_path):
-    run_dir, _ = six_step_run
+def assert_export_matches_engine(run_dir, overrides, num_procs, tmp_path):
     out_dir = tmp_path / "exported"
     result = vkd_cli(["export", str(run_dir), str(out_dir)])
     assert result.returncode == 0, result.stderr
     logits_file = tmp_path / "engine_logits.pt"
-    result = deepspeed_launch(
-        ["tests/scripts/engine_logits.py", str(logits_file), *base_overrides(tiny_assets, run_dir)], num_procs=2
-    )
+    result = deepspeed_launch(["tests/scripts/engine_logits.py", str(logits_file), *overrides], num_procs=num_procs)
     assert result.returncode == 0, result.stderr[-4000:]
     engine = torch.load(logits_file)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,6 +128,20 @@ def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tm
     with torch.no_grad():
         logits = model(input_ids=engine["input_ids"]).logits
     torch.testing.assert_close(logits, engine["logits"], atol=1e-5, rtol=1e-5)
+    return out_dir
+
+
+def test_export_round_trip_logits_equal_the_engine(six_step_run, tiny_assets, tmp_path):
+    run_dir, _ = six_step_run
+    out_dir = assert_export_matches_engine(run_dir, base_overrides(tiny_assets, run_dir), 2, tmp_path)
     # A second export into a non-empty directory refuses and leaves it untouched.
     again = vkd_cli(["export", str(run_dir), str(out_dir)])
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])
+def test_export_from_other_zero_stages(stage, tiny_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + [f"deepspeed={stage}", "trainer.eval_every=0"]
+    train_job(overrides + ["trainer.max_steps=2"], num_procs=1)
+    assert_export_matches_engine(run_dir, overrides, 1, tmp_path)

@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vkd_ds.errors import VkdError
@@ -39,15 +39,7 @@ FULL = DemoSettings(
     seq_len=128,
     distill_steps=300,
 )
-QUICK = DemoSettings(
-    vocab_size=2048,
-    teacher_hidden=192,
-    teacher_layers=4,
-    teacher_steps=150,
-    teacher_batch=16,
-    seq_len=128,
-    distill_steps=80,
-)
+QUICK = replace(FULL, teacher_steps=150, distill_steps=80)
 ASSETS_MARKER = "ASSETS_COMPLETE.json"
 
 

@@ -76,32 +76,6 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return out.to(tensor.device)
 
 
-def all_gather_object(obj) -> list:
-    if not (torch_dist.is_initialized() and world_size() > 1):
-        return [obj]
-    out = [None] * world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (torch_dist.is_initialized() and world_size() > 1):
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on at least one (rank-agreed decisions)."""
-    return bool(all_reduce_max(torch.tensor([float(flag)]))[0] > 0)
-
-
-def destroy() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()

@@ -20,11 +20,12 @@ from vkd_ds.models import StudentModule
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The student module's full fp32 state dict from a checkpoint written with any ZeRO stage."""
-    unsharded = checkpoint_dir / "mp_rank_00_model_states.pt"
-    if unsharded.is_file() and not (checkpoint_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists():
-        state = torch.load(unsharded, map_location="cpu", weights_only=False)
-        if not any(checkpoint_dir.glob("*optim_states.pt")):  # ZeRO-0: the module holds the weights
-            return {k: v.float() for k, v in state["module"].items()}
+    sharded = (checkpoint_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists() or any(
+        checkpoint_dir.glob("*optim_states.pt")
+    )
+    if not sharded:  # ZeRO-0: the module's full weights are in the model-states file
+        state = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

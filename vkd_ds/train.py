@@ -10,7 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.config import check_global_batch, to_yaml, validate
@@ -121,7 +121,3 @@ def train(cfg: DictConfig) -> dict[str, float]:
     result = trainer.fit()
     log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
-
-
-def config_summary(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
