@@ -76,6 +76,7 @@ def tiny_assets(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     from vkd_ds.assets import llama_config, pydoc_records, split_records, train_tokenizer, write_jsonl
+    from vkd_ds.valence import ValenceHead, save_head
 
     out = tmp_path_factory.mktemp("assets")
     train, valid = split_records(pydoc_records(300)[:240], valid_every=8)
@@ -87,6 +88,8 @@ def tiny_assets(tmp_path_factory) -> Path:
     teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer) + 16, 48, 3))
     teacher.save_pretrained(out / "teacher")
     tokenizer.save_pretrained(out / "teacher")
+    # A teacher valence head (random, seeded): enough for the objective's mechanics.
+    save_head(ValenceHead(48, 8), out / "teacher_valence_head.safetensors")
     return out
 
 
@@ -96,6 +99,7 @@ def base_overrides(assets: Path, run_dir: Path) -> list[str]:
         f"data.train_path={assets / 'train.jsonl'}",
         f"data.valid_path={assets / 'valid.jsonl'}",
         f"data.tokenizer_path={assets / 'tokenizer'}",
+        f"valence.teacher_head={assets / 'teacher_valence_head.safetensors'}",
         f"run.dir={run_dir}",
         "data.max_seq_len=48",
         "trainer.warmup_steps=2",

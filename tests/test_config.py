@@ -7,15 +7,34 @@ from vkd_ds.ds_config import student_ds_config, teacher_ds_config
 from vkd_ds.errors import VkdError
 from vkd_ds.launch import strip_local_rank
 
-REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl"]
+# Without a teacher valence head file, L_val and the weighting must be off.
+REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0"]
 
 
 def test_defaults_compose_and_validate():
     cfg = compose(REQUIRED)
     validate(cfg)
     assert cfg.deepspeed.zero_stage == 3 and cfg.teacher.offload_param == "cpu"
-    assert cfg.loss.soft == 0.8 and cfg.loss.temperature == 4.0 and cfg.loss.ce == 1.0
     assert cfg.data.tokenizer_path == "/t"
+
+
+def test_defaults_are_the_spec_defaults():
+    cfg = compose(["teacher.path=/t", "data.train_path=/d.jsonl"])
+    assert dict(cfg.loss) == {
+        "ce": 1.0,
+        "soft": 0.8,
+        "feat": 0.4,
+        "seq": 0.0,  # SPEC default 0.3 once sequence KD exists (#4)
+        "val": 0.6,
+        "reg": 1e-5,
+        "temperature": 4.0,
+        "chunk_tokens": 1024,
+    }
+    assert cfg.weighting.lam == 6.0 and cfg.weighting.z_max == 3.0 and cfg.weighting.normalize is True
+    assert list(cfg.weighting.alphas) == [0.55, 0.20, 0.15, 0.10] and cfg.valence.k == 8
+    assert cfg.feat.layer_map == "uniform"
+    with pytest.raises(VkdError, match="`valence.teacher_head` is required"):
+        validate(cfg)  # the defaults need a teacher valence head
 
 
 def test_demo_experiment_fills_paths():
@@ -31,8 +50,15 @@ def test_demo_experiment_fills_paths():
         (REQUIRED + ["trainer.lr=fast"], "trainer.lr` must be a number"),
         (REQUIRED + ["deepspeed.zero_stage=4"], "deepspeed.zero_stage` must be <= 3"),
         (REQUIRED + ["teacher.offload_param=disk"], "teacher.offload_param` must be one of"),
-        (REQUIRED + ["loss.feat=0.4"], "not implemented yet"),
-        (REQUIRED + ["loss.ce=0", "loss.soft=0"], "nothing to train"),
+        (REQUIRED + ["loss.seq=0.3"], "not implemented yet"),
+        (REQUIRED + ["loss.ce=0", "loss.soft=0", "loss.feat=0", "loss.reg=0"], "nothing to train"),
+        (REQUIRED + ["feat.layer_map=everything"], "`feat.layer_map` must be `uniform` or a list"),
+        (REQUIRED + ["feat.projectors=maybe"], "`feat.projectors` must be true or false"),
+        (REQUIRED + ["weighting.alphas=[1,2]"], "`weighting.alphas` must be a list of 4 numbers"),
+        (REQUIRED + ["weighting.lam=-1"], "`weighting.lam` must be >= 0"),
+        (REQUIRED + ["reg.param_patterns=5"], "`reg.param_patterns` must be a list of glob patterns"),
+        (REQUIRED + ["valence.teacher_head=/no/head.safetensors"], "valence.teacher_head`: file not found"),
+        (REQUIRED + ["valence.k=0"], "`valence.k` must be >= 1"),
         (REQUIRED + ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"], "needs deepspeed.zero_stage >= 1"),
         (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
     ],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vkd_ds.errors import VkdError
@@ -17,7 +17,7 @@ from vkd_ds.errors import VkdError
 CONFIG_NAME = "config"
 # Loss terms whose machinery is not built yet: a non-zero weight is refused
 # rather than silently ignored.
-UNIMPLEMENTED_TERMS = ("feat", "seq", "val", "reg")
+UNIMPLEMENTED_TERMS = ("seq",)
 LOSS_TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -58,13 +58,29 @@ def _number(cfg: DictConfig, key: str, *, low=None, high=None, integer=False, al
     if value is None and allow_none:
         return None
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if not _is_number(value) or (integer and not isinstance(value, int)):
         raise VkdError(f"config key `{key}` must be {kind}, got {value!r}")
     if low is not None and value < low:
         raise VkdError(f"config key `{key}` must be >= {low}, got {value}")
     if high is not None and value > high:
         raise VkdError(f"config key `{key}` must be <= {high}, got {value}")
     return value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise VkdError(f"config key `{key}` must be true or false, got {value!r}")
+    return value
+
+
+def needs_teacher_valence(cfg: DictConfig) -> bool:
+    """The teacher's valence head is needed for L_val and for non-uniform weights."""
+    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0
 
 
 def _choice(cfg: DictConfig, key: str, choices) -> str:
@@ -95,10 +111,40 @@ def validate(cfg: DictConfig) -> None:
     for term in UNIMPLEMENTED_TERMS:
         if _get(cfg, f"loss.{term}") > 0:
             raise VkdError(f"config key `loss.{term}`: this loss term is not implemented yet; set loss.{term}=0")
-    if _get(cfg, "loss.ce") + _get(cfg, "loss.soft") <= 0:
+    if sum(_get(cfg, f"loss.{term}") for term in LOSS_TERMS) <= 0:
         raise VkdError("config keys `loss.*`: every loss weight is 0, there is nothing to train")
     _number(cfg, "loss.temperature", low=1e-3)
     _number(cfg, "loss.chunk_tokens", low=1, integer=True)
+
+    layer_map = _get(cfg, "feat.layer_map")
+    if layer_map != "uniform" and not isinstance(layer_map, ListConfig):
+        raise VkdError(
+            f"config key `feat.layer_map` must be `uniform` or a list of [student, teacher] pairs; got {layer_map!r}"
+        )
+    _bool(cfg, "feat.projectors")
+    _number(cfg, "feat.attention", low=0.0)
+    patterns = _get(cfg, "reg.param_patterns")
+    if not isinstance(patterns, ListConfig) or not all(isinstance(p, str) for p in patterns):
+        raise VkdError("config key `reg.param_patterns` must be a list of glob patterns (strings)")
+    _number(cfg, "reg.contrastive", low=0.0)
+    _number(cfg, "reg.contrastive_temperature", low=1e-6)
+
+    _number(cfg, "weighting.lam", low=0.0)
+    _number(cfg, "weighting.z_max", low=0.0, allow_none=True)
+    _bool(cfg, "weighting.normalize")
+    _number(cfg, "weighting.eps", low=0.0)
+    alphas = _get(cfg, "weighting.alphas")
+    if not isinstance(alphas, ListConfig) or len(alphas) != 4 or not all(_is_number(a) for a in alphas):
+        raise VkdError(f"config key `weighting.alphas` must be a list of 4 numbers; got {alphas!r}")
+    _number(cfg, "valence.k", low=1, integer=True)
+    head = _get(cfg, "valence.teacher_head")
+    if needs_teacher_valence(cfg) and not head:
+        raise VkdError(
+            "config key `valence.teacher_head` is required when loss.val > 0 or weighting.lam > 0: "
+            "fit one with `vkd-ds fit-valence-head`, or set loss.val=0 weighting.lam=0"
+        )
+    if head and not Path(head).is_file():
+        raise VkdError(f"config key `valence.teacher_head`: file not found: {head}")
 
     _number(cfg, "deepspeed.zero_stage", low=0, high=3, integer=True)
     _choice(cfg, "deepspeed.offload_optimizer", OFFLOAD_DEVICES)

@@ -1,14 +1,17 @@
 """JSONL data: parsing with file:line errors, tokenization, batching, resumable sampling.
 
 A record is `{"text": ...}` or `{"prompt": ..., "completion": ...}` (the loss
-covers the completion only), with an optional `"valence"` (a number, or one
-number per token), accepted now and read by the valence terms (issue #3).
+covers the completion only), with an optional `"valence"` label in [0, 1]: one
+number for the whole sequence, or a list with one number per token of the
+text (of prompt + completion), as the tokenizer encodes it without special
+tokens. `vkd-ds fit-valence-head` fits the teacher's valence head on them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ class Example:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where token t is a training target (predicted from t-1)
     source: str  # "file:line", for messages
+    valence: list[float] | None = None  # the label of each token (special tokens copy a neighbour's)
 
 
 def _where(path: Path, line_no: int) -> str:
@@ -67,37 +71,81 @@ def _check_record(record, where: str) -> None:
             raise VkdError(f'{where}: "{key}" must be a string')
     if has_text and not record["text"].strip():
         raise VkdError(f'{where}: "text" is empty')
+    if "valence" in record:
+        _check_valence(record["valence"], where)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_valence(value, where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise VkdError(f'{where}: "valence" is an empty list')
+    for j, v in enumerate(values):
+        at = f'"valence"[{j}]' if isinstance(value, list) else '"valence"'
+        if not _is_number(v):
+            raise VkdError(f"{where}: {at} must be a number in [0, 1], got {v!r}")
+        if not math.isfinite(v):
+            raise VkdError(f"{where}: {at} is not finite ({v})")
+        if not 0.0 <= v <= 1.0:
+            raise VkdError(f"{where}: {at} = {v} is outside [0, 1]")
 
 
 def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> list[Example]:
     """Token ids and loss masks; sequences longer than max_seq_len are truncated."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
     for where, record in records:
         if "text" in record:
-            ids = bos + tokenizer.encode(record["text"], add_special_tokens=False)
+            body = tokenizer.encode(record["text"], add_special_tokens=False)
+            ids = bos + body
             # The first token has no predecessor, so it is never a target.
             mask = [0] + [1] * (len(ids) - 1)
+            tail = []
         else:
-            prompt = bos + tokenizer.encode(record["prompt"], add_special_tokens=False)
+            prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
             completion = tokenizer.encode(record["completion"], add_special_tokens=False)
-            if tokenizer.eos_token_id is not None:
-                completion = completion + [tokenizer.eos_token_id]
-            ids = prompt + completion
-            mask = [0] * len(prompt) + [1] * len(completion)
+            body = prompt + completion
+            ids = bos + body + eos
+            mask = [0] * (len(bos) + len(prompt)) + [1] * (len(completion) + len(eos))
+            tail = eos
+        valence = None
+        if "valence" in record:
+            valence = _token_valence(record["valence"], body, bos, tail, where)[:max_seq_len]
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
         if len(ids) < 2:
             raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
-        examples.append(Example(ids, mask, where))
+        examples.append(Example(ids, mask, where, valence))
     return examples
+
+
+def _token_valence(value, body: list[int], bos: list[int], tail: list[int], where: str) -> list[float]:
+    """One label per token of bos + body + tail: BOS takes the first label, EOS the last."""
+    if not isinstance(value, list):
+        return [float(value)] * (len(bos) + len(body) + len(tail))
+    if len(value) != len(body):
+        raise VkdError(
+            f'{where}: "valence" has {len(value)} values but the text has {len(body)} tokens '
+            "(one value per token, as the tokenizer encodes the text without special tokens)"
+        )
+    values = [float(v) for v in value]
+    return values[:1] * len(bos) + values + values[-1:] * len(tail)
 
 
 def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
     return tokenize(read_jsonl(path), tokenizer, max_seq_len)
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence. `loss_mask[b, t]` marks target tokens t >= 1."""
+def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence. `loss_mask[b, t]` marks target tokens t >= 1.
+
+    With `valence_k`, also the valence targets of labelled sequences: `valence_target[b, t]` =
+    the labels of tokens t+1..t+k (the last label repeated past the end), `valence_mask[b, t]`
+    true where position t of a labelled sequence has a next token.
+    """
     length = max(len(ex.input_ids) for ex in examples)
     batch = len(examples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -108,7 +156,25 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         attention_mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(ex.loss_mask, dtype=torch.bool)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    batch_out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    if valence_k is not None:
+        target = torch.zeros((batch, length, valence_k))
+        valence_mask = torch.zeros((batch, length), dtype=torch.bool)
+        for row, ex in enumerate(examples):
+            if ex.valence is not None:
+                target[row, : len(ex.valence)] = future_trajectory(ex.valence, valence_k)
+                valence_mask[row, : len(ex.valence) - 1] = True
+        batch_out["valence_target"] = target
+        batch_out["valence_mask"] = valence_mask
+    return batch_out
+
+
+def future_trajectory(values: Sequence[float], k: int) -> torch.Tensor:
+    """[n, k]: row t holds values[t+1 .. t+k], the last value repeated past the end (SPEC §3)."""
+    v = torch.tensor(values, dtype=torch.float32)
+    n = v.numel()
+    index = (torch.arange(n)[:, None] + 1 + torch.arange(k)[None, :]).clamp(max=n - 1)
+    return v[index]
 
 
 class GlobalBatchSampler:

@@ -76,6 +76,16 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return out.to(tensor.device)
 
 
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """[world, *shape]: every rank's tensor (all of the same shape), in rank order."""
+    local = tensor.detach().to(device(), copy=True)
+    if not (torch_dist.is_initialized() and world_size() > 1):
+        return local.unsqueeze(0).to(tensor.device)
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    torch_dist.all_gather(parts, local)
+    return torch.stack(parts).to(tensor.device)
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()

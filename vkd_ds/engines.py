@@ -51,11 +51,18 @@ def _initialize(**kwargs):
         raise VkdError(f"bad DeepSpeed settings: {err}") from None
 
 
-def build_teacher_engine(path: str, ds_config: dict[str, Any]):
+def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
+    # The attention-map term reads attention probabilities, which only eager attention returns.
+    return {"attn_implementation": "eager"} if eager_attention else {}
+
+
+def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: bool = False):
     """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed."""
     with _zero3_construction(ds_config):
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config))
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=_dtype(ds_config), **_attention_kwargs(eager_attention)
+            )
         except (OSError, ValueError) as err:
             raise VkdError(f"teacher.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
     model.requires_grad_(False)
@@ -65,20 +72,24 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any]):
     return engine
 
 
-def build_student_model(path: str | None, model_config, ds_config: dict[str, Any], seed: int) -> StudentModule:
-    """The student module, from a local directory or freshly initialized from `model_config`."""
+def build_student_model(
+    path: str | None, model_config, ds_config: dict[str, Any], seed: int, eager_attention: bool = False, **extras
+) -> StudentModule:
+    """The student module, from a local directory or freshly initialized from `model_config`;
+    `extras` (layers, projectors, valence head, regularized parameters) go to StudentModule."""
     torch.manual_seed(seed)  # a fresh student's init is a function of the seed only
+    attention = _attention_kwargs(eager_attention)
     with _zero3_construction(ds_config):
         if path is not None:
             try:
-                lm = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config))
+                lm = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config), **attention)
             except (OSError, ValueError) as err:
                 raise VkdError(
                     f"student.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}"
                 ) from None
         else:
-            lm = AutoModelForCausalLM.from_config(model_config, dtype=_dtype(ds_config))
-    return StudentModule(lm)
+            lm = AutoModelForCausalLM.from_config(model_config, dtype=_dtype(ds_config), **attention)
+    return StudentModule(lm, attention=eager_attention, **extras)
 
 
 def build_student_engine(student: StudentModule, ds_config: dict[str, Any]):

@@ -16,6 +16,10 @@ import torch
 from vkd_ds import checkpoint
 from vkd_ds.errors import VkdError
 from vkd_ds.models import StudentModule
+from vkd_ds.valence import ValenceHead, save_head
+
+# The student's valence head, beside the exported model (SPEC §1).
+VALENCE_HEAD_FILE = "valence_head.safetensors"
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -68,6 +72,13 @@ def export(run_dir: str | Path, out_dir: str | Path, checkpoint_dir: str | Path 
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    head_prefix = StudentModule.VALENCE_PREFIX
+    head_state = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
+    if head_state:
+        k, width = head_state["proj.weight"].shape
+        head = ValenceHead(width, k)
+        head.load_state_dict(head_state)
+        save_head(head, staging / VALENCE_HEAD_FILE, source=str(checkpoint_dir))
     AutoTokenizer.from_pretrained(student_dir).save_pretrained(staging)
     if out_dir.exists():
         out_dir.rmdir()

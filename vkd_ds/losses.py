@@ -185,3 +185,34 @@ def feature_kd(
         per_position = (projected.float() - h_t.detach().float()).pow(2).mean(-1)
         total = total + _masked_sequence_mean(per_position, mask)
     return total
+
+
+def attention_kd(
+    student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """The attention-map part of L_feat per sequence: Σ over mapped pairs of the mean over valid query
+    positions of Σ_keys (A_S − A_T)², A the head-averaged attention probabilities [B,S,S].
+
+    Summing over keys (not averaging) keeps the value independent of how far a batch is padded.
+    """
+    total = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    for a_s, a_t in zip(student_attn, teacher_attn, strict=True):
+        per_query = (a_s.float() - a_t.detach().float()).pow(2).sum(-1)
+        total = total + _masked_sequence_mean(per_query, mask)
+    return total
+
+
+def sequence_features(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B,S,H] -> [B,H]: mean of the hidden states over each sequence's valid positions."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def info_nce(student_feats: torch.Tensor, teacher_feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """The contrastive part of L_reg per sequence [B]: InfoNCE of student sequence i against the teacher
+    features of every sequence in the batch, the teacher's own sequence i being the positive.
+    Cosine similarities divided by `temperature`."""
+    s = F.normalize(student_feats.float(), dim=-1)
+    t = F.normalize(teacher_feats.detach().float(), dim=-1)
+    logits = s @ t.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction="none")

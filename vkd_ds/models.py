@@ -5,6 +5,8 @@ No DeepSpeed here: `engines.py` decides how these are constructed and sharded.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vkd_ds.errors import VkdError
+from vkd_ds.features import HiddenCapture, hidden_width
+from vkd_ds.valence import ValenceHead
 
 
 def load_tokenizer(path: str):
@@ -86,20 +90,73 @@ def check_same_tokenizer(tokenizer, other_dir: str, who: str) -> None:
 
 
 class StudentModule(nn.Module):
-    """Everything the student engine trains: the LM (projectors and valence head join it later).
+    """Everything the student engine trains: the LM, the feature projectors and the valence head.
 
-    Checkpoints hold this module's state dict; `lm.` is the prefix of the plain LM's weights.
+    `forward` returns a dict: `logits` [B,S,V]; `hiddens`, the student's mapped layers already
+    projected to the teacher's width (a list of [B,S,Ht]); `attentions` (head-averaged, when the
+    attention-map term is on); `valence` [B,S,k] (when there is a head); `reg`, Σ‖θ‖² over the
+    projectors, the valence head and the LM parameters matching `reg_patterns` (a scalar).
+    Checkpoints hold this module's state dict; `lm.` prefixes the plain LM's weights.
     """
 
-    def __init__(self, lm: nn.Module):
+    LM_PREFIX = "lm."
+    VALENCE_PREFIX = "valence_head."
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        feat_layers: Sequence[int] = (),
+        teacher_width: int | None = None,
+        projectors: bool = True,
+        valence_k: int | None = None,
+        attention: bool = False,
+        reg_patterns: Sequence[str] = (),
+    ):
         super().__init__()
         self.lm = lm
+        width = hidden_width(lm.config)
+        self.projectors = None
+        if feat_layers and teacher_width is not None and teacher_width != width:
+            if not projectors:
+                raise VkdError(
+                    f"feature KD: the student's width {width} differs from the teacher's {teacher_width} "
+                    "and feat.projectors=false; enable projectors or map layers of equal width"
+                )
+            self.projectors = nn.ModuleList(nn.Linear(width, teacher_width) for _ in feat_layers)
+        self.valence_head = ValenceHead(width, valence_k) if valence_k else None
+        self.capture = HiddenCapture(lm, feat_layers, attention=attention, last=self.valence_head is not None)
+        self.reg_names = [
+            name
+            for name, param in self.named_parameters()
+            if param.requires_grad
+            and (
+                name.startswith(("projectors.", self.VALENCE_PREFIX))
+                or any(fnmatch.fnmatchcase(name[len(self.LM_PREFIX) :], pat) for pat in reg_patterns)
+            )
+        ]
+        params = dict(self.named_parameters())
+        for name in self.reg_names:
+            # Under ZeRO-3 this keeps these parameters gathered for the whole forward and backward
+            # of this module, where the regularizer reads them; a no-op for other stages.
+            deepspeed_register_external(self, params[name])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hiddens, attentions, last = self.capture.take()
+        if self.projectors is not None:
+            hiddens = [proj(h) for proj, h in zip(self.projectors, hiddens, strict=True)]
+        out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
+        if self.valence_head is not None:
+            out["valence"] = self.valence_head(last)
+        params = dict(self.named_parameters())
+        reg = logits.new_zeros((), dtype=torch.float32)
+        for name in self.reg_names:
+            reg = reg + params[name].float().pow(2).sum()
+        out["reg"] = reg
+        return out
 
-    LM_PREFIX = "lm."
 
+def deepspeed_register_external(module: nn.Module, param: nn.Parameter) -> None:
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-def lm_forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    register_external_parameter(module, param)

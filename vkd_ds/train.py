@@ -16,9 +16,11 @@ from vkd_ds import checkpoint, dist
 from vkd_ds.config import check_global_batch, to_yaml, validate
 from vkd_ds.data import Example, load_examples
 from vkd_ds.errors import VkdError
+from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import check_same_tokenizer, check_vocab, load_model_config, load_tokenizer, student_config_from_dict
-from vkd_ds.trainer import TEACHER_TERMS
+from vkd_ds.objective import Objective
+from vkd_ds.valence import load_head
 
 
 @dataclass
@@ -27,7 +29,8 @@ class Prepared:
     student_config: object
     train_data: list[Example]
     valid_data: list[Example]
-    needs_teacher: bool
+    objective: Objective
+    teacher_width: int
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -46,8 +49,36 @@ def prepare(cfg: DictConfig) -> Prepared:
     max_len = cfg.data.max_seq_len
     train_data = load_examples(cfg.data.train_path, tokenizer, max_len)
     valid_data = load_examples(cfg.data.valid_path, tokenizer, max_len) if cfg.data.valid_path else []
-    needs_teacher = any(float(cfg.loss[t]) > 0 for t in TEACHER_TERMS)
-    return Prepared(tokenizer, student_config, train_data, valid_data, needs_teacher)
+    layer_map = resolve_layer_map(cfg.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
+    objective = Objective.from_config(cfg, layer_map, vocab)
+    teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
+    if objective.layer_map and teacher_width != student_width and not cfg.feat.projectors:
+        raise VkdError(
+            f"feat.projectors=false but the student's width ({student_width}) differs from the teacher's "
+            f"({teacher_width}): feature KD needs projectors (feat.projectors=true) or equal widths"
+        )
+    if cfg.valence.teacher_head:
+        load_head(cfg.valence.teacher_head, int(cfg.valence.k), teacher_width)
+    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width)
+
+
+def build_student(cfg: DictConfig, prepared: Prepared, ds_config: dict, seed: int):
+    """The student module of this config: LM, projectors, valence head, regularized parameters."""
+    from vkd_ds import engines
+
+    objective = prepared.objective
+    return engines.build_student_model(
+        cfg.student.path,
+        prepared.student_config,
+        ds_config,
+        seed,
+        eager_attention=objective.attention > 0,
+        feat_layers=objective.student_layers,
+        teacher_width=prepared.teacher_width,
+        projectors=bool(cfg.feat.projectors),
+        valence_k=objective.valence_k,
+        reg_patterns=list(cfg.reg.param_patterns),
+    )
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -77,6 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from vkd_ds import engines
     from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+    from vkd_ds.objective import Teacher
     from vkd_ds.trainer import Trainer
 
     prepared = prepare(cfg)
@@ -87,11 +119,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_from = _resume_point(cfg, run_dir)
     torch.manual_seed(cfg.trainer.seed)
 
-    teacher = None
-    if prepared.needs_teacher:
-        teacher = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, dist.on_gpu()))
+    objective = prepared.objective
+    eager = objective.attention > 0
+    teacher = teacher_engine = None
+    if objective.needs_teacher:
+        teacher_engine = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, dist.on_gpu()), eager)
+        head = None
+        if objective.teacher_valence:
+            head = load_head(cfg.valence.teacher_head, int(cfg.valence.k), prepared.teacher_width).to(dist.device())
+            head.requires_grad_(False)
+        teacher = Teacher(teacher_engine, objective, head)
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
-    student = engines.build_student_model(cfg.student.path, prepared.student_config, ds_config, cfg.trainer.seed)
+    student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config)
 
     # All checks passed and both engines exist: only now is the run directory written.
@@ -105,8 +144,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_global_batch(cfg, world),
         run_dir,
     )
-    if teacher is not None:
-        local, total = engines.local_param_count(teacher)
+    if teacher_engine is not None:
+        local, total = engines.local_param_count(teacher_engine)
         log.info(
             "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
             total / 1e6,
@@ -114,7 +153,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.teacher.offload_param,
         )
 
-    trainer = Trainer(cfg, engine, teacher, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir)
+    log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
+    trainer = Trainer(
+        cfg, engine, teacher, objective, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir
+    )
     if resume_from is not None:
         trainer.restore(checkpoint.load(engine, resume_from))
         log.info("resumed from %s at step %d", resume_from, trainer.step)

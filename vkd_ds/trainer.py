@@ -14,13 +14,10 @@ from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
-from vkd_ds.losses import combine_terms, shift_for_next_token, soft_kd, token_ce, weighted_batch_loss
+from vkd_ds.losses import combine_terms, shift_for_next_token, soft_kd, token_ce, valence_mse, weighted_batch_loss
 from vkd_ds.metrics import MetricsCSV, get_logger
-from vkd_ds.models import lm_forward_logits
-
-# Terms whose value needs the teacher's logits.
-TEACHER_TERMS = ("soft",)
-TRAIN_TERMS = ("ce", "soft")
+from vkd_ds.objective import Objective, Teacher
+from vkd_ds.valence import effective_sample_size, valence_weights
 
 
 class Trainer:
@@ -28,7 +25,8 @@ class Trainer:
         self,
         cfg: DictConfig,
         engine,
-        teacher,
+        teacher: Teacher | None,
+        objective: Objective,
         tokenizer,
         train_data: list[Example],
         valid_data: list[Example],
@@ -37,13 +35,12 @@ class Trainer:
         self.cfg = cfg
         self.engine = engine
         self.teacher = teacher
+        self.objective = objective
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.train_data = train_data
         self.valid_data = valid_data
         self.run_dir = run_dir
-        self.lambdas = {term: float(cfg.loss[term]) for term in TRAIN_TERMS}
-        self.temperature = float(cfg.loss.temperature)
         self.chunk_tokens = int(cfg.loss.chunk_tokens)
         self.world = dist.world_size()
         self.rank = dist.rank()
@@ -58,38 +55,56 @@ class Trainer:
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
 
-    def _terms(self, batch: dict[str, torch.Tensor], lambdas: dict[str, float]):
-        """Per-sequence loss terms [B] of the student on `batch` (the teacher runs only when needed)."""
-        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        teacher_logits = None
-        if self.teacher is not None and any(lambdas.get(t, 0) > 0 for t in TEACHER_TERMS):
-            with torch.no_grad():
-                teacher_logits = lm_forward_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
-        logits = self.engine(batch["input_ids"], batch["attention_mask"])
-        terms = {}
-        if lambdas.get("ce", 0) > 0:
-            terms["ce"] = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
-        if teacher_logits is not None and lambdas.get("soft", 0) > 0:
-            terms["soft"] = soft_kd(logits, teacher_logits, mask, self.temperature, self.vocab_size, self.chunk_tokens)
-        return terms, mask
+    def _weights(self, saliencies: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+        """w_i of this rank's micro-batches, from the saliencies of the whole global batch.
+
+        The gathered vector is ordered (micro-step, rank, row), the order in which one rank
+        with the concatenated batch would hold it, so every world size computes the same weights.
+        """
+        obj = self.objective
+        accum, micro = len(saliencies), saliencies[0].numel()
+        gathered = dist.all_gather(torch.stack(saliencies))  # [world, accum, micro]
+        global_s = gathered.transpose(0, 1).reshape(-1)  # (micro-step, rank, row)
+        w = valence_weights(global_s, obj.lam, obj.z_max, obj.normalize, obj.eps)
+        mine = w.view(accum, self.world, micro)[:, self.rank]
+        stats = {
+            "ess": float(effective_sample_size(w)),
+            "weight_max": float(w.max()),
+            "saliency_mean": float(global_s.double().mean()),
+            "saliency_std": float(global_s.double().std(unbiased=False)),
+        }
+        return list(mine), w.sum(), stats
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
         step = self.step
         accum = self.cfg.trainer.grad_accum
+        obj = self.objective
         micro_batches = [
             self._batch([self.train_data[i] for i in self.sampler.indices(step, a, self.rank)]) for a in range(accum)
         ]
-        # Per-sequence weights w_i (uniform until valence weighting) and their global sum,
-        # the denominator of L over the whole global batch.
-        weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
-        global_weight_sum = dist.all_reduce_sum(torch.stack([w.sum() for w in weights]).sum())
-        names = [t for t in TRAIN_TERMS if self.lambdas[t] > 0]
+        # Every micro-batch's teacher pass comes first: the weights of the first backward
+        # depend on the saliencies of the whole global batch.
+        teacher_outs = [None] * accum
+        if self.teacher is not None:
+            teacher_outs = [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
+        stats: dict[str, float] = {}
+        if obj.teacher_valence:
+            masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
+            saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
+            # global_weight_sum, the denominator of L, is the same number on every rank.
+            weights, global_weight_sum, stats = self._weights(saliencies)
+        else:
+            weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
+            global_weight_sum = torch.tensor(float(self.sampler.global_batch_size), device=self.device)
+        names = obj.active
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
-        for batch, w in zip(micro_batches, weights, strict=True):
-            terms, mask = self._terms(batch, self.lambdas)
-            base = combine_terms(terms, self.lambdas)
+        for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
+            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
+            terms, mask = obj.terms(student_out, teacher_outs[a], batch)
+            teacher_outs[a] = None  # free this micro-batch's teacher logits before the next
+            base = combine_terms(terms, obj.lambdas)
             loss = weighted_batch_loss(base, w, global_weight_sum)
             # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
             # share of the global sum: scale by the world size so the update is of L itself.
@@ -104,6 +119,7 @@ class Trainer:
         metrics = {"step": step + 1, "loss": float(total[-2])}
         for j, name in enumerate(names):
             metrics[f"loss/{name}"] = float(total[j] / global_weight_sum)
+        metrics.update(stats)
         metrics.update(
             {
                 "lr": lr,
@@ -125,11 +141,12 @@ class Trainer:
     # ---- held-out evaluation ------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-averaged held-out CE, perplexity, KL(teacher||student) at T=1, and the teacher's CE."""
+        """Token-averaged held-out CE, perplexity, KL(teacher||student) at T=1, the teacher's CE and,
+        with both valence heads, the MSE of the student's valence trajectory to the teacher's."""
         if not self.valid_data:
             return {}
         self.engine.eval()
-        sums = torch.zeros(4, dtype=torch.float64)  # student nats, KL nats, teacher nats, tokens
+        sums = torch.zeros(5, dtype=torch.float64)  # student nats, KL nats, teacher nats, tokens, valence SE
         shards = eval_shards(
             len(self.valid_data),
             self.cfg.trainer.micro_batch_size,
@@ -146,10 +163,15 @@ class Trainer:
                     batch["loss_mask"][row] = False
             targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
             counts = mask.sum(1).double()
-            logits = self.engine(batch["input_ids"], batch["attention_mask"])
+            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
+            logits = student_out["logits"]
             sums[0] += (token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts).sum()
             if self.teacher is not None:
-                t_logits = lm_forward_logits(self.teacher, batch["input_ids"], batch["attention_mask"])
+                teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+                t_logits = teacher_out["logits"]
+                if "valence" in student_out and "valence" in teacher_out:
+                    mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
+                    sums[4] += (mse.double() * counts).sum()
                 sums[1] += (
                     soft_kd(logits, t_logits, mask, 1.0, self.vocab_size, self.chunk_tokens).double() * counts
                 ).sum()
@@ -166,6 +188,8 @@ class Trainer:
             result["eval/kl_teacher"] = float(total[1]) / tokens
             result["eval/teacher_ce"] = float(total[2]) / tokens
             result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))
+            if self.objective.valence_k is not None and self.objective.teacher_valence:
+                result["eval/valence_mse"] = float(total[4]) / tokens
         result["eval/tokens"] = int(total[3])
         return result
 

@@ -10,10 +10,14 @@ on the concatenated batch.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vkd_ds.errors import VkdError
 
 DEFAULT_ALPHAS = (0.55, 0.20, 0.15, 0.10)
 
@@ -104,3 +108,45 @@ def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
     """ESS = (Σw)² / Σw² as a fraction of the batch size: 1 for uniform weights, 1/B for one dominant."""
     w = weights.double()
     return (w.sum() ** 2 / (w * w).sum() / w.numel()).to(weights.dtype)
+
+
+HEAD_FORMAT = "vkd-ds valence head v1"
+
+
+def save_head(head: ValenceHead, path: str | Path, **metadata: str) -> Path:
+    """Write a valence head as safetensors (k and width in the metadata), published with one rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in head.state_dict().items()}
+    meta = {"format": HEAD_FORMAT, "k": str(head.k), "hidden_size": str(head.proj.in_features), **metadata}
+    staging = path.with_name(path.name + ".partial")
+    save_file(tensors, str(staging), metadata=meta)
+    os.replace(staging, path)
+    return path
+
+
+def load_head(path: str | Path, k: int, hidden_size: int, key: str = "valence.teacher_head") -> ValenceHead:
+    """A valence head from `save_head`'s file, checked against the k and width it must have."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise VkdError(f"{key}: file not found: {path} (write one with `vkd-ds fit-valence-head`)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise VkdError(f"{key}: {path} is not a safetensors file: {str(err).splitlines()[0]}") from None
+    if meta.get("format") != HEAD_FORMAT or set(tensors) != {"proj.weight", "proj.bias"}:
+        raise VkdError(f"{key}: {path} is not a vkd-ds valence head (no {HEAD_FORMAT!r} metadata)")
+    file_k, file_width = tensors["proj.weight"].shape
+    if file_k != k:
+        raise VkdError(f"{key}: {path} predicts k={file_k} steps but valence.k={k}")
+    if file_width != hidden_size:
+        raise VkdError(f"{key}: {path} reads hidden states of width {file_width}, the model's are {hidden_size}")
+    head = ValenceHead(hidden_size, k)
+    head.load_state_dict(tensors)
+    return head

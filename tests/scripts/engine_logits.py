@@ -12,19 +12,19 @@ import torch  # noqa: E402
 from vkd_ds import checkpoint, dist, engines  # noqa: E402
 from vkd_ds.config import compose  # noqa: E402
 from vkd_ds.ds_config import student_ds_config  # noqa: E402
-from vkd_ds.train import prepare  # noqa: E402
+from vkd_ds.train import build_student, prepare  # noqa: E402
 
 out_file = Path(args[0])
 cfg = compose(args[1:])
 prepared = prepare(cfg)
 dist.init()
 ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
-student = engines.build_student_model(cfg.student.path, prepared.student_config, ds_config, seed=999)
+student = build_student(cfg, prepared, ds_config, seed=999)
 engine, _, _ = engines.build_student_engine(student, ds_config)
 checkpoint.load(engine, checkpoint.latest_checkpoint(Path(cfg.run.dir)))
 engine.eval()
 ids = torch.arange(2 * 12).view(2, 12) % len(prepared.tokenizer)
 with torch.no_grad():
-    logits = engine(ids, torch.ones_like(ids))
+    logits = engine(ids, torch.ones_like(ids))["logits"]
 if dist.is_main():
     torch.save({"input_ids": ids, "logits": logits}, out_file)

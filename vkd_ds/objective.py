@@ -1,0 +1,144 @@
+"""The full objective of SPEC §2 on one micro-batch: which terms run, what each needs, their values.
+
+Pure apart from the forward passes it is handed: the global parts (the
+weights' batch statistics, the weight sum) come from the trainer, which owns
+the collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from vkd_ds.features import HiddenCapture
+from vkd_ds.losses import (
+    attention_kd,
+    feature_kd,
+    info_nce,
+    sequence_features,
+    shift_for_next_token,
+    soft_kd,
+    token_ce,
+    valence_mse,
+)
+from vkd_ds.valence import ValenceHead, saliency
+
+TERMS = ("ce", "soft", "feat", "val", "reg")
+
+
+@dataclass(frozen=True)
+class Objective:
+    lambdas: dict[str, float]
+    temperature: float
+    chunk_tokens: int
+    vocab_size: int
+    layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
+    attention: float = 0.0  # weight of the attention-map part of L_feat
+    contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
+    contrastive_temperature: float = 0.1
+    valence_k: int | None = None  # the student's head (trained by L_val)
+    teacher_valence: bool = False  # the teacher's head (L_val targets and saliency)
+    lam: float = 0.0
+    z_max: float | None = 3.0
+    normalize: bool = True
+    alphas: tuple[float, ...] = (0.55, 0.20, 0.15, 0.10)
+    eps: float = 1e-6
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
+        lambdas = {term: float(cfg.loss[term]) for term in TERMS}
+        contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
+        captures = lambdas["feat"] > 0 or contrastive > 0
+        return cls(
+            lambdas=lambdas,
+            temperature=float(cfg.loss.temperature),
+            chunk_tokens=int(cfg.loss.chunk_tokens),
+            vocab_size=vocab_size,
+            layer_map=list(layer_map) if captures else [],
+            attention=float(cfg.feat.attention) if lambdas["feat"] > 0 else 0.0,
+            contrastive=contrastive,
+            contrastive_temperature=float(cfg.reg.contrastive_temperature),
+            valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
+            teacher_valence=bool(cfg.valence.teacher_head),
+            lam=float(cfg.weighting.lam),
+            z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
+            normalize=bool(cfg.weighting.normalize),
+            alphas=tuple(float(a) for a in cfg.weighting.alphas),
+            eps=float(cfg.weighting.eps),
+        )
+
+    @property
+    def active(self) -> list[str]:
+        return [t for t in TERMS if self.lambdas[t] > 0]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.lambdas[t] > 0 for t in ("soft", "feat", "val")) or self.contrastive > 0 or self.lam > 0
+
+    @property
+    def student_layers(self) -> list[int]:
+        return [s for s, _ in self.layer_map]
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return [t for _, t in self.layer_map]
+
+    def saliency(self, teacher_out: dict, mask: torch.Tensor) -> torch.Tensor:
+        return saliency(
+            teacher_out["valence"], teacher_out["logits"], mask, self.alphas, self.vocab_size, self.chunk_tokens
+        )
+
+    def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
+        """Per-sequence values [B] of the active terms, and the valid-position mask [B,S]."""
+        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+        logits = student_out["logits"]
+        lam = self.lambdas
+        terms = {}
+        if lam["ce"] > 0:
+            terms["ce"] = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
+        if lam["soft"] > 0:
+            terms["soft"] = soft_kd(
+                logits, teacher_out["logits"], mask, self.temperature, self.vocab_size, self.chunk_tokens
+            )
+        if lam["feat"] > 0:
+            projectors = [None] * len(self.layer_map)  # the student module already projected its hiddens
+            terms["feat"] = feature_kd(student_out["hiddens"], teacher_out["hiddens"], projectors, mask)
+            if self.attention > 0:
+                attn = attention_kd(student_out["attentions"], teacher_out["attentions"], mask)
+                terms["feat"] = terms["feat"] + self.attention * attn
+        if lam["val"] > 0:
+            terms["val"] = valence_mse(student_out["valence"], teacher_out["valence"], mask)
+        if lam["reg"] > 0:
+            reg = student_out["reg"].expand(mask.shape[0])
+            if self.contrastive > 0:
+                s_feats = sequence_features(student_out["hiddens"][-1], mask)
+                t_feats = sequence_features(teacher_out["hiddens"][-1], mask)
+                reg = reg + self.contrastive * info_nce(s_feats, t_feats, self.contrastive_temperature)
+            terms["reg"] = reg
+        return terms, mask
+
+
+class Teacher:
+    """The frozen teacher engine, its capture hooks and its valence head: one no-grad forward gives
+    logits, mapped hidden states, attention maps and the valence trajectory as the objective needs."""
+
+    def __init__(self, engine, objective: Objective, valence_head: ValenceHead | None):
+        self.engine = engine
+        self.valence_head = valence_head
+        self.capture = HiddenCapture(
+            engine.module,
+            objective.teacher_layers,
+            attention=objective.attention > 0,
+            last=valence_head is not None,
+        )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hiddens, attentions, last = self.capture.take()
+        out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
+        if self.valence_head is not None:
+            out["valence"] = self.valence_head(last.to(self.valence_head.proj.weight.dtype))
+        return out
