@@ -122,3 +122,67 @@ def test_non_utf8_or_binary_data_is_reported(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={path}"])
     assert_clean_failure(result, f"{path}:2: ", run_dir)
+
+
+def _data_with(tiny_assets, tmp_path, line_no: int, record: dict):
+    lines = (tiny_assets / "train.jsonl").read_text().splitlines()[:5]
+    lines[line_no - 1] = json.dumps(record)
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["feat.layer_map=[[0,7]]"], "`feat.layer_map`: teacher layer 7 does not exist (the teacher has 3)"),
+        (["feat.layer_map=[[5,0]]"], "`feat.layer_map`: student layer 5 does not exist (the student has 2)"),
+        (["feat.layer_map=[[0,1],[0,2]]"], "`feat.layer_map`: a student layer appears more than once"),
+        (
+            ["feat.projectors=false"],
+            "feat.projectors=false but the student's width (32) differs from the teacher's (48)",
+        ),
+    ],
+)
+def test_impossible_feature_settings(tiny_assets, tmp_path, extra, message):
+    run_dir = tmp_path / "run"
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
+    assert_clean_failure(result, message, run_dir)
+
+
+@pytest.mark.parametrize(
+    "valence, message",
+    [
+        ("NaN", ':3: "valence" is not finite (nan)'),
+        ([0.5, "Infinity"], ':3: "valence"[1] is not finite (inf)'),
+        (1.5, ':3: "valence" = 1.5 is outside [0, 1]'),
+        ([0.2, -0.1], ':3: "valence"[1] = -0.1 is outside [0, 1]'),
+        ("high", ':3: "valence" must be a number in [0, 1]'),
+        ([0.5, 0.5, 0.5], ':3: "valence" has 3 values but the text has'),
+    ],
+)
+def test_bad_valence_labels(tiny_assets, tmp_path, valence, message):
+    record = {"text": "The quick brown fox jumps over the lazy dog again and again."}
+    value = valence
+    if valence in ("NaN",):
+        value = float("nan")
+    elif isinstance(valence, list) and "Infinity" in valence:
+        value = [0.5, float("inf")]
+    record["valence"] = value
+    data = _data_with(tiny_assets, tmp_path, 3, record)
+    run_dir = tmp_path / "run"
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={data}"])
+    assert_clean_failure(result, f"{data}{message}", run_dir)
+
+
+def test_teacher_valence_head_of_the_wrong_shape(tiny_assets, tmp_path):
+    from vkd_ds.valence import ValenceHead, save_head
+
+    head = save_head(ValenceHead(48, 4), tmp_path / "k4.safetensors")
+    run_dir = tmp_path / "run"
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={head}"])
+    assert_clean_failure(result, "predicts k=4 steps but valence.k=8", run_dir)
+    not_a_head = tmp_path / "junk.safetensors"
+    not_a_head.write_bytes(b"not safetensors at all")
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={not_a_head}"])
+    assert_clean_failure(result, "is not a safetensors file", run_dir)

@@ -32,17 +32,41 @@ def six_step_run(tiny_assets, tmp_path_factory):
     return run_dir, result
 
 
+# Every term of the full objective, the attention-map part of L_feat and a regularized LM
+# parameter included; valence weights at the SPEC's λ = 6 (the contrastive term is left out:
+# its negatives are the micro-batch, which differs between the two layouts by design).
+FULL_OBJECTIVE = [
+    "loss.ce=1.0",
+    "loss.soft=0.8",
+    "loss.feat=0.4",
+    "loss.val=0.6",
+    "loss.reg=0.01",
+    "feat.attention=0.5",
+    "reg.param_patterns=[*norm.weight]",
+    "weighting.lam=6.0",
+]
+
+
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
-    common = ["trainer.max_steps=3", "trainer.grad_accum=2", "trainer.eval_every=0"]
+    """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients."""
+    common = ["trainer.max_steps=3", "trainer.grad_accum=2", "trainer.eval_every=0", *FULL_OBJECTIVE]
     two = tmp_path / "two"
     one = tmp_path / "one"
     train_job(base_overrides(tiny_assets, two) + common + ["trainer.micro_batch_size=2"], num_procs=2)
-    train_job(base_overrides(tiny_assets, one) + common + ["trainer.micro_batch_size=4"], num_procs=1)
+    train_job(
+        base_overrides(tiny_assets, one) + common + ["trainer.micro_batch_size=4", "deepspeed=zero0"], num_procs=1
+    )
     loss_two, loss_one = losses(two), losses(one)
     assert len(loss_two) == len(loss_one) == 3
     for a, b in zip(loss_two, loss_one, strict=True):
         assert abs(a - b) < 1e-5, (loss_two, loss_one)
     assert loss_two[-1] != loss_two[0]  # it trained
+    rows_two, rows_one = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    for column in ("loss/ce", "loss/soft", "loss/feat", "loss/val", "loss/reg", "ess", "weight_max", "saliency_mean"):
+        torch.testing.assert_close(
+            [float(r[column]) for r in rows_two], [float(r[column]) for r in rows_one], rtol=1e-5, atol=1e-7
+        )
+    assert min(float(r["ess"]) for r in rows_two) < 0.9  # the weights are far from uniform
     # Adam hides a constant gradient scale from the weights; the gradient norm does not.
     norms_two = [float(r["grad_norm"]) for r in read_metrics(two / "metrics.csv")]
     norms_one = [float(r["grad_norm"]) for r in read_metrics(one / "metrics.csv")]
@@ -97,9 +121,9 @@ def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_asset
         assert report["world"] == 2 and report["total"] == teacher_numel
         assert abs(report["local"] - teacher_numel / 2) <= 0.02 * teacher_numel  # about 1/N each
         assert report["frozen"] and report["eval_mode"]
-    # The checkpoint holds the student module only.
+    # The checkpoint holds the student module only: its LM, projectors and valence head.
     weights = final_weights(run_dir)
-    assert all(name.startswith("lm.") for name in weights)
+    assert {name.split(".")[0] for name in weights} == {"lm", "projectors", "valence_head"}
     student_numel = sum(t.numel() for t in weights.values())
     assert student_numel < teacher_numel
     files = {p.name for p in checkpoint.latest_checkpoint(run_dir).iterdir()}

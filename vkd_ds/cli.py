@@ -1,4 +1,4 @@
-"""The `vkd-ds` command: demo, train, export."""
+"""The `vkd-ds` command: demo, train, fit-valence-head, export."""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def cmd_train(overrides: list[str]) -> int:
     return subprocess.call(launcher_command(overrides, num_procs), env=os.environ.copy())
 
 
+def cmd_fit_valence_head(overrides: list[str]) -> int:
+    from vkd_ds.config import compose
+    from vkd_ds.fit_head import fit_valence_head
+
+    fit_valence_head(compose(overrides))
+    return 0
+
+
 def cmd_export(args) -> int:
     from vkd_ds.export import export
 
@@ -84,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]", add_help=False
     )
     train.add_argument("overrides", nargs=argparse.REMAINDER)
+    fit = sub.add_parser(
+        "fit-valence-head",
+        help="fit the teacher's valence head (teacher frozen): vkd-ds fit-valence-head [hydra overrides]",
+        add_help=False,
+    )
+    fit.add_argument("overrides", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["train"]:
             # Everything after `train` belongs to Hydra, flags such as --cfg job included.
             return cmd_train(argv[1:])
+        if argv[:1] == ["fit-valence-head"]:
+            return cmd_fit_valence_head(argv[1:])
         args = build_parser().parse_args(argv)
         if args.command == "export":
             return cmd_export(args)

@@ -65,14 +65,23 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         ctx.save_for_backward(flat_index, grads)
         ctx.logits_shape = logits.shape
         ctx.vocab_size = vocab_size
+        ctx.chunk_tokens = chunk_tokens
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         flat_index, grads = ctx.saved_tensors
         shape = ctx.logits_shape
+        scale = grad_losses.to(grads.dtype)
+        if flat_index.numel() == shape[0] * shape[1] and ctx.vocab_size == shape[2]:
+            # Every position and the whole width are selected: scale the stored gradient in place
+            # and hand it back, so backward allocates no second [tokens, vocab] tensor.
+            # (This graph cannot be backpropagated twice, which the trainer never does.)
+            return grads.mul_(scale[:, None]).view(shape), None, None, None, None, None
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
-        grad_logits[flat_index, : ctx.vocab_size] = grads * grad_losses[:, None].to(grads.dtype)
+        for start in range(0, flat_index.numel(), ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            grad_logits[flat_index[rows], : ctx.vocab_size] = grads[rows] * scale[rows, None]
         return grad_logits.view(shape), None, None, None, None, None
 
 
