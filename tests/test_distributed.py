@@ -48,8 +48,32 @@ FULL_OBJECTIVE = [
 
 
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
-    """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients."""
-    common = ["trainer.max_steps=3", "trainer.grad_accum=2", "trainer.eval_every=0", *FULL_OBJECTIVE]
+    """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients.
+
+    The student starts from a saved model: a fresh init under zero.Init draws differently from a
+    plain one, and the comparison across stages needs the same starting point."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    student = tmp_path / "student"
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(5)
+    AutoModelForCausalLM.from_config(config).save_pretrained(student)
+    common = [
+        "trainer.max_steps=3",
+        "trainer.grad_accum=2",
+        "trainer.eval_every=0",
+        f"student.path={student}",
+        *FULL_OBJECTIVE,
+    ]
     two = tmp_path / "two"
     one = tmp_path / "one"
     train_job(base_overrides(tiny_assets, two) + common + ["trainer.micro_batch_size=2"], num_procs=2)

@@ -1,8 +1,10 @@
 """`vkd-ds demo`: the embedded default job, offline from start to finish.
 
-1. assets: English text from `pydoc_data`, a BPE tokenizer, and a teacher
-   pretrained here (single process);
-2. distillation of a 2-layer student with 2 processes on ZeRO-3 (`vkd-ds train`);
+1. assets: English text from `pydoc_data`, a BPE tokenizer, a teacher pretrained here
+   (single process), and the teacher's valence head fitted on VADER lexicon labels
+   (`fit-valence-head`);
+2. distillation of a 2-layer student with 2 processes on ZeRO-3 (`vkd-ds train`), every
+   term of the objective on (sequence KD comes with #4) and valence-weighted sequences;
 3. the same student trained with cross-entropy only, same steps and data;
 4. a summary: held-out perplexity of teacher, distilled student, CE-only student.
 """
@@ -28,6 +30,7 @@ class DemoSettings:
     teacher_batch: int
     seq_len: int
     distill_steps: int
+    valence_head_steps: int
 
 
 FULL = DemoSettings(
@@ -38,8 +41,10 @@ FULL = DemoSettings(
     teacher_batch=16,
     seq_len=128,
     distill_steps=300,
+    valence_head_steps=100,
 )
-QUICK = replace(FULL, teacher_steps=150, distill_steps=80)
+QUICK = replace(FULL, teacher_steps=150, distill_steps=80, valence_head_steps=40)
+HEAD_FILE = "teacher_valence_head.safetensors"
 ASSETS_MARKER = "ASSETS_COMPLETE.json"
 
 
@@ -91,8 +96,38 @@ def build_assets(assets: Path, settings: DemoSettings) -> None:
     hf_logging.disable_progress_bar()
     teacher.save_pretrained(assets / "teacher")
     tokenizer.save_pretrained(assets / "teacher")
+    say(f"      fitting the teacher's valence head on VADER lexicon labels ({settings.valence_head_steps} steps)")
+    fit_demo_valence_head(assets, settings)
     marker.write_text(json.dumps(asdict(settings)))
     say(f"      assets ready in {time.time() - started:.0f}s")
+
+
+def fit_demo_valence_head(assets: Path, settings: DemoSettings) -> dict:
+    from vkd_ds.config import compose
+    from vkd_ds.fit_head import fit_valence_head
+
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"assets_dir={assets}",
+            f"valence.fit.out={assets / HEAD_FILE}",
+            "valence.fit.labels=lexicon",
+            f"valence.fit.steps={settings.valence_head_steps}",
+            f"data.max_seq_len={settings.seq_len}",
+        ]
+    )
+    return fit_valence_head(cfg, log=lambda line: say("      " + line.strip()))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    from vkd_ds.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.csv")
+
+
+def _mean_column(run_dir: Path, column: str) -> float:
+    values = [float(row[column]) for row in _rows(run_dir) if row.get(column)]
+    return sum(values) / len(values)
 
 
 def _train(overrides: list[str], label: str) -> dict:
@@ -129,12 +164,16 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     say(f"[2/4] distilling the student: 2 processes, ZeRO-3, {settings.distill_steps} steps -> {kd_dir}")
     kd = _train(common + [f"run.dir={kd_dir}"], "distillation")
     say(f"[3/4] the same student with cross-entropy only -> {ce_dir}")
-    ce = _train(common + [f"run.dir={ce_dir}", "loss.soft=0"], "CE-only")
+    ce_only = ["loss.soft=0", "loss.feat=0", "loss.val=0", "loss.reg=0", "weighting.lam=0"]
+    ce = _train(common + [f"run.dir={ce_dir}", *ce_only], "CE-only")
     summary = {
         "teacher_ppl": kd["eval/teacher_ppl"],
         "distilled_student_ppl": kd["eval/ppl"],
         "ce_only_student_ppl": ce["eval/ppl"],
         "distilled_kl_to_teacher": kd["eval/kl_teacher"],
+        "distilled_valence_mse": kd.get("eval/valence_mse"),
+        "mean_ess": _mean_column(kd_dir, "ess"),
+        "min_ess": min(float(r["ess"]) for r in _rows(kd_dir)),
         "steps": settings.distill_steps,
         "quick": quick,
         "seconds": time.time() - started,
@@ -145,6 +184,10 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     say(f"      teacher                      {summary['teacher_ppl']:9.2f}")
     say(f"      student, distilled (KD)      {summary['distilled_student_ppl']:9.2f}")
     say(f"      student, CE only             {summary['ce_only_student_ppl']:9.2f}")
+    say(
+        f"      valence weighting: effective sample size {summary['mean_ess']:.2f} of the global batch "
+        f"on average (lowest {summary['min_ess']:.2f}; metrics.csv column `ess`)"
+    )
     say(
         f"      the distilled student {verdict} the CE-only student "
         f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})"

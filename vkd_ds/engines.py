@@ -89,6 +89,9 @@ def build_student_model(
                 ) from None
         else:
             lm = AutoModelForCausalLM.from_config(model_config, dtype=_dtype(ds_config), **attention)
+    # Building under zero.Init draws random numbers differently; re-seed so the projectors'
+    # and valence head's init depends on the seed only, whatever the ZeRO stage.
+    torch.manual_seed(seed + 1)
     return StudentModule(lm, attention=eager_attention, **extras)
 
 

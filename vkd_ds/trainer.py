@@ -75,6 +75,14 @@ class Trainer:
         }
         return list(mine), w.sum(), stats
 
+    def _grad_norm_before_step(self) -> float | None:
+        """DeepSpeed reports the global gradient norm under ZeRO 1-3 but not under ZeRO-0 with a
+        torch optimizer; there the gradients are whole (and already averaged) on every rank."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
         step = self.step
@@ -109,6 +117,8 @@ class Trainer:
             # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
             # share of the global sum: scale by the world size so the update is of L itself.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            if a == accum - 1:
+                grad_norm = self._grad_norm_before_step()
             self.engine.step()
             for j, name in enumerate(names):
                 local[j] += float((w * terms[name].detach()).sum())
@@ -123,7 +133,7 @@ class Trainer:
         metrics.update(
             {
                 "lr": lr,
-                "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                "grad_norm": _as_float(self.engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
                 "tokens": int(total[-1]),
                 "tokens_per_s": float(total[-1]) / elapsed,
                 "step_time_s": elapsed,
