@@ -164,3 +164,30 @@ def test_lexicon_labels_follow_the_words(tiny_assets):
     assert min(word_valence("terrible awful disaster", tok)) < 0.3
     mood = running_mood([1.0, 1.0, 0.5], 0.5)
     assert mood == [0.75, 0.875, 0.6875]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_head_equals_dense_logits(with_bias):
+    from vkd_ds.losses import fused_head_losses
+
+    torch.manual_seed(4)
+    batch, seq, width, vocab = 3, 7, 10, 23
+    hidden = torch.randn(batch, seq, width, requires_grad=True)
+    weight = torch.randn(vocab + 2, width, requires_grad=True)  # rows past the tokenizer get no gradient
+    bias = torch.randn(vocab + 2, requires_grad=True) if with_bias else None
+    teacher = torch.randn(batch, seq, vocab + 5) * 2
+    targets = torch.randint(vocab, (batch, seq))
+    mask = torch.rand(batch, seq) > 0.3
+    mask[2] = False
+    weights = torch.tensor([0.5, 1.5, 1.0])
+    ce, soft = fused_head_losses(hidden, weight, bias, mask, targets, teacher, 2.0, vocab, chunk_tokens=4)
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    want_ce = token_ce(logits, targets, mask, vocab)
+    want_soft = soft_kd(logits, teacher, mask, 2.0, vocab)
+    torch.testing.assert_close(ce, want_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(soft, want_soft, atol=1e-5, rtol=1e-5)
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    got = torch.autograd.grad(((ce + 0.7 * soft) * weights).sum(), params)
+    want = torch.autograd.grad(((want_ce + 0.7 * want_soft) * weights).sum(), params)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

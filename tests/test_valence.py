@@ -91,9 +91,10 @@ def test_weights_of_a_batch_of_one_and_ess():
     assert 0 < ess < 0.5  # λ = 6 concentrates the batch on a few sequences
 
 
-def test_valence_mse_and_feature_kd_match_reference():
+@pytest.mark.parametrize("k", [1, 4])
+def test_valence_mse_and_feature_kd_match_reference(k):
     torch.manual_seed(2)
-    batch, seq, k = 3, 5, 4
+    batch, seq = 3, 5
     mask = torch.rand(batch, seq) > 0.4
     mask[0] = False
     v_s = torch.rand(batch, seq, k, requires_grad=True)

@@ -115,6 +115,7 @@ def validate(cfg: DictConfig) -> None:
         raise VkdError("config keys `loss.*`: every loss weight is 0, there is nothing to train")
     _number(cfg, "loss.temperature", low=1e-3)
     _number(cfg, "loss.chunk_tokens", low=1, integer=True)
+    _bool(cfg, "loss.fused_head")
 
     layer_map = _get(cfg, "feat.layer_map")
     if layer_map != "uniform" and not isinstance(layer_map, ListConfig):
@@ -122,6 +123,7 @@ def validate(cfg: DictConfig) -> None:
             f"config key `feat.layer_map` must be `uniform` or a list of [student, teacher] pairs; got {layer_map!r}"
         )
     _bool(cfg, "feat.projectors")
+    _bool(cfg, "feat.normalize")
     _number(cfg, "feat.attention", low=0.0)
     patterns = _get(cfg, "reg.param_patterns")
     if not isinstance(patterns, ListConfig) or not all(isinstance(p, str) for p in patterns):

@@ -225,3 +225,88 @@ def info_nce(student_feats: torch.Tensor, teacher_feats: torch.Tensor, temperatu
     t = F.normalize(teacher_feats.detach().float(), dim=-1)
     logits = s @ t.T / temperature
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device), reduction="none")
+
+
+class _FusedHeadLosses(torch.autograd.Function):
+    """Per-token CE and soft KD straight from the last hidden states and the LM head's weight.
+
+    Forward and backward both rebuild each chunk's logits from `hidden @ weight.T`, so the
+    student's `[tokens, vocab]` logits never exist, in any dtype: memory is O(chunk × vocab).
+    Backward recomputes the chunk (one extra matmul) because the weight's gradient
+    Σ_t g_t·∂ℓ_t/∂W needs the incoming per-token gradients g_t.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, teacher, temperature, vocab_size, chunk_tokens):
+        num_tokens = hidden.shape[0]
+        ce = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+        soft = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+        for start, logits in _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
+            rows = slice(start, start + logits.shape[0])
+            if targets is not None:
+                ce[rows] = _cross_entropy_chunk(logits, targets[rows])[0]
+            if teacher is not None:
+                soft[rows] = _soft_kd_chunk(logits, teacher[rows, :vocab_size].float(), temperature)[0]
+        ctx.save_for_backward(hidden, weight, bias, targets, teacher)
+        ctx.temperature, ctx.vocab_size, ctx.chunk_tokens = temperature, vocab_size, chunk_tokens
+        return ce, soft
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_soft):
+        hidden, weight, bias, targets, teacher = ctx.saved_tensors
+        vocab = ctx.vocab_size
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        w = weight[:vocab].float()
+        for start, logits in _head_chunks(hidden, weight, bias, vocab, ctx.chunk_tokens):
+            rows = slice(start, start + logits.shape[0])
+            grad_logits = torch.zeros_like(logits)
+            if targets is not None:
+                grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
+            if teacher is not None:
+                grad = _soft_kd_chunk(logits, teacher[rows, :vocab].float(), ctx.temperature)[1]
+                grad_logits += grad * grad_soft[rows, None]
+            h = hidden[rows].float()
+            grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
+            grad_weight[:vocab] += grad_logits.T @ h
+            if grad_bias is not None:
+                grad_bias[:vocab] += grad_logits.sum(0)
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
+
+
+def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
+    w = weight[:vocab_size].float()
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        logits = hidden[start : start + chunk_tokens].float() @ w.T
+        if bias is not None:
+            logits = logits + bias[:vocab_size].float()
+        yield start, logits
+
+
+def fused_head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(CE [B], soft KD [B]) per sequence, as `token_ce` and `soft_kd` on logits = hidden @ weight.T + bias,
+    without building those logits. hidden [B,S,H] (the LM head's input), weight [V,H], mask [B,S];
+    CE needs `targets` [B,S], soft KD `teacher_logits` [B,S,Vt]; each is None when its input is."""
+    batch, seq_len = mask.shape
+    vocab = vocab_size or weight.shape[0]
+    index = _selected(mask)
+    sel_targets = targets.flatten()[index] if targets is not None else None
+    sel_teacher = teacher_logits.detach().flatten(0, 1)[index] if teacher_logits is not None else None
+    ce, soft = _FusedHeadLosses.apply(
+        hidden.flatten(0, 1)[index], weight, bias, sel_targets, sel_teacher, float(temperature), vocab, chunk_tokens
+    )
+    ce = _per_sequence_mean(ce, index, batch, seq_len) if targets is not None else None
+    soft = _per_sequence_mean(soft, index, batch, seq_len) if teacher_logits is not None else None
+    return ce, soft

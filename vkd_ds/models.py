@@ -15,6 +15,7 @@ from torch import nn
 
 from vkd_ds.errors import VkdError
 from vkd_ds.features import HiddenCapture, hidden_width
+from vkd_ds.losses import fused_head_losses
 from vkd_ds.valence import ValenceHead
 
 
@@ -96,6 +97,7 @@ class StudentModule(nn.Module):
     projected to the teacher's width (a list of [B,S,Ht]); `attentions` (head-averaged, when the
     attention-map term is on); `valence` [B,S,k] (when there is a head); `reg`, Σ‖θ‖² over the
     projectors, the valence head and the LM parameters matching `reg_patterns` (a scalar).
+    With `fused_head`, CE and soft KD come out per sequence instead of `logits` (see forward).
     Checkpoints hold this module's state dict; `lm.` prefixes the plain LM's weights.
     """
 
@@ -111,9 +113,11 @@ class StudentModule(nn.Module):
         valence_k: int | None = None,
         attention: bool = False,
         reg_patterns: Sequence[str] = (),
+        fused_head: bool = False,
     ):
         super().__init__()
         self.lm = lm
+        self.fused_head = fused_head
         width = hidden_width(lm.config)
         self.projectors = None
         if feat_layers and teacher_width is not None and teacher_width != width:
@@ -135,21 +139,37 @@ class StudentModule(nn.Module):
             )
         ]
         params = dict(self.named_parameters())
-        for name in self.reg_names:
+        external = [params[name] for name in self.reg_names]
+        if fused_head:
+            external += list(lm.get_output_embeddings().parameters())
+        for param in external:
             # Under ZeRO-3 this keeps these parameters gathered for the whole forward and backward
-            # of this module, where the regularizer reads them; a no-op for other stages.
-            deepspeed_register_external(self, params[name])
+            # of this module, which reads them outside their own modules; a no-op for other stages.
+            deepspeed_register_external(self, param)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        hiddens, attentions, last = self.capture.take()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`fused` (with the fused LM head): mask, and targets and/or teacher_logits, temperature,
+        vocab_size, chunk_tokens; then `ce` and `soft` per sequence replace `logits` in the output."""
+        if self.fused_head and fused is not None:
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            last = hidden.last_hidden_state
+            head = self.lm.get_output_embeddings()
+            ce, soft = fused_head_losses(last, head.weight, head.bias, **fused)
+            hiddens, attentions, _ = self.capture.take()
+            out = {"ce": ce, "soft": soft}
+        else:
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            hiddens, attentions, last = self.capture.take()
+            out = {"logits": logits}
         if self.projectors is not None:
             hiddens = [proj(h) for proj, h in zip(self.projectors, hiddens, strict=True)]
-        out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
+        out.update(hiddens=hiddens, attentions=attentions)
         if self.valence_head is not None:
             out["valence"] = self.valence_head(last)
         params = dict(self.named_parameters())
-        reg = logits.new_zeros((), dtype=torch.float32)
+        reg = input_ids.new_zeros((), dtype=torch.float32)
         for name in self.reg_names:
             reg = reg + params[name].float().pow(2).sum()
         out["reg"] = reg

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from vkd_ds.features import HiddenCapture
@@ -35,6 +36,7 @@ class Objective:
     chunk_tokens: int
     vocab_size: int
     layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
+    feat_normalize: bool = False  # layer-normalize both hidden states (no affine) before the MSE
     attention: float = 0.0  # weight of the attention-map part of L_feat
     contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
     contrastive_temperature: float = 0.1
@@ -45,28 +47,34 @@ class Objective:
     normalize: bool = True
     alphas: tuple[float, ...] = (0.55, 0.20, 0.15, 0.10)
     eps: float = 1e-6
+    fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
 
     @classmethod
     def from_config(cls, cfg: DictConfig, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
         lambdas = {term: float(cfg.loss[term]) for term in TERMS}
         contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
         captures = lambdas["feat"] > 0 or contrastive > 0
+        lam = float(cfg.weighting.lam)
+        needs_teacher = any(lambdas[t] > 0 for t in ("soft", "feat", "val")) or contrastive > 0 or lam > 0
         return cls(
             lambdas=lambdas,
             temperature=float(cfg.loss.temperature),
             chunk_tokens=int(cfg.loss.chunk_tokens),
             vocab_size=vocab_size,
             layer_map=list(layer_map) if captures else [],
+            feat_normalize=bool(cfg.feat.normalize),
             attention=float(cfg.feat.attention) if lambdas["feat"] > 0 else 0.0,
             contrastive=contrastive,
             contrastive_temperature=float(cfg.reg.contrastive_temperature),
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
-            teacher_valence=bool(cfg.valence.teacher_head),
-            lam=float(cfg.weighting.lam),
+            # Without any teacher term (e.g. a CE-only baseline) the teacher is not even built.
+            teacher_valence=bool(cfg.valence.teacher_head) and needs_teacher,
+            lam=lam,
             z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
             normalize=bool(cfg.weighting.normalize),
             alphas=tuple(float(a) for a in cfg.weighting.alphas),
             eps=float(cfg.weighting.eps),
+            fused_head=bool(cfg.loss.fused_head),
         )
 
     @property
@@ -90,21 +98,47 @@ class Objective:
             teacher_out["valence"], teacher_out["logits"], mask, self.alphas, self.vocab_size, self.chunk_tokens
         )
 
+    def fused_inputs(
+        self, batch: dict, teacher_out: dict | None, ce: bool, soft: bool, temperature: float | None = None
+    ) -> dict:
+        """The student forward's `fused` argument (empty without the fused LM head)."""
+        if not self.fused_head:
+            return {}
+        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+        fused = {
+            "mask": mask,
+            "targets": targets if ce else None,
+            "teacher_logits": teacher_out["logits"] if soft else None,
+            "temperature": self.temperature if temperature is None else temperature,
+            "vocab_size": self.vocab_size,
+            "chunk_tokens": self.chunk_tokens,
+        }
+        return {"fused": fused}
+
+    def train_inputs(self, batch: dict, teacher_out: dict | None) -> dict:
+        return self.fused_inputs(batch, teacher_out, self.lambdas["ce"] > 0, self.lambdas["soft"] > 0)
+
     def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
         """Per-sequence values [B] of the active terms, and the valid-position mask [B,S]."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        logits = student_out["logits"]
         lam = self.lambdas
         terms = {}
-        if lam["ce"] > 0:
-            terms["ce"] = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
-        if lam["soft"] > 0:
-            terms["soft"] = soft_kd(
-                logits, teacher_out["logits"], mask, self.temperature, self.vocab_size, self.chunk_tokens
-            )
+        if self.fused_head:  # the student module computed CE and soft KD from its LM head
+            terms.update({t: student_out[t] for t in ("ce", "soft") if lam[t] > 0})
+        else:
+            logits = student_out["logits"]
+            if lam["ce"] > 0:
+                terms["ce"] = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
+            if lam["soft"] > 0:
+                terms["soft"] = soft_kd(
+                    logits, teacher_out["logits"], mask, self.temperature, self.vocab_size, self.chunk_tokens
+                )
         if lam["feat"] > 0:
             projectors = [None] * len(self.layer_map)  # the student module already projected its hiddens
-            terms["feat"] = feature_kd(student_out["hiddens"], teacher_out["hiddens"], projectors, mask)
+            h_s, h_t = student_out["hiddens"], teacher_out["hiddens"]
+            if self.feat_normalize:
+                h_s, h_t = [_standardize(h) for h in h_s], [_standardize(h) for h in h_t]
+            terms["feat"] = feature_kd(h_s, h_t, projectors, mask)
             if self.attention > 0:
                 attn = attention_kd(student_out["attentions"], teacher_out["attentions"], mask)
                 terms["feat"] = terms["feat"] + self.attention * attn
@@ -118,6 +152,11 @@ class Objective:
                 reg = reg + self.contrastive * info_nce(s_feats, t_feats, self.contrastive_temperature)
             terms["reg"] = reg
         return terms, mask
+
+
+def _standardize(hidden: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the hidden units of each position (layer norm without affine)."""
+    return F.layer_norm(hidden.float(), hidden.shape[-1:])
 
 
 class Teacher:

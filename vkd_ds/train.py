@@ -57,6 +57,13 @@ def prepare(cfg: DictConfig) -> Prepared:
             f"feat.projectors=false but the student's width ({student_width}) differs from the teacher's "
             f"({teacher_width}): feature KD needs projectors (feat.projectors=true) or equal widths"
         )
+    if objective.fused_head:
+        for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+            if getattr(student_config, key, None):
+                raise VkdError(
+                    f"loss.fused_head=true: the student's config sets {key}, so its logits are not "
+                    "hidden @ W.T and the fused LM head would compute the wrong loss; set loss.fused_head=false"
+                )
     if cfg.valence.teacher_head:
         load_head(cfg.valence.teacher_head, int(cfg.valence.k), teacher_width)
     return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width)
@@ -78,6 +85,7 @@ def build_student(cfg: DictConfig, prepared: Prepared, ds_config: dict, seed: in
         projectors=bool(cfg.feat.projectors),
         valence_k=objective.valence_k,
         reg_patterns=list(cfg.reg.param_patterns),
+        fused_head=objective.fused_head,
     )
 
 

@@ -109,7 +109,8 @@ class Trainer:
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
-            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
+            inputs = obj.train_inputs(batch, teacher_outs[a])
+            student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
             terms, mask = obj.terms(student_out, teacher_outs[a], batch)
             teacher_outs[a] = None  # free this micro-batch's teacher logits before the next
             base = combine_terms(terms, obj.lambdas)
@@ -173,18 +174,26 @@ class Trainer:
                     batch["loss_mask"][row] = False
             targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
             counts = mask.sum(1).double()
-            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
-            logits = student_out["logits"]
-            sums[0] += (token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts).sum()
+            teacher_out = None
             if self.teacher is not None:
                 teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+            # KL to the teacher at T = 1, whatever the training temperature.
+            inputs = self.objective.fused_inputs(batch, teacher_out, True, teacher_out is not None, temperature=1.0)
+            student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
+            if inputs:
+                ce, kl = student_out["ce"], student_out["soft"]
+            else:
+                logits = student_out["logits"]
+                ce = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
+                if teacher_out is not None:
+                    kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, self.vocab_size, self.chunk_tokens)
+            sums[0] += (ce.double() * counts).sum()
+            if teacher_out is not None:
                 t_logits = teacher_out["logits"]
                 if "valence" in student_out and "valence" in teacher_out:
                     mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
                     sums[4] += (mse.double() * counts).sum()
-                sums[1] += (
-                    soft_kd(logits, t_logits, mask, 1.0, self.vocab_size, self.chunk_tokens).double() * counts
-                ).sum()
+                sums[1] += (kl.double() * counts).sum()
                 sums[2] += (
                     token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts
                 ).sum()
