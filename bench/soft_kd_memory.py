@@ -3,13 +3,16 @@
     python bench/soft_kd_memory.py [--tokens 8192] [--vocab 32768 131072] [--repeats 3]
 
 Each (vocab, implementation) runs in a fresh process so peaks do not mix. Memory is
-the process's peak RSS during forward + backward minus its RSS just before (inputs
-already allocated): the extra memory the loss needs. Time is the median of the
+the process's peak RSS (VmHWM, reset just before) during forward + backward minus
+its RSS just before (inputs already allocated): the extra memory the loss needs,
+the gradient w.r.t. the student's logits included. Time is the median of the
 repeats. Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
 
-Dense is the formula on the full tensors, in fp32 when the inputs are fp32;
-at 128k the inputs are bf16 (fp32 [8192, 131072] logits alone are 4 GiB each) and
-dense computes in bf16, as a naive bf16 training loop would.
+Cases: fp32 logits at 32k; bf16 logits (what GPU training holds) at 32k and 128k.
+`dense` is the SPEC formula on the whole tensors in fp32 (bf16 inputs upcast);
+`dense_native` computes in the logits' dtype, as a naive bf16 loop would. Chunked
+uses `loss.chunk_tokens` tokens per fp32 chunk. A case that exceeds the
+address-space limit reports its error instead of figures.
 """
 
 from __future__ import annotations
@@ -29,11 +32,31 @@ def _rss_gb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _reset_peak() -> None:
+    # Writing 5 to clear_refs resets the process's peak RSS (VmHWM), Linux >= 4.0.
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def dense_soft_kd(student, teacher, mask, temperature):
+    import torch.nn.functional as F
+
+    log_p_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).float() * temperature**2
+    m = mask.float()
+    return (per_token * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def dense_native_soft_kd(student, teacher, mask, temperature):
     import torch.nn.functional as F
 
     log_p_s = F.log_softmax(student / temperature, dim=-1)
@@ -43,7 +66,9 @@ def dense_soft_kd(student, teacher, mask, temperature):
     return (per_token * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def run_case(impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, limit_gb: float) -> dict:
+def run_case(
+    impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, limit_gb: float, chunk_tokens: int
+) -> dict:
     import torch
 
     from vkd_ds.losses import soft_kd
@@ -53,19 +78,22 @@ def run_case(impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, 
     dtype = getattr(torch, dtype_name)
     batch = 8
     seq = tokens // batch
-    student = (torch.randn(batch, seq, vocab) * 2).to(dtype).requires_grad_(True)
-    teacher = (torch.randn(batch, seq, vocab) * 2).to(dtype)
+    student = torch.randn(batch, seq, vocab, dtype=dtype).mul_(2).requires_grad_(True)
+    teacher = torch.randn(batch, seq, vocab, dtype=dtype).mul_(2)
     mask = torch.ones(batch, seq, dtype=torch.bool)
     seq_weights = torch.rand(batch)
     before = _rss_gb()
+    _reset_peak()
     times = []
     try:
         for _ in range(repeats):
             started = time.perf_counter()
             if impl == "dense":
                 loss = dense_soft_kd(student, teacher, mask, 4.0)
+            elif impl == "dense_native":
+                loss = dense_native_soft_kd(student, teacher, mask, 4.0)
             else:
-                loss = soft_kd(student, teacher, mask, 4.0)
+                loss = soft_kd(student, teacher, mask, 4.0, chunk_tokens=chunk_tokens)
             (loss * seq_weights).sum().backward()
             times.append(time.perf_counter() - started)
             student.grad = None
@@ -81,52 +109,63 @@ def run_case(impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, 
         "extra_peak_gb": _peak_gb() - before,
         "seconds": statistics.median(times),
         "repeats": repeats,
+        **({"chunk_tokens": chunk_tokens} if impl == "chunked" else {}),
     }
+
+
+CASES = [(32768, "float32"), (32768, "bfloat16"), (131072, "bfloat16")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="only these vocabulary sizes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="loss.chunk_tokens (default: the config's)")
     parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit of each case's process")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         impl, vocab, dtype = args.case.split(":")
-        print(json.dumps(run_case(impl, int(vocab), args.tokens, dtype, args.repeats, args.limit_gb)))
+        result = run_case(impl, int(vocab), args.tokens, dtype, args.repeats, args.limit_gb, args.chunk_tokens)
+        print(json.dumps(result))
         return
     results = []
-    for vocab in args.vocab:
-        dtype = "float32" if vocab <= 32768 else "bfloat16"
-        pair = {}
-        for impl in ("dense", "chunked"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    f"{impl}:{vocab}:{dtype}",
-                    "--tokens",
-                    str(args.tokens),
-                    "--repeats",
-                    str(args.repeats),
-                    "--limit-gb",
-                    str(args.limit_gb),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
+    for vocab, dtype in CASES:
+        if args.vocab and vocab not in args.vocab:
+            continue
+        impls = ("dense", "chunked") if dtype == "float32" else ("dense", "dense_native", "chunked")
+        row = {"vocab": vocab, "tokens": args.tokens, "dtype": dtype}
+        for impl in impls:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--case",
+                f"{impl}:{vocab}:{dtype}",
+                "--tokens",
+                str(args.tokens),
+                "--repeats",
+                str(args.repeats),
+                "--limit-gb",
+                str(args.limit_gb),
+                "--chunk-tokens",
+                str(args.chunk_tokens),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = out.stdout.strip().splitlines()
-            pair[impl] = json.loads(lines[-1]) if lines else {"impl": impl, "error": out.stderr[-300:]}
-        row = {"vocab": vocab, "tokens": args.tokens, "dtype": dtype, **pair}
-        if "error" not in pair["dense"] and "error" not in pair["chunked"]:
-            row["memory_ratio"] = pair["chunked"]["extra_peak_gb"] / pair["dense"]["extra_peak_gb"]
-            row["time_ratio"] = pair["chunked"]["seconds"] / pair["dense"]["seconds"]
+            if lines:
+                row[impl] = json.loads(lines[-1])
+            else:  # killed (the kernel's OOM killer sends SIGKILL, exit -9) or crashed
+                row[impl] = {"impl": impl, "error": f"exit {out.returncode}: {out.stderr[-300:]}".strip()}
+        chunked = row["chunked"]
+        for impl in impls[:-1]:
+            if "error" not in row[impl] and "error" not in chunked:
+                row[f"memory_ratio_vs_{impl}"] = chunked["extra_peak_gb"] / row[impl]["extra_peak_gb"]
+                row[f"time_ratio_vs_{impl}"] = chunked["seconds"] / row[impl]["seconds"]
         results.append(row)
     report = {
         "bench": "soft_kd_memory",
+        "command": " ".join(["python", "bench/soft_kd_memory.py", *sys.argv[1:]]),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "(default allocator)"),
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
         "targets": {"memory_ratio": "<= 0.20", "time_ratio": "<= 1.2"},

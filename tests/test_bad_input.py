@@ -186,3 +186,18 @@ def test_teacher_valence_head_of_the_wrong_shape(tiny_assets, tmp_path):
     not_a_head.write_bytes(b"not safetensors at all")
     result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={not_a_head}"])
     assert_clean_failure(result, "is not a safetensors file", run_dir)
+
+
+def test_fit_valence_head_with_unlabelled_data_and_labels_data(tiny_assets, tmp_path):
+    out = tmp_path / "head.safetensors"
+    result = vkd_cli(
+        [
+            "fit-valence-head",
+            f"teacher.path={tiny_assets / 'teacher'}",
+            f"data.train_path={tiny_assets / 'train.jsonl'}",
+            f"data.tokenizer_path={tiny_assets / 'tokenizer'}",
+            "valence.fit.labels=data",
+            f"valence.fit.out={out}",
+        ]
+    )
+    assert_clean_failure(result, f"{tiny_assets / 'train.jsonl'}:1: valence.fit.labels=data but this record", out)

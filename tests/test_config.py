@@ -28,7 +28,7 @@ def test_defaults_are_the_spec_defaults():
         "val": 0.6,
         "reg": 1e-5,
         "temperature": 4.0,
-        "chunk_tokens": 1024,
+        "chunk_tokens": 256,
     }
     assert cfg.weighting.lam == 6.0 and cfg.weighting.z_max == 3.0 and cfg.weighting.normalize is True
     assert list(cfg.weighting.alphas) == [0.55, 0.20, 0.15, 0.10] and cfg.valence.k == 8

@@ -191,3 +191,35 @@ def test_fused_head_equals_dense_logits(with_bias):
     want = torch.autograd.grad(((want_ce + 0.7 * want_soft) * weights).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fit_valence_head_learns_the_labels(tiny_assets, tmp_path):
+    """Data labels that depend on the text: the fitted head beats its initial error and the
+    best constant prediction, and the file loads as the teacher's head."""
+    from vkd_ds.config import compose
+    from vkd_ds.fit_head import fit_valence_head
+
+    records = [json.loads(line) for line in (tiny_assets / "train.jsonl").read_text().splitlines()[:64]]
+    for i, record in enumerate(records):
+        record["valence"] = 0.9 if i % 2 else 0.1
+        record["text"] = ("happy sunny " if i % 2 else "gloomy rainy ") + record["text"]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "head.safetensors"
+    cfg = compose(
+        [
+            f"teacher.path={tiny_assets / 'teacher'}",
+            f"data.train_path={data}",
+            f"data.tokenizer_path={tiny_assets / 'tokenizer'}",
+            "data.max_seq_len=32",
+            "valence.fit.labels=data",
+            "valence.fit.steps=60",
+            "valence.fit.lr=0.05",
+            f"valence.fit.out={out}",
+        ]
+    )
+    summary = fit_valence_head(cfg, log=lambda line: None)
+    assert summary["final_mse"] < 0.5 * summary["initial_mse"]
+    assert summary["final_mse"] < summary["constant_mse"]
+    head = load_head(out, 8, 48)
+    assert head.k == 8

@@ -18,20 +18,28 @@ import torch.nn.functional as F
 
 
 def _soft_kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
-    """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits."""
-    log_p_student = F.log_softmax(student / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits.
+
+    `student` and `teacher` are fp32 copies this function may overwrite. In place where
+    possible: at its peak a chunk holds three [chunk, vocab] fp32 buffers."""
+    log_p_student = F.log_softmax(student.div_(temperature), dim=-1)
+    del student
+    log_p_teacher = F.log_softmax(teacher.div_(temperature), dim=-1)
+    del teacher
     p_teacher = log_p_teacher.exp()
-    loss = (p_teacher * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
+    log_ratio = log_p_teacher.sub_(log_p_student)
+    # Row-wise dot product without a [chunk, vocab] product buffer.
+    loss = torch.bmm(p_teacher.unsqueeze(1), log_ratio.unsqueeze(2)).view(-1) * temperature**2
+    del log_ratio
     # d/dz_S [T² KL] = T² (p_S - p_T) / T
-    grad = (log_p_student.exp() - p_teacher) * temperature
+    grad = log_p_student.exp_().sub_(p_teacher).mul_(temperature)
     return loss, grad
 
 
 def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
     log_p = F.log_softmax(student, dim=-1)
     loss = -log_p.gather(-1, targets[:, None]).squeeze(-1)
-    grad = log_p.exp()
+    grad = log_p.exp_()
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
     return loss, grad
 
@@ -53,12 +61,13 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             grads = torch.empty((num_tokens, vocab_size), dtype=logits.dtype, device=logits.device)
         for start in range(0, num_tokens, chunk_tokens):
             sel = flat_index[start : start + chunk_tokens]
-            student = flat_logits[sel, :vocab_size].float()
+            student = flat_logits[sel, :vocab_size].float()  # advanced indexing: a copy, ours to overwrite
             if temperature is None:
                 loss, grad = _cross_entropy_chunk(student, other[sel])
             else:
                 teacher = other.flatten(0, 1)[sel, :vocab_size].float()
                 loss, grad = _soft_kd_chunk(student, teacher, temperature)
+            del student
             losses[start : start + chunk_tokens] = loss
             if grads is not None:
                 grads[start : start + chunk_tokens] = grad
@@ -246,7 +255,10 @@ class _FusedHeadLosses(torch.autograd.Function):
             if targets is not None:
                 ce[rows] = _cross_entropy_chunk(logits, targets[rows])[0]
             if teacher is not None:
-                soft[rows] = _soft_kd_chunk(logits, teacher[rows, :vocab_size].float(), temperature)[0]
+                # _soft_kd_chunk overwrites its inputs: after CE, the chunk's logits are spent,
+                # but the saved teacher rows must stay intact for backward, so copy them.
+                teacher_rows = teacher[rows, :vocab_size].to(torch.float32, copy=True)
+                soft[rows] = _soft_kd_chunk(logits, teacher_rows, temperature)[0]
         ctx.save_for_backward(hidden, weight, bias, targets, teacher)
         ctx.temperature, ctx.vocab_size, ctx.chunk_tokens = temperature, vocab_size, chunk_tokens
         return ce, soft
@@ -265,7 +277,8 @@ class _FusedHeadLosses(torch.autograd.Function):
             if targets is not None:
                 grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
             if teacher is not None:
-                grad = _soft_kd_chunk(logits, teacher[rows, :vocab].float(), ctx.temperature)[1]
+                teacher_rows = teacher[rows, :vocab].to(torch.float32, copy=True)
+                grad = _soft_kd_chunk(logits, teacher_rows, ctx.temperature)[1]
                 grad_logits += grad * grad_soft[rows, None]
             h = hidden[rows].float()
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
