@@ -15,9 +15,6 @@ from omegaconf.errors import OmegaConfBaseException
 from vkd_ds.errors import VkdError
 
 CONFIG_NAME = "config"
-# Loss terms whose machinery is not built yet: a non-zero weight is refused
-# rather than silently ignored.
-UNIMPLEMENTED_TERMS = ("seq",)
 LOSS_TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
@@ -108,9 +105,6 @@ def validate(cfg: DictConfig) -> None:
 
     for term in LOSS_TERMS:
         _number(cfg, f"loss.{term}", low=0.0)
-    for term in UNIMPLEMENTED_TERMS:
-        if _get(cfg, f"loss.{term}") > 0:
-            raise VkdError(f"config key `loss.{term}`: this loss term is not implemented yet; set loss.{term}=0")
     if sum(_get(cfg, f"loss.{term}") for term in LOSS_TERMS) <= 0:
         raise VkdError("config keys `loss.*`: every loss weight is 0, there is nothing to train")
     _number(cfg, "loss.temperature", low=1e-3)
@@ -147,6 +141,23 @@ def validate(cfg: DictConfig) -> None:
         )
     if head and not Path(head).is_file():
         raise VkdError(f"config key `valence.teacher_head`: file not found: {head}")
+
+    _number(cfg, "seq_kd.every_n_steps", low=1, integer=True)
+    n_gen = _number(cfg, "seq_kd.n_gen", low=1, integer=True)
+    if n_gen >= _get(cfg, "data.max_seq_len"):
+        raise VkdError(
+            f"config key `seq_kd.n_gen` ({n_gen}) must be below data.max_seq_len ({_get(cfg, 'data.max_seq_len')}): "
+            "prompt + generated tokens must fit in data.max_seq_len"
+        )
+    _number(cfg, "seq_kd.prompt_tokens", low=1, integer=True)
+    _number(cfg, "seq_kd.temperature", low=1e-3)
+    top_p = _number(cfg, "seq_kd.top_p", high=1.0)
+    if top_p <= 0:
+        raise VkdError(f"config key `seq_kd.top_p` must be in (0, 1], got {top_p}")
+    _choice(cfg, "seq_kd.reward", ("teacher_logprob", "reverse_kl"))
+    _choice(cfg, "seq_kd.baseline", ("batch", "ema"))
+    _number(cfg, "seq_kd.baseline_decay", low=0.0, high=1.0)
+    _choice(cfg, "rollout.gather_student", ("auto", "always", "never"))
 
     _number(cfg, "deepspeed.zero_stage", low=0, high=3, integer=True)
     _choice(cfg, "deepspeed.offload_optimizer", OFFLOAD_DEVICES)

@@ -26,6 +26,7 @@ class Example:
     loss_mask: list[int]  # 1 where token t is a training target (predicted from t-1)
     source: str  # "file:line", for messages
     valence: list[float] | None = None  # the label of each token (special tokens copy a neighbour's)
+    prompt_len: int | None = None  # tokens of BOS + prompt, for prompt/completion records
 
 
 def _where(path: Path, line_no: int) -> str:
@@ -105,6 +106,7 @@ def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> li
             # The first token has no predecessor, so it is never a target.
             mask = [0] + [1] * (len(ids) - 1)
             tail = []
+            prompt_len = None
         else:
             prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
             completion = tokenizer.encode(record["completion"], add_special_tokens=False)
@@ -112,13 +114,14 @@ def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> li
             ids = bos + body + eos
             mask = [0] * (len(bos) + len(prompt)) + [1] * (len(completion) + len(eos))
             tail = eos
+            prompt_len = len(bos) + len(prompt)
         valence = None
         if "valence" in record:
             valence = _token_valence(record["valence"], body, bos, tail, where)[:max_seq_len]
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
         if len(ids) < 2:
             raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
-        examples.append(Example(ids, mask, where, valence))
+        examples.append(Example(ids, mask, where, valence, min(prompt_len, len(ids)) if prompt_len else None))
     return examples
 
 

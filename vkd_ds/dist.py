@@ -89,3 +89,27 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one."""
+    return bool(all_reduce_max(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when `flag` is true on all of them."""
+    return not any_rank(not flag)
+
+
+def copy_full_params(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """target's parameters := source's full values. Under ZeRO-3 each parameter is gathered in
+    turn (collective: every rank calls this), so the peak is the copy plus one parameter."""
+    import deepspeed
+
+    targets = dict(target.named_parameters())
+    sources = dict(source.named_parameters())
+    if targets.keys() != sources.keys():
+        raise RuntimeError(f"parameter names differ: {sorted(set(targets) ^ set(sources))[:5]}")
+    for name, param in sources.items():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            targets[name].data.copy_(param.data)

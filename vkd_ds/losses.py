@@ -155,11 +155,22 @@ def shift_for_next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor):
     return targets, mask
 
 
+def sequence_kd(student_nll: torch.Tensor, teacher_logprob: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+    """L_seq per sequence for samples y of the student: value −(1/|y|) Σ_t log p_T(y_t | y_<t, x), gradient
+    the REINFORCE estimator −(R − b) ∇ (1/|y|) Σ_t log p_S(y_t | y_<t, x).
+
+    student_nll [B]: −mean log p_S of each sample's tokens, differentiable; teacher_logprob [B]: mean
+    log p_T of the same tokens; advantage [B]: R − b. The teacher and the advantage are constants."""
+    surrogate = advantage.detach().to(student_nll.dtype) * student_nll
+    return (-teacher_logprob).detach().to(student_nll.dtype) + surrogate - surrogate.detach()
+
+
 def combine_terms(terms: dict[str, torch.Tensor], lambdas: dict[str, float]) -> torch.Tensor:
-    """L_base per sequence: Σ_term λ_term · term[B]; terms with λ = 0 may be absent."""
+    """L_base per sequence: Σ_term λ_term · term[B]. Terms with λ = 0 may be absent, and so may
+    terms not computed at this step (L_seq between rollouts)."""
     total = None
     for name, lam in lambdas.items():
-        if lam == 0:
+        if lam == 0 or name not in terms:
             continue
         part = lam * terms[name]
         total = part if total is None else total + part

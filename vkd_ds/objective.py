@@ -26,7 +26,13 @@ from vkd_ds.losses import (
 )
 from vkd_ds.valence import ValenceHead, saliency
 
-TERMS = ("ce", "soft", "feat", "val", "reg")
+TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
+# Terms whose targets come from the teacher (L_seq: its scores of the student's samples).
+TEACHER_TERMS = ("soft", "feat", "seq", "val")
+
+
+def _needs_teacher(lambdas: dict[str, float], contrastive: float, lam: float) -> bool:
+    return any(lambdas[t] > 0 for t in TEACHER_TERMS) or contrastive > 0 or lam > 0
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class Objective:
         contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
         captures = lambdas["feat"] > 0 or contrastive > 0
         lam = float(cfg.weighting.lam)
-        needs_teacher = any(lambdas[t] > 0 for t in ("soft", "feat", "val")) or contrastive > 0 or lam > 0
+        needs_teacher = _needs_teacher(lambdas, contrastive, lam)
         return cls(
             lambdas=lambdas,
             temperature=float(cfg.loss.temperature),
@@ -83,7 +89,7 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(self.lambdas[t] > 0 for t in ("soft", "feat", "val")) or self.contrastive > 0 or self.lam > 0
+        return _needs_teacher(self.lambdas, self.contrastive, self.lam)
 
     @property
     def student_layers(self) -> list[int]:
@@ -117,6 +123,14 @@ class Objective:
 
     def train_inputs(self, batch: dict, teacher_out: dict | None) -> dict:
         return self.fused_inputs(batch, teacher_out, self.lambdas["ce"] > 0, self.lambdas["soft"] > 0)
+
+    def student_nll(self, engine, batch: dict) -> torch.Tensor:
+        """[B] −mean log p_S of each sequence's target tokens, differentiable (one student forward)."""
+        out = engine(batch["input_ids"], batch["attention_mask"], **self.fused_inputs(batch, None, True, False))
+        if self.fused_head:
+            return out["ce"]
+        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+        return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens)
 
     def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
         """Per-sequence values [B] of the active terms, and the valid-position mask [B,S]."""

@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from vkd_ds import engines
     from vkd_ds.ds_config import student_ds_config, teacher_ds_config
     from vkd_ds.objective import Teacher
+    from vkd_ds.rollout import StudentSampler
+    from vkd_ds.seq_kd import SeqKDSettings, SequenceKD
     from vkd_ds.trainer import Trainer
 
     prepared = prepare(cfg)
@@ -162,8 +164,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
 
     log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
+    seq_kd = None
+    if objective.lambdas["seq"] > 0:
+        sampler = StudentSampler(engine, cfg.rollout.gather_student)
+        seq_kd = SequenceKD(
+            SeqKDSettings.from_config(cfg), sampler, teacher, prepared.tokenizer, objective.chunk_tokens
+        )
+        log.info(
+            "sequence KD: %d tokens per rollout every %d step(s), student %s",
+            cfg.seq_kd.n_gen,
+            cfg.seq_kd.every_n_steps,
+            sampler.mode,
+        )
     trainer = Trainer(
-        cfg, engine, teacher, objective, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir
+        cfg, engine, teacher, objective, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir, seq_kd
     )
     if resume_from is not None:
         trainer.restore(checkpoint.load(engine, resume_from))

@@ -14,9 +14,18 @@ from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
-from vkd_ds.losses import combine_terms, shift_for_next_token, soft_kd, token_ce, valence_mse, weighted_batch_loss
+from vkd_ds.losses import (
+    combine_terms,
+    sequence_kd,
+    shift_for_next_token,
+    soft_kd,
+    token_ce,
+    valence_mse,
+    weighted_batch_loss,
+)
 from vkd_ds.metrics import MetricsCSV, get_logger
 from vkd_ds.objective import Objective, Teacher
+from vkd_ds.seq_kd import SequenceKD
 from vkd_ds.valence import effective_sample_size, valence_weights
 
 
@@ -31,8 +40,10 @@ class Trainer:
         train_data: list[Example],
         valid_data: list[Example],
         run_dir: Path,
+        seq_kd: SequenceKD | None = None,
     ):
         self.cfg = cfg
+        self.seq_kd = seq_kd
         self.engine = engine
         self.teacher = teacher
         self.objective = objective
@@ -88,24 +99,34 @@ class Trainer:
         step = self.step
         accum = self.cfg.trainer.grad_accum
         obj = self.objective
-        micro_batches = [
-            self._batch([self.train_data[i] for i in self.sampler.indices(step, a, self.rank)]) for a in range(accum)
-        ]
+        examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
+        micro_batches = [self._batch(ex) for ex in examples]
+        stats: dict[str, float] = {}
+        # Rollouts, like the teacher passes, all come before the first backward: the baseline
+        # of L_seq is a statistic of the whole global batch.
+        rollouts, advantages = [None] * accum, [None] * accum
+        if self.seq_kd is not None and self.seq_kd.due(step):
+            micro = self.cfg.trainer.micro_batch_size
+            rollouts = [
+                self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
+            ]
+            advantages, seq_stats = self.seq_kd.advantages(rollouts)
+            stats.update(seq_stats)
         # Every micro-batch's teacher pass comes first: the weights of the first backward
         # depend on the saliencies of the whole global batch.
         teacher_outs = [None] * accum
         if self.teacher is not None:
             teacher_outs = [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
-        stats: dict[str, float] = {}
         if obj.teacher_valence:
             masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
             saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
             # global_weight_sum, the denominator of L, is the same number on every rank.
-            weights, global_weight_sum, stats = self._weights(saliencies)
+            weights, global_weight_sum, weight_stats = self._weights(saliencies)
+            stats.update(weight_stats)
         else:
             weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
             global_weight_sum = torch.tensor(float(self.sampler.global_batch_size), device=self.device)
-        names = obj.active
+        names = [t for t in obj.active if t != "seq" or rollouts[0] is not None]
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
@@ -113,6 +134,13 @@ class Trainer:
             student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
             terms, mask = obj.terms(student_out, teacher_outs[a], batch)
             teacher_outs[a] = None  # free this micro-batch's teacher logits before the next
+            if rollouts[a] is not None:
+                # A second forward of the student, on its own samples; one backward covers both.
+                nll = obj.student_nll(self.engine, rollouts[a].batch)
+                terms["seq"] = sequence_kd(
+                    nll, rollouts[a].teacher_logprob.to(nll.device), advantages[a].to(nll.device)
+                )
+                rollouts[a] = None
             base = combine_terms(terms, obj.lambdas)
             loss = weighted_batch_loss(base, w, global_weight_sum)
             # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
@@ -214,10 +242,19 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.step * self.sampler.global_batch_size, "world_size": self.world}
+        state = {
+            "step": self.step,
+            "samples_seen": self.step * self.sampler.global_batch_size,
+            "world_size": self.world,
+        }
+        if self.seq_kd is not None:
+            state["seq_kd"] = self.seq_kd.state_dict()
+        return state
 
     def restore(self, client_state: dict) -> None:
         self.step = int(client_state["step"])
+        if self.seq_kd is not None:
+            self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
 
     def _due(self, every: int) -> bool:
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.trainer.max_steps
