@@ -35,10 +35,14 @@ def six_step_run(tiny_assets, tmp_path_factory):
 # Every term of the full objective, the attention-map part of L_feat and a regularized LM
 # parameter included; valence weights at the SPEC's λ = 6 (the contrastive term is left out:
 # its negatives are the micro-batch, which differs between the two layouts by design).
+# Sequence KD samples alike on both layouts: each sequence's draws are seeded by its place
+# in the global batch, and its baseline is the global batch's mean reward.
 FULL_OBJECTIVE = [
     "loss.ce=1.0",
     "loss.soft=0.8",
     "loss.feat=0.4",
+    "loss.seq=0.3",
+    "seq_kd.n_gen=6",
     "loss.val=0.6",
     "loss.reg=0.01",
     "feat.attention=0.5",
@@ -86,7 +90,8 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_pat
         assert abs(a - b) < 1e-5, (loss_two, loss_one)
     assert loss_two[-1] != loss_two[0]  # it trained
     rows_two, rows_one = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
-    for column in ("loss/ce", "loss/soft", "loss/feat", "loss/val", "loss/reg", "ess", "weight_max", "saliency_mean"):
+    columns = ("loss/ce", "loss/soft", "loss/feat", "loss/seq", "loss/val", "loss/reg", "seq/teacher_logprob")
+    for column in (*columns, "seq/student_logprob", "ess", "weight_max", "saliency_mean"):
         torch.testing.assert_close(
             [float(r[column]) for r in rows_two], [float(r[column]) for r in rows_one], rtol=1e-5, atol=1e-7
         )

@@ -55,11 +55,11 @@ def prompt_of(example: Example, settings: SamplingSettings) -> list[int]:
 
 
 def row_uniforms(seed: int, step: int, rows: list[int], n_gen: int) -> torch.Tensor:
-    """[len(rows), n_gen] uniforms; row r's come from a generator seeded by (seed, step, rows[r])."""
+    """[len(rows), n_gen] uniforms in (0, 1]; row r's come from a generator seeded by (seed, step, rows[r])."""
     out = torch.empty((len(rows), n_gen), dtype=torch.float64)
     for j, row in enumerate(rows):
         gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + row)
-        out[j] = torch.rand(n_gen, generator=gen, dtype=torch.float64)
+        out[j] = 1.0 - torch.rand(n_gen, generator=gen, dtype=torch.float64)
     return out
 
 
@@ -74,8 +74,9 @@ def _pick(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         probs = probs * ((probs.cumsum(-1) - probs) < top_p)
     cdf = probs.cumsum(-1)
+    # The first index whose cdf reaches the draw: for a draw in (0, total] that token has mass > 0.
     draw = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    index = torch.searchsorted(cdf, draw, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+    index = torch.searchsorted(cdf, draw).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
     return index if order is None else order.gather(-1, index[:, None]).squeeze(-1)
 
 

@@ -1,0 +1,48 @@
+"""Run under the deepspeed launcher (ZeRO-3): sample from the same student gathered once and
+synced per token, with each rank on different prompts; then rank 0 alone stops at EOS after one
+token while rank 1 goes on. Each rank writes what it sampled to OUT_DIR/rank_R.json."""
+
+import json
+import sys
+from pathlib import Path
+
+from vkd_ds.launch import strip_local_rank
+
+args = strip_local_rank(sys.argv[1:])
+from vkd_ds import dist, engines  # noqa: E402
+from vkd_ds.config import compose  # noqa: E402
+from vkd_ds.ds_config import student_ds_config  # noqa: E402
+from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, row_uniforms  # noqa: E402
+from vkd_ds.train import build_student, prepare  # noqa: E402
+
+out_dir = Path(args[0])
+cfg = compose(args[1:])
+prepared = prepare(cfg)
+dist.init()
+rank = dist.rank()
+ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
+engine, _, _ = engines.build_student_engine(build_student(cfg, prepared, ds_config, seed=7), ds_config)
+tokenizer = prepared.tokenizer
+settings = SamplingSettings(n_gen=10, temperature=1.0, top_p=0.95, prompt_tokens=5, max_seq_len=48)
+vocab, pad = len(tokenizer), tokenizer.pad_token_id
+
+# Different prompts (and prompt lengths) on each rank.
+examples = prepared.train_data[rank * 3 : rank * 3 + 3]
+prompts = [prompt_of(ex, settings)[: 3 + row + rank] for row, ex in enumerate(examples)]
+uniforms = row_uniforms(11, 0, [rank * 3 + row for row in range(3)], settings.n_gen)
+gathered, synced = StudentSampler(engine, "always"), StudentSampler(engine, "never")
+report = {"modes": [gathered.mode, synced.mode]}
+report["gathered"] = gathered(prompts, uniforms, settings, vocab, None, pad).tokens
+report["synced"] = synced(prompts, uniforms, settings, vocab, None, pad).tokens
+
+# Uneven lengths: rank 0's EOS is the first token its single prompt samples, so it finishes after
+# one step; rank 1 never stops early. Synced generation must keep both ranks in step.
+eos = report["gathered"][0][0] if rank == 0 else None
+mine = [prompts[0]] if rank == 0 else prompts
+uneven = {
+    name: sampler(mine, uniforms[: len(mine)], settings, vocab, eos, pad).tokens
+    for name, sampler in (("gathered", gathered), ("synced", synced))
+}
+report["uneven"] = uneven
+(out_dir / f"rank_{rank}.json").write_text(json.dumps(report))
+dist.barrier()
