@@ -38,6 +38,10 @@ def test_gathered_and_synced_generation_sample_the_same_and_uneven_lengths_do_no
     # Rank 0 stopped at EOS after one token while rank 1 generated all 10, in both modes.
     assert reports[0]["uneven"]["gathered"] == reports[0]["uneven"]["synced"] == [reports[0]["gathered"][0][:1]]
     assert reports[1]["uneven"]["gathered"] == reports[1]["uneven"]["synced"] == reports[1]["gathered"]
+    # A training step on those samples, of different shapes on the two ranks, kept them in agreement.
+    assert reports[0]["shape"][0] == 1 and reports[1]["shape"][0] == 3
+    for report in reports:
+        assert report["same_model_on_every_rank"] and torch.isfinite(torch.tensor(report["loss"]))
 
 
 def write_preferring_teacher(tokenizer_dir, out_dir, preferred=range(10, 42), score=6.0):
@@ -95,11 +99,12 @@ def test_seq_kd_alone_raises_the_teachers_logprob_of_student_samples(tiny_assets
     assert "loss/ce" not in rows[0] and float(rows[0]["seq/rollout_tokens_per_s"]) > 0
 
 
-def test_resume_with_seq_kd_and_a_moving_baseline_continues_exactly(tiny_assets, tmp_path):
+def test_resume_with_seq_kd_reverse_kl_and_a_moving_baseline_continues_exactly(tiny_assets, tmp_path):
     common = [
         "loss.seq=0.5",
         "seq_kd.n_gen=6",
         "seq_kd.baseline=ema",
+        "seq_kd.reward=reverse_kl",
         "seq_kd.every_n_steps=2",
         "trainer.max_steps=5",
         "trainer.micro_batch_size=2",
@@ -119,3 +124,6 @@ def test_resume_with_seq_kd_and_a_moving_baseline_continues_exactly(tiny_assets,
     rewards = [float(r["seq/reward"]) for r in rows_straight if r["seq/reward"]]
     assert baselines[0] == rewards[0] and baselines[1] == pytest.approx(rewards[0], abs=1e-6)
     assert baselines[2] == pytest.approx(0.9 * rewards[0] + 0.1 * rewards[1], abs=1e-6)
+    for row in rows_straight[::2]:  # the reverse-KL reward: log p_T - log p_S of the samples
+        expected = float(row["seq/teacher_logprob"]) - float(row["seq/student_logprob"])
+        assert float(row["seq/reward"]) == pytest.approx(expected, abs=1e-5)

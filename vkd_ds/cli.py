@@ -78,7 +78,7 @@ def cmd_demo(args) -> int:
     select_accelerator()
     from vkd_ds.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, overrides=args.overrides)
     return 0
 
 
@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded default job: build assets offline, distill, compare")
     demo.add_argument("--out", default="vkd-demo", help="output directory (default: ./vkd-demo)")
     demo.add_argument("--quick", action="store_true", help="smaller models and fewer steps (about 3 minutes)")
+    demo.add_argument(
+        "overrides",
+        nargs="*",
+        help="hydra overrides for the distillation run, e.g. loss.seq=0 (the CE-only baseline keeps its own)",
+    )
     train = sub.add_parser(
         "train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]", add_help=False
     )

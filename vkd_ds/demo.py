@@ -4,7 +4,7 @@
    (single process), and the teacher's valence head fitted on VADER lexicon labels
    (`fit-valence-head`);
 2. distillation of a 2-layer student with 2 processes on ZeRO-3 (`vkd-ds train`), every
-   term of the objective on (sequence KD comes with #4) and valence-weighted sequences;
+   term of the objective on but sequence KD (`vkd-ds demo loss.seq=0.3` adds it), valence-weighted sequences;
 3. the same student trained with cross-entropy only, same steps and data;
 4. a summary: held-out perplexity of teacher, distilled student, CE-only student.
 """
@@ -130,6 +130,15 @@ def _mean_column(run_dir: Path, column: str) -> float:
     return sum(values) / len(values)
 
 
+def _seq_summary(run_dir: Path) -> dict:
+    """With sequence KD on: the teacher's mean log-prob of the student's samples, first and last 10 rollouts."""
+    values = [float(row["seq/teacher_logprob"]) for row in _rows(run_dir) if row.get("seq/teacher_logprob")]
+    if not values:
+        return {}
+    n = min(10, len(values))
+    return {"seq_teacher_logprob_first": sum(values[:n]) / n, "seq_teacher_logprob_last": sum(values[-n:]) / n}
+
+
 def _train(overrides: list[str], label: str) -> dict:
     from vkd_ds.cli import cmd_train
 
@@ -143,7 +152,8 @@ def _train(overrides: list[str], label: str) -> dict:
     return result
 
 
-def run_demo(out: str | Path, quick: bool = False) -> dict:
+def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None = None) -> dict:
+    """`overrides` (hydra) apply to the distillation run only; the CE-only baseline stays CE only."""
     settings = QUICK if quick else FULL
     out = Path(out).resolve()
     assets = out / "assets"
@@ -162,9 +172,9 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
     for run_dir in (kd_dir, ce_dir):
         shutil.rmtree(run_dir, ignore_errors=True)
     say(f"[2/4] distilling the student: 2 processes, ZeRO-3, {settings.distill_steps} steps -> {kd_dir}")
-    kd = _train(common + [f"run.dir={kd_dir}"], "distillation")
+    kd = _train(common + [f"run.dir={kd_dir}", *(overrides or [])], "distillation")
     say(f"[3/4] the same student with cross-entropy only -> {ce_dir}")
-    ce_only = ["loss.soft=0", "loss.feat=0", "loss.val=0", "loss.reg=0", "weighting.lam=0"]
+    ce_only = ["loss.soft=0", "loss.feat=0", "loss.seq=0", "loss.val=0", "loss.reg=0", "weighting.lam=0"]
     ce = _train(common + [f"run.dir={ce_dir}", *ce_only], "CE-only")
     summary = {
         "teacher_ppl": kd["eval/teacher_ppl"],
@@ -174,6 +184,7 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
         "distilled_valence_mse": kd.get("eval/valence_mse"),
         "mean_ess": _mean_column(kd_dir, "ess"),
         "min_ess": min(float(r["ess"]) for r in _rows(kd_dir)),
+        **_seq_summary(kd_dir),
         "steps": settings.distill_steps,
         "quick": quick,
         "seconds": time.time() - started,
@@ -188,6 +199,12 @@ def run_demo(out: str | Path, quick: bool = False) -> dict:
         f"      valence weighting: effective sample size {summary['mean_ess']:.2f} of the global batch "
         f"on average (lowest {summary['min_ess']:.2f}; metrics.csv column `ess`)"
     )
+    if "seq_teacher_logprob_first" in summary:
+        say(
+            "      sequence KD: the teacher's log-prob of the student's samples went from "
+            f"{summary['seq_teacher_logprob_first']:.2f} to {summary['seq_teacher_logprob_last']:.2f} "
+            "nats per token (first and last 10 rollouts; metrics.csv column `seq/teacher_logprob`)"
+        )
     say(
         f"      the distilled student {verdict} the CE-only student "
         f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})"

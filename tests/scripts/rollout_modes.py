@@ -9,10 +9,14 @@ from pathlib import Path
 from vkd_ds.launch import strip_local_rank
 
 args = strip_local_rank(sys.argv[1:])
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+
 from vkd_ds import dist, engines  # noqa: E402
 from vkd_ds.config import compose  # noqa: E402
 from vkd_ds.ds_config import student_ds_config  # noqa: E402
-from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, row_uniforms  # noqa: E402
+from vkd_ds.losses import shift_for_next_token, token_ce  # noqa: E402
+from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms  # noqa: E402
 from vkd_ds.train import build_student, prepare  # noqa: E402
 
 out_dir = Path(args[0])
@@ -44,5 +48,22 @@ uneven = {
     for name, sampler in (("gathered", gathered), ("synced", synced))
 }
 report["uneven"] = uneven
+
+# One training step on those uneven samples (different shapes on each rank): no hang, and the
+# ranks still hold one and the same model afterwards.
+samples = gathered(mine, uniforms[: len(mine)], settings, vocab, eos, pad)
+batch = rollout_batch(samples, pad)
+targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+loss = token_ce(engine(batch["input_ids"], batch["attention_mask"])["logits"], targets, mask, vocab).mean()
+engine.backward(loss)
+engine.step()
+sums = []
+for param in engine.module.parameters():
+    with deepspeed.zero.GatheredParameters([param]):
+        sums.append(float(param.double().sum()))
+everyone = dist.all_gather(torch.tensor(sums, dtype=torch.float64))
+report["loss"] = float(loss)
+report["shape"] = list(batch["input_ids"].shape)
+report["same_model_on_every_rank"] = bool((everyone == everyone[0]).all())
 (out_dir / f"rank_{rank}.json").write_text(json.dumps(report))
 dist.barrier()
