@@ -36,7 +36,9 @@ def cpu_env() -> dict[str, str]:
     return env
 
 
-def deepspeed_launch(target: list[str], num_procs: int, timeout: int = 600) -> subprocess.CompletedProcess:
+def deepspeed_launch(
+    target: list[str], num_procs: int, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus N <target>` for real: N processes, gloo, DeepSpeed's CPU accelerator."""
     cmd = [
         sys.executable,
@@ -48,12 +50,16 @@ def deepspeed_launch(target: list[str], num_procs: int, timeout: int = 600) -> s
         str(free_port()),
         *target,
     ]
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
-def train_job(overrides: list[str], num_procs: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def train_job(
+    overrides: list[str], num_procs: int = 2, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`deepspeed launcher/train.py <overrides>`; fails the test with the job's output if it fails."""
-    result = deepspeed_launch(["launcher/train.py", *overrides], num_procs, timeout)
+    result = deepspeed_launch(["launcher/train.py", *overrides], num_procs, timeout, env)
     assert result.returncode == 0, f"training job failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     return result
 
@@ -71,26 +77,10 @@ def vkd_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
-    """A BPE tokenizer, a tiny random Llama teacher and JSONL data, all built here from pydoc text."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A BPE tokenizer, a tiny random Llama teacher, its valence head and JSONL data, built here."""
+    from vkd_ds.assets import write_tiny_assets
 
-    from vkd_ds.assets import llama_config, pydoc_records, split_records, train_tokenizer, write_jsonl
-    from vkd_ds.valence import ValenceHead, save_head
-
-    out = tmp_path_factory.mktemp("assets")
-    train, valid = split_records(pydoc_records(300)[:240], valid_every=8)
-    tokenizer = train_tokenizer(train, 384, out / "tokenizer")
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "valid.jsonl", valid)
-    torch.manual_seed(0)
-    # Embeddings padded past the tokenizer (as real checkpoints do) must be accepted.
-    teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer) + 16, 48, 3))
-    teacher.save_pretrained(out / "teacher")
-    tokenizer.save_pretrained(out / "teacher")
-    # A teacher valence head (random, seeded): enough for the objective's mechanics.
-    save_head(ValenceHead(48, 8), out / "teacher_valence_head.safetensors")
-    return out
+    return write_tiny_assets(tmp_path_factory.mktemp("assets"))
 
 
 def base_overrides(assets: Path, run_dir: Path) -> list[str]:

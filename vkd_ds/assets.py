@@ -121,3 +121,24 @@ def pretrain_lm(
         if (step + 1) % 100 == 0 or step + 1 == steps:
             log(f"  teacher pretraining step {step + 1}/{steps} loss {loss.item():.3f} ({time.time() - started:.0f}s)")
     model.eval()
+
+
+def write_tiny_assets(out: Path) -> Path:
+    """Tests' and benchmarks' assets: a 384-token BPE tokenizer, a random 3 × 48 Llama teacher (its
+    embeddings padded past the tokenizer, as real checkpoints do), train/valid JSONL from pydoc text
+    and a random teacher valence head (k = 8). Seconds to build."""
+    from transformers import AutoModelForCausalLM
+
+    from vkd_ds.valence import ValenceHead, save_head
+
+    out = Path(out)
+    train, valid = split_records(pydoc_records(300)[:240], valid_every=8)
+    tokenizer = train_tokenizer(train, 384, out / "tokenizer")
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "valid.jsonl", valid)
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer) + 16, 48, 3))
+    teacher.save_pretrained(out / "teacher")
+    tokenizer.save_pretrained(out / "teacher")
+    save_head(ValenceHead(48, 8), out / "teacher_valence_head.safetensors")
+    return out

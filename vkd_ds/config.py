@@ -76,8 +76,8 @@ def _bool(cfg: DictConfig, key: str) -> bool:
 
 
 def needs_teacher_valence(cfg: DictConfig) -> bool:
-    """The teacher's valence head is needed for L_val and for non-uniform weights."""
-    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0
+    """The teacher's valence head is needed for L_val, non-uniform weights and the mercy gate."""
+    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0 or bool(cfg.gate.enabled)
 
 
 def _choice(cfg: DictConfig, key: str, choices) -> str:
@@ -136,8 +136,8 @@ def validate(cfg: DictConfig) -> None:
     head = _get(cfg, "valence.teacher_head")
     if needs_teacher_valence(cfg) and not head:
         raise VkdError(
-            "config key `valence.teacher_head` is required when loss.val > 0 or weighting.lam > 0: "
-            "fit one with `vkd-ds fit-valence-head`, or set loss.val=0 weighting.lam=0"
+            "config key `valence.teacher_head` is required when loss.val > 0, weighting.lam > 0 or gate.enabled: "
+            "fit one with `vkd-ds fit-valence-head`, or set loss.val=0 weighting.lam=0 gate.enabled=false"
         )
     if head and not Path(head).is_file():
         raise VkdError(f"config key `valence.teacher_head`: file not found: {head}")
@@ -158,6 +158,17 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "seq_kd.baseline", ("batch", "ema"))
     _number(cfg, "seq_kd.baseline_decay", low=0.0, high=1.0)
     _choice(cfg, "rollout.gather_student", ("auto", "always", "never"))
+
+    _bool(cfg, "gate.enabled")
+    _choice(cfg, "gate.mode", ("proxy", "lookahead"))
+    _number(cfg, "gate.ratio", low=0.0)
+    _number(cfg, "gate.proxy_factor", low=0.0)
+    steps = _number(cfg, "gate.rollout_steps", low=1, integer=True)
+    if steps >= _get(cfg, "data.max_seq_len"):
+        raise VkdError(f"config key `gate.rollout_steps` ({steps}) must be below data.max_seq_len")
+    _number(cfg, "gate.probe_size", low=1, integer=True)
+    _number(cfg, "gate.baseline_every", low=0, integer=True)
+    _number(cfg, "gate.max_consecutive_rejections", low=0, integer=True)
 
     _number(cfg, "deepspeed.zero_stage", low=0, high=3, integer=True)
     _choice(cfg, "deepspeed.offload_optimizer", OFFLOAD_DEVICES)

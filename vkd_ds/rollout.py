@@ -140,8 +140,9 @@ def sample(
         picked = _pick(logits, uniforms[:, t], settings.temperature, settings.top_p)
         active = ~done
         logprob += torch.where(active, F.log_softmax(logits, -1).gather(-1, picked[:, None]).squeeze(-1), 0.0)
-        for row in active.nonzero().flatten().tolist():
-            tokens[row].append(int(picked[row]))
+        for row, (token, live) in enumerate(zip(picked.tolist(), active.tolist(), strict=True)):
+            if live:
+                tokens[row].append(token)
         if eos_id is not None:
             done |= active & (picked == eos_id)
         step_ids = torch.where(active, picked, pad_id)[:, None]
@@ -196,7 +197,9 @@ class StudentSampler:
             param = next(self.lm.parameters())
             # Building a model draws random init values; keep the training RNG streams untouched.
             with torch.random.fork_rng(devices=[dist.device()] if dist.on_gpu() else []):
-                self._copy = AutoModelForCausalLM.from_config(self.lm.config, dtype=param.dtype)
+                self._copy = AutoModelForCausalLM.from_config(
+                    self.lm.config, dtype=param.dtype, attn_implementation=self.lm.config._attn_implementation
+                )
             self._copy.to(dist.device()).eval().requires_grad_(False)
         dist.copy_full_params(self.lm, self._copy)
         return self._copy

@@ -64,6 +64,11 @@ def prepare(cfg: DictConfig) -> Prepared:
                     f"loss.fused_head=true: the student's config sets {key}, so its logits are not "
                     "hidden @ W.T and the fused LM head would compute the wrong loss; set loss.fused_head=false"
                 )
+    if cfg.gate.enabled and cfg.gate.mode == "proxy" and objective.valence_k is None:
+        raise VkdError(
+            "gate.mode=proxy projects the student's valence, and the student has a valence head only "
+            "when loss.val > 0: set loss.val > 0 or gate.mode=lookahead"
+        )
     if cfg.valence.teacher_head:
         load_head(cfg.valence.teacher_head, int(cfg.valence.k), teacher_width)
     return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width)
@@ -116,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from vkd_ds import engines
     from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+    from vkd_ds.gate import GateSettings, MercyGate
     from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
     from vkd_ds.seq_kd import SeqKDSettings, SequenceKD
@@ -131,17 +137,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     objective = prepared.objective
     eager = objective.attention > 0
+    gate_settings = GateSettings.from_config(cfg)
     teacher = teacher_engine = None
-    if objective.needs_teacher:
+    # The gate's baseline is the teacher's valence of its own continuations: it needs both.
+    if objective.needs_teacher or gate_settings.enabled:
         teacher_engine = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, dist.on_gpu()), eager)
         head = None
-        if objective.teacher_valence:
+        if objective.teacher_valence or gate_settings.enabled:
             head = load_head(cfg.valence.teacher_head, int(cfg.valence.k), prepared.teacher_width).to(dist.device())
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config)
+    gate = MercyGate(
+        gate_settings,
+        engine,
+        teacher,
+        prepared.tokenizer,
+        prepared.valid_data or prepared.train_data,
+        int(cfg.trainer.seed),
+        cfg.rollout.gather_student,
+        int(cfg.data.max_seq_len),
+    )
 
     # All checks passed and both engines exist: only now is the run directory written.
     if dist.is_main():
@@ -176,8 +194,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.seq_kd.every_n_steps,
             sampler.mode,
         )
+    if gate_settings.enabled:
+        log.info(
+            "mercy gate: %s mode, reject when projected valence < %g x the teacher's baseline",
+            gate_settings.mode,
+            gate_settings.ratio,
+        )
     trainer = Trainer(
-        cfg, engine, teacher, objective, prepared.tokenizer, prepared.train_data, prepared.valid_data, run_dir, seq_kd
+        cfg,
+        engine,
+        teacher,
+        objective,
+        prepared.tokenizer,
+        prepared.train_data,
+        prepared.valid_data,
+        run_dir,
+        gate,
+        seq_kd,
     )
     if resume_from is not None:
         trainer.restore(checkpoint.load(engine, resume_from))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
+from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
 from vkd_ds.losses import (
     combine_terms,
     sequence_kd,
@@ -40,9 +42,11 @@ class Trainer:
         train_data: list[Example],
         valid_data: list[Example],
         run_dir: Path,
+        gate: MercyGate,
         seq_kd: SequenceKD | None = None,
     ):
         self.cfg = cfg
+        self.gate = gate
         self.seq_kd = seq_kd
         self.engine = engine
         self.teacher = teacher
@@ -61,6 +65,7 @@ class Trainer:
         )
         self.step = 0
         self.log = get_logger()
+        self.nan_faults = _nan_faults()
 
     # ---- one optimizer step -------------------------------------------------------------
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -93,6 +98,48 @@ class Trainer:
             return None
         grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+
+    def _commit(self, step: int, nonfinite: bool, student_valence: torch.Tensor) -> dict[str, float]:
+        """The optimizer step at the accumulation boundary, unless a non-finite loss on any rank or
+        the mercy gate rejects it: then it is taken and reverted (see gate.py)."""
+        gate = self.gate
+        skip = dist.any_rank(nonfinite)
+        projected, rejected = None, False
+        if not skip and gate.settings.enabled and gate.settings.mode == "proxy":
+            projected = gate.projected_proxy(float(student_valence[0]), float(student_valence[1]))
+            rejected = gate.rejects(projected)
+        if skip or rejected:
+            gate.snapshot.take()
+            self.engine.step()
+            gate.snapshot.restore()
+        elif gate.settings.enabled and gate.settings.mode == "lookahead":
+            gate.snapshot.take()
+            self.engine.step()
+            projected = gate.projected_lookahead()
+            rejected = gate.rejects(projected)
+            if rejected:
+                gate.snapshot.restore()
+        else:
+            self.engine.step()
+        if skip and dist.is_main():
+            self.log.warning("step %d: non-finite loss on at least one rank; step skipped on every rank", step + 1)
+        if rejected and dist.is_main():
+            self.log.warning(
+                "%s (step %d: projected %.6f < %.2f x teacher baseline %.6f)",
+                BLOCKED_MESSAGE,
+                step + 1,
+                projected,
+                gate.settings.ratio,
+                gate.state.baseline,
+            )
+        gate.record(step + 1, rejected, skip)
+        metrics = {"gate/rejected": gate.state.rejected, "gate/nonfinite": gate.state.nonfinite}
+        metrics["gate/step_kept"] = int(not (skip or rejected))
+        if gate.settings.enabled:
+            metrics["gate/baseline"] = gate.state.baseline
+            if projected is not None:
+                metrics["gate/projected"] = projected
+        return metrics
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -129,6 +176,13 @@ class Trainer:
         names = [t for t in obj.active if t != "seq" or rollouts[0] is not None]
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
+        gate = self.gate
+        if gate.settings.enabled and gate.baseline_due(step):
+            gate.refresh_baseline(step)
+            self.log.info("mercy gate: the teacher's baseline valence is %.6f (step %d)", gate.state.baseline, step)
+        proxy = gate.settings.enabled and gate.settings.mode == "proxy"
+        student_valence = torch.zeros(2, dtype=torch.float64)  # sum and count, for the proxy
+        nonfinite = False
         for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
             inputs = obj.train_inputs(batch, teacher_outs[a])
             student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
@@ -143,12 +197,21 @@ class Trainer:
                 rollouts[a] = None
             base = combine_terms(terms, obj.lambdas)
             loss = weighted_batch_loss(base, w, global_weight_sum)
+            if a == 0 and (step + 1, self.rank) in self.nan_faults:
+                loss = loss * float("nan")  # fault injection (VKD_FAULT_NAN_LOSS), for tests
+            if proxy:
+                v = student_out["valence"].detach().float().mean(-1)
+                student_valence += torch.tensor([float(v[mask].double().sum()), float(mask.sum())], dtype=torch.float64)
+            nonfinite |= not bool(torch.isfinite(loss.detach()))
             # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
             # share of the global sum: scale by the world size so the update is of L itself.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             if a == accum - 1:
                 grad_norm = self._grad_norm_before_step()
-            self.engine.step()
+                nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
+                stats.update(self._commit(step, nonfinite, student_valence))
+            else:
+                self.engine.step()
             for j, name in enumerate(names):
                 local[j] += float((w * terms[name].detach()).sum())
             local[-2] += float(loss.detach())
@@ -249,12 +312,14 @@ class Trainer:
         }
         if self.seq_kd is not None:
             state["seq_kd"] = self.seq_kd.state_dict()
+        state["gate"] = self.gate.state_dict()
         return state
 
     def restore(self, client_state: dict) -> None:
         self.step = int(client_state["step"])
         if self.seq_kd is not None:
             self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
+        self.gate.load_state_dict(client_state.get("gate", {}))
 
     def _due(self, every: int) -> bool:
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.trainer.max_steps
@@ -314,6 +379,15 @@ class Trainer:
                 self.cfg.trainer.max_steps,
                 " ".join(f"{k}={_short(v)}" for k, v in shown.items()),
             )
+
+
+def _nan_faults() -> set[tuple[int, int]]:
+    """(step, rank) pairs whose loss is made NaN: `VKD_FAULT_NAN_LOSS="3:1,4:1"` (steps count from 1).
+    A fault-injection hook for testing the non-finite guard; unset in normal runs."""
+    spec = os.environ.get("VKD_FAULT_NAN_LOSS", "").strip()
+    if not spec:
+        return set()
+    return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(","))}
 
 
 def _as_float(value) -> float:

@@ -3,29 +3,17 @@ synced per token, with each rank on different prompts; then rank 0 alone stops a
 token while rank 1 goes on. Each rank writes what it sampled to OUT_DIR/rank_R.json."""
 
 import json
-import sys
-from pathlib import Path
 
-from vkd_ds.launch import strip_local_rank
+import deepspeed
+import torch
+from student_setup import student_engine  # the script's directory is on sys.path
 
-args = strip_local_rank(sys.argv[1:])
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
+from vkd_ds import dist
+from vkd_ds.losses import shift_for_next_token, token_ce
+from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
 
-from vkd_ds import dist, engines  # noqa: E402
-from vkd_ds.config import compose  # noqa: E402
-from vkd_ds.ds_config import student_ds_config  # noqa: E402
-from vkd_ds.losses import shift_for_next_token, token_ce  # noqa: E402
-from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms  # noqa: E402
-from vkd_ds.train import build_student, prepare  # noqa: E402
-
-out_dir = Path(args[0])
-cfg = compose(args[1:])
-prepared = prepare(cfg)
-dist.init()
+out_dir, cfg, prepared, engine = student_engine(seed=7)
 rank = dist.rank()
-ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
-engine, _, _ = engines.build_student_engine(build_student(cfg, prepared, ds_config, seed=7), ds_config)
 tokenizer = prepared.tokenizer
 settings = SamplingSettings(n_gen=10, temperature=1.0, top_p=0.95, prompt_tokens=5, max_seq_len=48)
 vocab, pad = len(tokenizer), tokenizer.pad_token_id

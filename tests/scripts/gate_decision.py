@@ -1,0 +1,27 @@
+"""Run under the deepspeed launcher: ranks holding deliberately different valences must make the
+same mercy-gate decision. Each rank writes OUT_DIR/rank_R.json."""
+
+import json
+
+from student_setup import student_engine  # the script's directory is on sys.path
+
+from vkd_ds import dist
+from vkd_ds.gate import GateSettings, MercyGate
+
+out_dir, cfg, prepared, engine = student_engine(seed=7)
+rank = dist.rank()
+gate = MercyGate(GateSettings.from_config(cfg), engine, None, prepared.tokenizer, prepared.train_data, 1, "auto", 48)
+gate.state.baseline = 0.5
+decisions = []
+# (sum of student valence, positions) on each rank: rank 0 alone would accept, rank 1 alone reject.
+for mine in ([(0.9 * 10, 10), (0.1 * 30, 30)], [(0.9 * 30, 30), (0.1 * 10, 10)]):
+    valence_sum, count = mine[rank]
+    projected = gate.projected_proxy(valence_sum, count)
+    decisions.append(
+        {
+            "projected": projected,
+            "rejected": gate.rejects(projected),
+            "local_would_reject": gate.settings.proxy_factor * valence_sum / count < 0.9 * 0.5,
+        }
+    )
+(out_dir / f"rank_{rank}.json").write_text(json.dumps(decisions))

@@ -1,0 +1,150 @@
+"""The mercy gate and the non-finite guard, with 2 real processes on ZeRO-3 (SPEC §4)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import base_overrides, deepspeed_launch, train_job
+from vkd_ds import checkpoint
+from vkd_ds.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+GATE = ["gate.enabled=true", "gate.probe_size=4", "gate.rollout_steps=6", "gate.baseline_every=0"]
+SHORT = ["trainer.micro_batch_size=2", "trainer.eval_every=0", "loss.feat=0"]
+
+
+def column(run_dir, name):
+    return [row[name] for row in read_metrics(run_dir / "metrics.csv")]
+
+
+def rank_states(step_dir: Path) -> list[dict]:
+    """Every rank's model and optimizer state files of a DeepSpeed checkpoint."""
+    return [
+        {
+            "model": torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False),
+            "optim": torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False),
+        }
+        for r in range(2)
+    ]
+
+
+def assert_identical(a, b, path="state"):
+    """Tensors bit for bit, numbers and strings exactly."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{path}[{i}]")
+    elif hasattr(a, "__dict__"):  # e.g. DeepSpeed's loss scaler, which has no __eq__
+        assert type(a) is type(b), path
+        assert_identical(vars(a), vars(b), path)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("mode", ["lookahead", "proxy"])
+def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, tiny_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    common = base_overrides(tiny_assets, run_dir) + SHORT + GATE + [f"gate.mode={mode}", "trainer.save_every=2"]
+    # Two kept steps (ratio 0 never rejects), checkpointed; then two steps the gate must reject.
+    train_job(common + ["gate.ratio=0", "trainer.max_steps=4", "trainer.stop_after_steps=2"])
+    result = train_job(common + ["gate.ratio=100", "trainer.max_steps=4"])
+    kept, rejected = (
+        rank_states(run_dir / "checkpoints/step_0000002"),
+        rank_states(run_dir / "checkpoints/step_0000004"),
+    )
+    for before, after in zip(kept, rejected, strict=True):
+        # This rank's partitions: fp32 master weights, exp_avg, exp_avg_sq and Adam's step count,
+        # the parameter groups' LR, and the LR scheduler.
+        assert_identical(before["optim"]["optimizer_state_dict"], after["optim"]["optimizer_state_dict"])
+        assert_identical(before["model"]["module"], after["model"]["module"])
+        assert_identical(before["model"]["lr_scheduler"], after["model"]["lr_scheduler"])
+        state = after["optim"]["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        assert {"exp_avg", "exp_avg_sq", "step"} <= set(state[0]) and int(state[0]["step"]) == 2
+    assert column(run_dir, "gate/rejected") == ["0", "0", "1", "2"]
+    assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "0"]
+    assert all(float(p) >= 0 for p in column(run_dir, "gate/projected"))
+    # Rank 0 alone logs the decision, once per rejected step, with the step and both values.
+    assert result.stderr.count("Mercy gate blocked – low projected valence trajectory") == 2
+    assert "(step 3: projected" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize("mode", ["proxy", "lookahead"])
+def test_ratio_zero_never_rejects_and_trains_like_no_gate(mode, tiny_assets, tmp_path):
+    common = SHORT + ["trainer.max_steps=4", "trainer.save_every=0"]
+    off, on = tmp_path / "off", tmp_path / "on"
+    train_job(base_overrides(tiny_assets, off) + common)
+    train_job(base_overrides(tiny_assets, on) + common + GATE + [f"gate.mode={mode}", "gate.ratio=0"])
+    assert column(on, "loss") == column(off, "loss")  # loss for loss
+    assert column(on, "gate/rejected") == ["0"] * 4 and len(set(column(on, "gate/baseline"))) == 1
+
+
+def test_ranks_with_different_valences_make_the_same_decision(tiny_assets, tmp_path):
+    result = deepspeed_launch(
+        ["tests/scripts/gate_decision.py", str(tmp_path), *base_overrides(tiny_assets, tmp_path / "unused"), *GATE],
+        num_procs=2,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    for case in range(2):
+        local = [ranks[r][case]["local_would_reject"] for r in range(2)]
+        assert local[0] != local[1]  # on its own, each rank would have decided differently
+        assert ranks[0][case]["rejected"] == ranks[1][case]["rejected"]
+        assert ranks[0][case]["projected"] == ranks[1][case]["projected"]
+    # Global means: 0.95 * 12/40 = 0.285 < 0.45 rejects; 0.95 * 28/40 = 0.665 accepts.
+    assert [ranks[0][c]["rejected"] for c in range(2)] == [True, False]
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(tiny_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    train_job(
+        base_overrides(tiny_assets, run_dir) + SHORT + ["trainer.max_steps=5"],
+        env={"VKD_FAULT_NAN_LOSS": "3:1"},  # rank 1's loss at step 3
+    )
+    assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "1", "1"]
+    assert column(run_dir, "gate/nonfinite") == ["0", "0", "1", "1", "1"]
+    losses = [float(x) for x in column(run_dir, "loss")]
+    assert losses[2] != losses[2] and all(x == x for x in losses[3:])  # NaN, then finite again
+    weights = checkpoint.latest_checkpoint(run_dir)
+    from vkd_ds.export import consolidated_state_dict
+
+    assert all(torch.isfinite(t).all() for t in consolidated_state_dict(weights).values())
+
+
+def test_consecutive_failures_stop_the_run_and_keep_the_last_checkpoint(tiny_assets, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + SHORT + ["trainer.max_steps=8", "trainer.save_every=2"]
+    result = deepspeed_launch(
+        ["launcher/train.py", *overrides, "gate.max_consecutive_rejections=3"],
+        num_procs=2,
+        env={"VKD_FAULT_NAN_LOSS": "3:1,4:0,5:1"},
+    )
+    assert result.returncode != 0
+    assert "vkd-ds: error: step 5: 3 steps in a row were rejected" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_0000002", "step_0000004"]
+    # The last complete checkpoint resumes.
+    train_job(overrides)
+    assert column(run_dir, "step")[-1] == "8"
+
+
+def test_resume_keeps_the_gate_counters_and_baseline(tiny_assets, tmp_path):
+    common = SHORT + GATE + ["gate.ratio=0", "trainer.max_steps=5", "trainer.save_every=0"]
+    env = {"VKD_FAULT_NAN_LOSS": "2:0"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_job(base_overrides(tiny_assets, straight) + common, env=env)
+    train_job(base_overrides(tiny_assets, resumed) + common + ["trainer.stop_after_steps=3"], env=env)
+    second = train_job(base_overrides(tiny_assets, resumed) + common, env=env)
+    assert "the teacher's baseline valence" not in second.stderr  # restored, not recomputed
+    for name in ("loss", "gate/nonfinite", "gate/rejected", "gate/baseline", "gate/projected"):
+        assert column(resumed, name) == column(straight, name), name
+    assert column(resumed, "gate/nonfinite")[-1] == "1"
