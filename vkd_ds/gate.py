@@ -157,7 +157,7 @@ class MercyGate:
         tokenizer,
         probe_examples: list[Example],
         seed: int,
-        gather_student: str,
+        student_sampler: StudentSampler | None,
         max_seq_len: int,
     ):
         if settings.enabled and settings.probe_size < dist.world_size():
@@ -180,8 +180,7 @@ class MercyGate:
         self.probe_rows = mine
         self.probe_prompts = [prompt_of(probe_examples[i % len(probe_examples)], self.sampling) for i in mine]
         self.probe_uniforms = row_uniforms(seed + PROBE_SEED_OFFSET, 0, mine, settings.rollout_steps)
-        lookahead = settings.enabled and settings.mode == "lookahead"
-        self.student_sampler = StudentSampler(engine, gather_student) if lookahead else None
+        self.student_sampler = student_sampler  # lookahead mode's (shared with sequence KD)
 
     # ---- valences --------------------------------------------------------------------------
     def _score(self, samples) -> torch.Tensor:

@@ -150,6 +150,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config)
+    # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
+    sampler = None
+    if objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead"):
+        sampler = StudentSampler(engine, cfg.rollout.gather_student)
     gate = MercyGate(
         gate_settings,
         engine,
@@ -157,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         prepared.tokenizer,
         prepared.valid_data or prepared.train_data,
         int(cfg.trainer.seed),
-        cfg.rollout.gather_student,
+        sampler,
         int(cfg.data.max_seq_len),
     )
 
@@ -184,7 +188,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
     seq_kd = None
     if objective.lambdas["seq"] > 0:
-        sampler = StudentSampler(engine, cfg.rollout.gather_student)
         seq_kd = SequenceKD(
             SeqKDSettings.from_config(cfg), sampler, teacher, prepared.tokenizer, objective.chunk_tokens
         )

@@ -10,7 +10,7 @@ from vkd_ds.gate import GateSettings, MercyGate
 
 out_dir, cfg, prepared, engine = student_engine(seed=7)
 rank = dist.rank()
-gate = MercyGate(GateSettings.from_config(cfg), engine, None, prepared.tokenizer, prepared.train_data, 1, "auto", 48)
+gate = MercyGate(GateSettings.from_config(cfg), engine, None, prepared.tokenizer, prepared.train_data, 1, None, 48)
 gate.state.baseline = 0.5
 decisions = []
 # (sum of student valence, positions) on each rank: rank 0 alone would accept, rank 1 alone reject.
