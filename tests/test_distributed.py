@@ -215,3 +215,26 @@ def test_fused_lm_head_trains_like_the_logits_path(tiny_assets, tmp_path):
     w_plain, w_fused = final_weights(plain), final_weights(fused)
     for name in w_plain:
         torch.testing.assert_close(w_fused[name], w_plain[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_tensorboard_events_and_the_report(six_step_run, tmp_path):
+    run_dir, _ = six_step_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 7))
+    assert [round(e.value, 5) for e in loss] == [round(x, 5) for x in losses(run_dir)]
+    assert "eval/ppl" in events.Tags()["scalars"]
+
+    result = vkd_cli(["report", str(run_dir), "--out", str(tmp_path / "report")])
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    for png in ("loss.png", "weights.png", "lr.png", "throughput.png", "eval.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        assert f"]({png})" in report
+    assert "Mercy gate: projected valence" in report.split("## Not logged by this run")[1]  # gate off here
+    missing = vkd_cli(["report", str(tmp_path)])
+    assert missing.returncode == 2 and "has no metrics.csv" in missing.stderr

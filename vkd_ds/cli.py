@@ -74,6 +74,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from vkd_ds.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     select_accelerator()
     from vkd_ds.demo import run_demo
@@ -107,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("out_dir")
     export.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the latest complete)")
+    report = sub.add_parser("report", help="a Markdown report with PNG plots of a run's metrics")
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
     return parser
 
 
@@ -119,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["fit-valence-head"]:
             return cmd_fit_valence_head(argv[1:])
         args = build_parser().parse_args(argv)
-        if args.command == "export":
-            return cmd_export(args)
-        return cmd_demo(args)
+        commands = {"export": cmd_export, "report": cmd_report, "demo": cmd_demo}
+        return commands[args.command](args)
     except VkdError as err:
         print(f"vkd-ds: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

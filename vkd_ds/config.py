@@ -170,6 +170,16 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "gate.baseline_every", low=0, integer=True)
     _number(cfg, "gate.max_consecutive_rejections", low=0, integer=True)
 
+    _bool(cfg, "metrics.tensorboard")
+    project = _get(cfg, "metrics.wandb_project")
+    if project is not None:
+        import importlib.util
+
+        if not isinstance(project, str) or not project:
+            raise VkdError(f"config key `metrics.wandb_project` must be a project name or null, got {project!r}")
+        if importlib.util.find_spec("wandb") is None:
+            raise VkdError("config key `metrics.wandb_project` is set but wandb is not installed (pip install wandb)")
+
     _number(cfg, "deepspeed.zero_stage", low=0, high=3, integer=True)
     _choice(cfg, "deepspeed.offload_optimizer", OFFLOAD_DEVICES)
     if _get(cfg, "deepspeed.offload_optimizer") == "nvme" and not _get(cfg, "deepspeed.nvme_path"):

@@ -190,6 +190,9 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
         "seconds": time.time() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    from vkd_ds.report import write_report
+
+    report = write_report(kd_dir)
     verdict = "beats" if summary["distilled_student_ppl"] < summary["ce_only_student_ppl"] else "does NOT beat"
     say("[4/4] held-out perplexity (valid.jsonl, lower is better)")
     say(f"      teacher                      {summary['teacher_ppl']:9.2f}")
@@ -209,5 +212,6 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
         f"      the distilled student {verdict} the CE-only student "
         f"({summary['seconds']:.0f}s in all; summary in {out / 'summary.json'})"
     )
+    say(f"      report with plots of the distillation run: {report}")
     sys.stdout.flush()
     return summary

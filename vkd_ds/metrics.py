@@ -70,6 +70,46 @@ class MetricsCSV:
             csv.DictWriter(handle, fieldnames=self.columns).writerow({k: _fmt(row.get(k, "")) for k in self.columns})
 
 
+class MetricsSinks:
+    """Rank 0's metric outputs: metrics.csv always; TensorBoard event files in run_dir/tensorboard
+    (`metrics.tensorboard`); Weights & Biases when `metrics.wandb_project` is set."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_project: str | None, config: dict):
+        self.csv = MetricsCSV(run_dir / "metrics.csv", resume_step)
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote past the checkpoint it resumes from.
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.wandb = None
+        if wandb_project:
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            if not id_file.exists():
+                id_file.write_text(wandb.util.generate_id())
+            self.wandb = wandb.init(
+                project=wandb_project, dir=str(run_dir), id=id_file.read_text().strip(), resume="allow", config=config
+            )
+
+    def write(self, row: dict) -> None:
+        self.csv.write(row)
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def _fmt(value):
     if isinstance(value, float):
         return f"{value:.8g}"

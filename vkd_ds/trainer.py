@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
@@ -25,7 +25,7 @@ from vkd_ds.losses import (
     valence_mse,
     weighted_batch_loss,
 )
-from vkd_ds.metrics import MetricsCSV, get_logger
+from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.seq_kd import SequenceKD
 from vkd_ds.valence import effective_sample_size, valence_weights
@@ -326,7 +326,11 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg.trainer
-        csv = MetricsCSV(self.run_dir / "metrics.csv", resume_step=self.step) if dist.is_main() else None
+        sinks = None
+        if dist.is_main():
+            m = self.cfg.metrics
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            sinks = MetricsSinks(self.run_dir, self.step, bool(m.tensorboard), m.wandb_project, config)
         bar = self._progress_bar(cfg.max_steps)
         last_eval: dict[str, float] = {}
         if self.step >= cfg.max_steps:
@@ -339,14 +343,16 @@ class Trainer:
             if self._due(cfg.eval_every):
                 last_eval = self.evaluate()
                 metrics.update(last_eval)
-            if csv is not None:
-                csv.write(metrics)
+            if sinks is not None:
+                sinks.write(metrics)
             self._report(metrics, bar)
             if self._due(cfg.save_every) or self.step == stop_at:
                 path = checkpoint.save(self.engine, self.run_dir, self.step, self.client_state(), cfg.keep_checkpoints)
                 self.log.info("saved checkpoint %s", path)
         if bar is not None:
             bar.close()
+        if sinks is not None:
+            sinks.close()
         if self.step < cfg.max_steps:
             self.log.info(
                 "stopping at step %d of %d (trainer.stop_after_steps); resume=auto continues", self.step, cfg.max_steps

@@ -1,0 +1,53 @@
+"""Launching for real: two "nodes" with the deepspeed launcher's --no_ssh mode on this machine."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, base_overrides, cpu_env, free_port, train_job
+from vkd_ds.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+
+def test_two_nodes_without_ssh_train_like_one_two_process_launch(tiny_assets, tmp_path):
+    """`deepspeed --no_ssh --node_rank R` on each "node" (one process each, master on 127.0.0.1):
+    world size 2, and the same training as `deepspeed --num_gpus 2` on one node."""
+    common = ["trainer.max_steps=3", "trainer.micro_batch_size=2", "trainer.eval_every=0"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    train_job(base_overrides(tiny_assets, single) + common)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                f"--node_rank={rank}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "launcher/train.py",
+                *base_overrides(tiny_assets, multi),
+                *common,
+            ],
+            cwd=REPO,
+            env=cpu_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, err[-4000:]
+    assert "vkd-ds: 2 rank(s)" in outputs[0][1]
+    rows_single, rows_multi = read_metrics(single / "metrics.csv"), read_metrics(multi / "metrics.csv")
+    assert [r["loss"] for r in rows_multi] == [r["loss"] for r in rows_single]
+    assert (multi / "checkpoints" / "step_0000003" / "COMPLETE").is_file()
