@@ -51,3 +51,21 @@ def test_two_nodes_without_ssh_train_like_one_two_process_launch(tiny_assets, tm
     rows_single, rows_multi = read_metrics(single / "metrics.csv"), read_metrics(multi / "metrics.csv")
     assert [r["loss"] for r in rows_multi] == [r["loss"] for r in rows_single]
     assert (multi / "checkpoints" / "step_0000003" / "COMPLETE").is_file()
+
+
+def test_runs_leave_no_shared_memory_behind(tiny_assets, tmp_path):
+    """DeepSpeed's CPU accelerator creates a 66 MB /dev/shm buffer per rank and never removes it."""
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
+        + ["launcher/train.py", *base_overrides(tiny_assets, tmp_path / "run"), "trainer.max_steps=1"],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    import glob
+
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []

@@ -206,6 +206,14 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "trainer.eval_max_batches", low=1, integer=True, allow_none=True)
     _number(cfg, "trainer.log_every", low=1, integer=True)
     _number(cfg, "trainer.stop_after_steps", low=1, integer=True, allow_none=True)
+    signals = _get(cfg, "trainer.preempt_signals")
+    import signal
+
+    if not isinstance(signals, ListConfig) or not all(isinstance(getattr(signal, str(n), None), int) for n in signals):
+        raise VkdError(
+            f"config key `trainer.preempt_signals` must be a list of signal names (e.g. SIGUSR1); got {signals}"
+        )
+    _choice(cfg, "trainer.requeue", ("auto", "never"))
     _number(cfg, "num_procs", low=1, integer=True)
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and Path(resume).is_dir()):

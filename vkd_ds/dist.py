@@ -31,6 +31,23 @@ def init() -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     if on_gpu():
         torch.cuda.set_device(local_rank())
+    else:
+        _unlink_shm_buffer()
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU accelerator gives each rank a 66 MB shared-memory all-reduce buffer in
+    /dev/shm and never removes it: every run would leak RAM (/dev/shm is memory) until reboot.
+    Once every rank has mapped every buffer (a barrier after init), the names can go; the
+    mappings live on until the processes exit."""
+    where = f"{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}"
+    path = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{where}_{rank()}"
+    if world_size() > 1:
+        torch_dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -338,21 +339,38 @@ class Trainer:
         stop_at = cfg.max_steps
         if cfg.stop_after_steps is not None:
             stop_at = min(cfg.max_steps, self.step + cfg.stop_after_steps)
-        while self.step < stop_at:
-            metrics = self.train_step()
-            if self._due(cfg.eval_every):
-                last_eval = self.evaluate()
-                metrics.update(last_eval)
-            if sinks is not None:
-                sinks.write(metrics)
-            self._report(metrics, bar)
-            if self._due(cfg.save_every) or self.step == stop_at:
-                path = checkpoint.save(self.engine, self.run_dir, self.step, self.client_state(), cfg.keep_checkpoints)
-                self.log.info("saved checkpoint %s", path)
+        preemption = Preemption(cfg.preempt_signals)
+        preempted = False
+        try:
+            while self.step < stop_at and not preempted:
+                metrics = self.train_step()
+                if self._due(cfg.eval_every):
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                if sinks is not None:
+                    sinks.write(metrics)
+                self._report(metrics, bar)
+                # A signal may reach some ranks only, or mid-step: the ranks agree at each step's end.
+                preempted = dist.any_rank(preemption.received is not None)
+                if self._due(cfg.save_every) or self.step == stop_at or preempted:
+                    path = checkpoint.save(
+                        self.engine, self.run_dir, self.step, self.client_state(), cfg.keep_checkpoints
+                    )
+                    self.log.info("saved checkpoint %s", path)
+        finally:
+            preemption.uninstall()
         if bar is not None:
             bar.close()
         if sinks is not None:
             sinks.close()
+        if preempted:
+            self.log.info(
+                "preempted (%s) at step %d of %d; checkpoint saved", preemption.received, self.step, cfg.max_steps
+            )
+            if dist.is_main():
+                _requeue(cfg.requeue, self.log)
+            dist.barrier()
+            return last_eval
         if self.step < cfg.max_steps:
             self.log.info(
                 "stopping at step %d of %d (trainer.stop_after_steps); resume=auto continues", self.step, cfg.max_steps
@@ -385,6 +403,43 @@ class Trainer:
                 self.cfg.trainer.max_steps,
                 " ".join(f"{k}={_short(v)}" for k, v in shown.items()),
             )
+
+
+class Preemption:
+    """Records the first of `names` (e.g. SIGUSR1, SIGTERM) this process receives; the loop checkpoints
+    and stops at the end of the step. SLURM sends SIGUSR1 ahead of the time limit with
+    `--signal=USR1@SECONDS`, and SIGTERM when it preempts or cancels a job."""
+
+    def __init__(self, names):
+        self.received: str | None = None
+        self._previous = {}
+        for name in names:
+            number = getattr(signal, str(name))
+            self._previous[number] = signal.signal(number, self._handler)
+
+    def _handler(self, number, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+def _requeue(mode: str, log) -> None:
+    """Under SLURM (`trainer.requeue=auto`), put the job back in the queue: the requeued job runs the
+    batch script again and resume=auto continues from the checkpoint just written."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if mode == "never" or job is None:
+        log.info("resume=auto continues from this checkpoint")
+        return
+    import subprocess
+
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("requeued SLURM job %s; it resumes from this checkpoint", job)
+    else:
+        log.warning("scontrol requeue %s failed (%s); resubmit to resume", job, result.stderr.strip())
 
 
 def _nan_faults() -> set[tuple[int, int]]:
