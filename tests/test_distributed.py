@@ -238,3 +238,33 @@ def test_tensorboard_events_and_the_report(six_step_run, tmp_path):
     assert "Mercy gate: projected valence" in report.split("## Not logged by this run")[1]  # gate off here
     missing = vkd_cli(["report", str(tmp_path)])
     assert missing.returncode == 2 and "has no metrics.csv" in missing.stderr
+
+
+def test_eval_of_a_run_and_of_an_exported_model(six_step_run, tiny_assets, tmp_path):
+    run_dir, _ = six_step_run
+    result = vkd_cli(["eval", str(run_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads((run_dir / "eval" / "step_0000006.json").read_text())
+    final = json.loads((run_dir / "eval.json").read_text())
+    for key in ("eval/ce", "eval/ppl", "eval/kl_teacher", "eval/valence_mse", "eval/tokens"):
+        assert again[key] == pytest.approx(final[key], rel=1e-6), key
+    assert 0 <= again["eval/top1_agreement"] <= 1
+
+    # An exported model against itself as the teacher: no KL, full top-1 agreement.
+    exported = tmp_path / "exported"
+    assert vkd_cli(["export", str(run_dir), str(exported)]).returncode == 0
+    overrides = base_overrides(tiny_assets, tmp_path / "unused") + [
+        f"student.path={exported}",
+        f"teacher.path={exported}",
+        "valence.teacher_head=null",
+        "loss.val=0",
+        "weighting.lam=0",
+        "trainer.micro_batch_size=2",  # the run's: the same held-out batches
+    ]
+    result = vkd_cli(["eval", *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout[result.stdout.index("{") :])
+    assert figures["eval/kl_teacher"] < 1e-6 and figures["eval/top1_agreement"] == 1.0
+    assert figures["eval/tokens"] == again["eval/tokens"]
+    assert figures["eval/ce"] == pytest.approx(again["eval/ce"], rel=1e-5)  # the exported weights are the run's
+    assert not (tmp_path / "unused").exists()  # eval writes no run directory

@@ -1,4 +1,4 @@
-"""The `vkd-ds` command: demo, train, fit-valence-head, export."""
+"""The `vkd-ds` command: demo, train, eval, fit-valence-head, export, report."""
 
 from __future__ import annotations
 
@@ -58,6 +58,33 @@ def cmd_train(overrides: list[str]) -> int:
     return subprocess.call(launcher_command(overrides, num_procs), env=os.environ.copy())
 
 
+def cmd_eval(argv: list[str]) -> int:
+    """`vkd-ds eval RUN_DIR [key=value ...]`: a run's latest checkpoint, with the run's own config;
+    `vkd-ds eval [hydra overrides]` (no RUN_DIR): e.g. an exported model as student.path."""
+    select_accelerator()
+    from pathlib import Path
+
+    from vkd_ds.config import check_global_batch, compose, validate
+    from vkd_ds.launch import CONFIG_FILE_FLAG, config_from_file
+
+    if argv and "=" not in argv[0]:
+        run_dir = Path(argv[0])
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise VkdError(f"eval: {run_dir} has no config.yaml (not a vkd-ds run directory)")
+        overrides = [f"run.dir={run_dir.resolve()}", *argv[1:], "eval_only=true", "resume=auto"]
+        cfg = config_from_file(str(saved), overrides)
+        launch_args = [CONFIG_FILE_FLAG, str(saved.resolve()), *overrides]
+    else:
+        overrides = [*argv, "eval_only=true"]
+        cfg = compose(overrides)
+        launch_args = overrides
+    validate(cfg)
+    num_procs = procs_for(cfg)
+    check_global_batch(cfg, num_procs)
+    return subprocess.call(launcher_command(launch_args, num_procs), env=os.environ.copy())
+
+
 def cmd_fit_valence_head(overrides: list[str]) -> int:
     from vkd_ds.config import compose
     from vkd_ds.fit_head import fit_valence_head
@@ -110,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     fit.add_argument("overrides", nargs=argparse.REMAINDER)
+    evaluate = sub.add_parser(
+        "eval",
+        help="held-out perplexity, KL to the teacher, valence MSE, top-1 agreement: "
+        "vkd-ds eval RUN_DIR [key=value ...] | vkd-ds eval [hydra overrides]",
+        add_help=False,
+    )
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="write a run's latest checkpoint as a Hugging Face directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
@@ -126,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["train"]:
             # Everything after `train` belongs to Hydra, flags such as --cfg job included.
             return cmd_train(argv[1:])
+        if argv[:1] == ["eval"]:
+            return cmd_eval(argv[1:])
         if argv[:1] == ["fit-valence-head"]:
             return cmd_fit_valence_head(argv[1:])
         args = build_parser().parse_args(argv)

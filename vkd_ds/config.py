@@ -214,6 +214,7 @@ def validate(cfg: DictConfig) -> None:
             f"config key `trainer.preempt_signals` must be a list of signal names (e.g. SIGUSR1); got {signals}"
         )
     _choice(cfg, "trainer.requeue", ("auto", "never"))
+    _bool(cfg, "eval_only")
     _number(cfg, "num_procs", low=1, integer=True)
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and Path(resume).is_dir()):

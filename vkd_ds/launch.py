@@ -55,10 +55,39 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.")
 
 
+CONFIG_FILE_FLAG = "--config-file"
+
+
+def config_from_file(path: str, overrides: list[str]):
+    """A saved, resolved config (a run's config.yaml) over today's defaults, then `key=value`
+    overrides: how `vkd-ds eval RUN_DIR` rebuilds a run's config without its command line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vkd_ds.config import compose
+    from vkd_ds.errors import VkdError
+
+    try:
+        saved = OmegaConf.load(path)
+        return OmegaConf.merge(compose([]), saved, OmegaConf.from_dotlist(overrides))
+    except (OSError, OmegaConfBaseException) as err:
+        raise VkdError(f"cannot use the config {path} with {overrides}: {str(err).splitlines()[0]}") from None
+
+
 def main() -> None:
     quiet_warnings()
     sys.argv = [sys.argv[0]] + strip_local_rank(sys.argv[1:])
     select_accelerator()
+    if sys.argv[1:2] == [CONFIG_FILE_FLAG]:
+        from vkd_ds.errors import EXIT_USER_ERROR, VkdError
+
+        try:
+            cfg = config_from_file(sys.argv[2], sys.argv[3:])
+        except VkdError as err:
+            print(f"vkd-ds: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+        run_job(cfg)
+        return
     import hydra
 
     from vkd_ds.config import CONFIG_NAME, config_dir

@@ -165,6 +165,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         int(cfg.data.max_seq_len),
     )
 
+    if cfg.eval_only:
+        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, gate)
     # All checks passed and both engines exist: only now is the run directory written.
     if dist.is_main():
         _write_run_files(cfg, run_dir, prepared)
@@ -220,4 +222,45 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resumed from %s at step %d", resume_from, trainer.step)
     result = trainer.fit()
     log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    return result
+
+
+def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, gate) -> dict[str, float]:
+    """`vkd-ds eval`: the held-out evaluation of a run's checkpoint (or of student.path), nothing trained.
+    Writes RUN_DIR/eval/step_XXXXXXX.json for a checkpoint and prints the figures."""
+    import json
+    import os
+
+    from vkd_ds.trainer import Trainer
+
+    log = setup_logging(None, dist.is_main())
+    if resume_from is None and cfg.student.path is None:
+        raise VkdError(f"eval: {run_dir} holds no complete checkpoint and student.path is not set: nothing to evaluate")
+    trainer = Trainer(
+        cfg,
+        engine,
+        teacher,
+        prepared.objective,
+        prepared.tokenizer,
+        prepared.train_data,
+        prepared.valid_data,
+        run_dir,
+        gate,
+    )
+    if not prepared.valid_data:
+        raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
+    source = str(cfg.student.path)
+    if resume_from is not None:
+        trainer.restore(checkpoint.load(engine, resume_from))
+        source = str(resume_from)
+    result = {"step": trainer.step, "source": source, **trainer.evaluate()}
+    if dist.is_main():
+        if resume_from is not None:
+            out = run_dir / "eval" / f"{checkpoint.tag_of(trainer.step)}.json"
+            out.parent.mkdir(exist_ok=True)
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, out)
+            log.info("wrote %s", out)
+        print(json.dumps(result, indent=2), flush=True)
     return result

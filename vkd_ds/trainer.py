@@ -249,7 +249,8 @@ class Trainer:
         if not self.valid_data:
             return {}
         self.engine.eval()
-        sums = torch.zeros(5, dtype=torch.float64)  # student nats, KL nats, teacher nats, tokens, valence SE
+        # student nats, KL nats, teacher nats, tokens, valence SE, positions where both models' top-1 agree
+        sums = torch.zeros(6, dtype=torch.float64)
         shards = eval_shards(
             len(self.valid_data),
             self.cfg.trainer.micro_batch_size,
@@ -286,6 +287,10 @@ class Trainer:
                     mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
                     sums[4] += (mse.double() * counts).sum()
                 sums[1] += (kl.double() * counts).sum()
+                if not inputs:  # the fused LM head builds no student logits to compare
+                    vocab = self.vocab_size
+                    same = logits[..., :vocab].argmax(-1) == t_logits[..., :vocab].argmax(-1)
+                    sums[5] += float((same & mask).sum())
                 sums[2] += (
                     token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts
                 ).sum()
@@ -299,6 +304,8 @@ class Trainer:
             result["eval/kl_teacher"] = float(total[1]) / tokens
             result["eval/teacher_ce"] = float(total[2]) / tokens
             result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))
+            if not self.objective.fused_head:
+                result["eval/top1_agreement"] = float(total[5]) / tokens
             if self.objective.valence_k is not None and self.objective.teacher_valence:
                 result["eval/valence_mse"] = float(total[4]) / tokens
         result["eval/tokens"] = int(total[3])
