@@ -268,3 +268,39 @@ def test_eval_of_a_run_and_of_an_exported_model(six_step_run, tiny_assets, tmp_p
     assert figures["eval/tokens"] == again["eval/tokens"]
     assert figures["eval/ce"] == pytest.approx(again["eval/ce"], rel=1e-5)  # the exported weights are the run's
     assert not (tmp_path / "unused").exists()  # eval writes no run directory
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral"])
+def test_architectures_as_teacher_and_student_train_and_export(arch, tiny_assets, tmp_path):
+    """Teacher and student of one architecture, built from configs: the feature hooks find both
+    models' decoder layers, training runs on ZeRO-3, and the export reloads with from_pretrained
+    with the engine's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    teacher = tmp_path / "teacher"
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + [
+        f"teacher.path={teacher}",
+        f"student.config.model_type={arch}",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "loss.feat=0.4",  # the hooks on both models' decoder layers
+    ]
+    result = train_job(overrides, num_procs=1)
+    rows = read_metrics(run_dir / "metrics.csv")
+    assert float(rows[-1]["loss/feat"]) > 0 and "loss/val" in rows[-1]
+    exported = assert_export_matches_engine(run_dir, overrides, 1, tmp_path)
+    assert AutoConfig.from_pretrained(exported).model_type == arch, result.stderr[-500:]
