@@ -69,3 +69,27 @@ def test_runs_leave_no_shared_memory_behind(tiny_assets, tmp_path):
     import glob
 
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
+
+
+def test_a_hydra_sweep_runs_each_job_through_the_launcher(tiny_assets, tmp_path):
+    from tests.conftest import vkd_cli
+
+    sweep = tmp_path / "sweep"
+    overrides = base_overrides(tiny_assets, tmp_path / "unused") + [
+        "-m",
+        "weighting.lam=0,1",
+        f"run.dir={sweep}/lam_${{weighting.lam}}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+    ]
+    result = vkd_cli(["train", *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ess = {}
+    for lam in ("0", "1"):
+        run_dir = sweep / f"lam_{lam}"
+        rows = read_metrics(run_dir / "metrics.csv")  # one directory per job, shared by its 2 ranks
+        assert len(rows) == 2 and "vkd-ds: 2 rank(s)" in (run_dir / "train.log").read_text()
+        assert f"lam: {lam}" in (run_dir / "config.yaml").read_text().replace(".0", "")
+        ess[lam] = float(rows[0]["ess"])
+    assert ess["0"] == 1.0 and ess["1"] < 1.0  # the sweep value reached each job

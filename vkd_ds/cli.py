@@ -41,6 +41,15 @@ def procs_for(cfg) -> int:
 
 def cmd_train(overrides: list[str]) -> int:
     select_accelerator()
+    if "-m" in overrides or "--multirun" in overrides:
+        # A sweep: every rank runs Hydra's jobs one after another inside one launch. The sweep
+        # values cannot be composed here; each job checks its own config before it trains.
+        from vkd_ds.config import compose
+
+        fixed = [o for o in overrides if not o.startswith("-") and "," not in o.split("=", 1)[-1]]
+        # Hydra's parser takes its flags before the overrides only.
+        ordered = [o for o in overrides if o.startswith("-")] + [o for o in overrides if not o.startswith("-")]
+        return subprocess.call(launcher_command(ordered, procs_for(compose(fixed))), env=os.environ.copy())
     if any(arg.startswith("-") for arg in overrides):
         # Hydra's own flags (--cfg job, --help, ...) run in this process.
         from vkd_ds.launch import main
