@@ -28,6 +28,11 @@ def test_quick_demo_with_sequence_kd_distilled_student_beats_ce_only(tmp_path):
     assert 0 < summary["mean_ess"] <= 1 and "effective sample size" in result.stdout
     # Sequence KD raised the teacher's log-prob of the student's samples (measured: -9.68 -> -6.90).
     assert summary["seq_teacher_logprob_last"] > summary["seq_teacher_logprob_first"] + 1.0, summary
+    # The demo ends with a report of the distillation run: one PNG per curve family.
+    report = (out / "run" / "report" / "report.md").read_text()
+    for png in ("loss.png", "weights.png", "seq_kd.png", "lr.png", "throughput.png", "eval.png"):
+        assert (out / "run" / "report" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report, png
+    assert "report with plots" in result.stdout
     ce_header = (out / "run_ce_only" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "loss/seq" not in ce_header and "loss/soft" not in ce_header  # the baseline stays CE only
 
