@@ -67,7 +67,9 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
             "params": {
                 "total_num_steps": trainer.max_steps,
                 "warmup_num_steps": max(warmup, 1),
-                # Linear warmup from lr/warmup (not 0, which would waste the first step) to lr.
+                # Meant as a linear warmup from lr/warmup to lr. Known bug: WarmupCosineLR sets the
+                # LR to 0 until its first step(), so optimizer step 1 applies LR 0 and the schedule
+                # runs one step late; `last_batch_iteration: 0` fixes it (README figures then change).
                 "warmup_min_ratio": 1.0 / max(warmup, 1),
                 "cos_min_ratio": trainer.min_lr_ratio,
                 "warmup_type": "linear",
