@@ -201,3 +201,23 @@ def test_fit_valence_head_with_unlabelled_data_and_labels_data(tiny_assets, tmp_
         ]
     )
     assert_clean_failure(result, f"{tiny_assets / 'train.jsonl'}:1: valence.fit.labels=data but this record", out)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["gate.enabled=true", "gate.mode=proxy", "loss.val=0"], "gate.mode=proxy projects the student's valence"),
+        (["gate.enabled=true", "gate.probe_size=1"], "`gate.probe_size` (1) must be at least the world size (2)"),
+    ],
+)
+def test_impossible_gate_settings(tiny_assets, tmp_path, extra, message):
+    run_dir = tmp_path / "run"
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
+    assert_clean_failure(result, message, run_dir)
+
+
+def test_eval_and_report_of_a_directory_that_is_not_a_run(tmp_path):
+    for command, message in (("eval", "has no config.yaml"), ("report", "has no metrics.csv")):
+        result = vkd_cli([command, str(tmp_path)])
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
