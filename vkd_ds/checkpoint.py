@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> Pat
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     (target / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), target / "rng" / f"rank_{dist.rank()}.pt")
+    if f"{step}:{dist.rank()}" in os.environ.get("VKD_FAULT_KILL_IN_SAVE", "").split(","):
+        # Fault injection for tests: die like `kill -9` with this step's shards written, unpublished.
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if dist.is_main():
         meta = {"step": step, "world_size": dist.world_size()}
