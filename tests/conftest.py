@@ -100,3 +100,37 @@ def base_overrides(assets: Path, run_dir: Path) -> list[str]:
         "loss.seq=0",
         *TINY_STUDENT,
     ]
+
+
+# Every term of the full objective, the attention-map part of L_feat and a regularized LM
+# parameter included; valence weights at the SPEC's λ = 6 (the contrastive term is left out:
+# its negatives are the micro-batch, which differs between layouts by design).
+# Sequence KD samples alike on every layout: each sequence's draws are seeded by its place
+# in the global batch, and its baseline is the global batch's mean reward.
+FULL_OBJECTIVE = [
+    "loss.ce=1.0",
+    "loss.soft=0.8",
+    "loss.feat=0.4",
+    "loss.seq=0.3",
+    "seq_kd.n_gen=6",
+    "loss.val=0.6",
+    "loss.reg=0.01",
+    "feat.attention=0.5",
+    "reg.param_patterns=[*norm.weight]",
+    "weighting.lam=6.0",
+]
+
+
+def save_tiny_model(path: Path, arch: str = "llama", seed: int = 5, vocab_size: int = 384, **sizes) -> Path:
+    """A random causal LM of `arch`, built from a config and saved: a starting point that is the
+    same for every layout (a fresh init under ZeRO-3's zero.Init draws differently per layout)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    shape.update(sizes)
+    shape.setdefault("num_key_value_heads", shape["num_attention_heads"])
+    config = AutoConfig.for_model(arch, vocab_size=vocab_size, max_position_embeddings=128, **shape)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import base_overrides, deepspeed_launch, train_job, vkd_cli
+from tests.conftest import FULL_OBJECTIVE, base_overrides, deepspeed_launch, save_tiny_model, train_job, vkd_cli
 from vkd_ds import checkpoint
 from vkd_ds.export import consolidated_state_dict
 from vkd_ds.metrics import read_metrics
@@ -32,45 +32,12 @@ def six_step_run(tiny_assets, tmp_path_factory):
     return run_dir, result
 
 
-# Every term of the full objective, the attention-map part of L_feat and a regularized LM
-# parameter included; valence weights at the SPEC's λ = 6 (the contrastive term is left out:
-# its negatives are the micro-batch, which differs between the two layouts by design).
-# Sequence KD samples alike on both layouts: each sequence's draws are seeded by its place
-# in the global batch, and its baseline is the global batch's mean reward.
-FULL_OBJECTIVE = [
-    "loss.ce=1.0",
-    "loss.soft=0.8",
-    "loss.feat=0.4",
-    "loss.seq=0.3",
-    "seq_kd.n_gen=6",
-    "loss.val=0.6",
-    "loss.reg=0.01",
-    "feat.attention=0.5",
-    "reg.param_patterns=[*norm.weight]",
-    "weighting.lam=6.0",
-]
-
-
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
     """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients.
 
     The student starts from a saved model: a fresh init under zero.Init draws differently from a
     plain one, and the comparison across stages needs the same starting point."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    student = tmp_path / "student"
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(5)
-    AutoModelForCausalLM.from_config(config).save_pretrained(student)
+    student = save_tiny_model(tmp_path / "student")
     common = [
         "trainer.max_steps=3",
         "trainer.grad_accum=2",
@@ -275,21 +242,19 @@ def test_architectures_as_teacher_and_student_train_and_export(arch, tiny_assets
     """Teacher and student of one architecture, built from configs: the feature hooks find both
     models' decoder layers, training runs on ZeRO-3, and the export reloads with from_pretrained
     with the engine's logits."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
-    teacher = tmp_path / "teacher"
-    config = AutoConfig.for_model(
+    teacher = save_tiny_model(
+        tmp_path / "teacher",
         arch,
+        seed=0,
         vocab_size=len(tokenizer),
         hidden_size=48,
         intermediate_size=96,
         num_hidden_layers=3,
         num_attention_heads=4,
-        num_key_value_heads=4,
     )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
     tokenizer.save_pretrained(teacher)
     run_dir = tmp_path / "run"
     overrides = base_overrides(tiny_assets, run_dir) + [

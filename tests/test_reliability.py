@@ -10,7 +10,16 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, base_overrides, cpu_env, deepspeed_launch, free_port, train_job
+from tests.conftest import (
+    FULL_OBJECTIVE,
+    REPO,
+    base_overrides,
+    cpu_env,
+    deepspeed_launch,
+    free_port,
+    save_tiny_model,
+    train_job,
+)
 from vkd_ds import checkpoint
 from vkd_ds.metrics import read_metrics
 
@@ -77,3 +86,35 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_exactly(tiny_as
     # Only complete checkpoints remain in the end (the partial one was replaced).
     for path in (killed / "checkpoints").iterdir():
         assert not path.name.startswith("step_") or (path / checkpoint.COMPLETE).is_file(), path
+
+
+def _curve(run_dir, column="loss"):
+    return [float(r[column]) for r in read_metrics(run_dir / "metrics.csv") if r.get(column)]
+
+
+def test_elastic_resume_two_ranks_to_one_and_one_to_two(tiny_assets, tmp_path):
+    """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, and one of 1 rank on 2 (through DeepSpeed's
+    universal checkpoint), with the global batch kept: the curve goes on as if nothing changed."""
+    student = save_tiny_model(tmp_path / "student")
+    common = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.grad_accum=2"]
+    common += [f"student.path={student}", *FULL_OBJECTIVE]
+    layout = {2: ["trainer.micro_batch_size=2"], 1: ["trainer.micro_batch_size=4"]}  # 8 sequences a step
+    straight = tmp_path / "straight"
+    train_job(base_overrides(tiny_assets, straight) + common + layout[2])
+    for first, then in ((2, 1), (1, 2)):
+        run_dir = tmp_path / f"from{first}to{then}"
+        overrides = base_overrides(tiny_assets, run_dir) + common
+        train_job(overrides + layout[first] + ["trainer.stop_after_steps=3"], num_procs=first)
+        # A different global batch would silently change what a step means: refused, nothing written.
+        refused = deepspeed_launch(["launcher/train.py", *overrides, "trainer.micro_batch_size=1"], then)
+        assert refused.returncode != 0
+        assert "global batch of 8 sequences, this run has" in refused.stderr and "Traceback" not in refused.stderr
+        assert len(_curve(run_dir)) == 3
+        resumed = train_job(overrides + layout[then], num_procs=then)
+        assert "resumed from" in resumed.stderr
+        assert (run_dir / "checkpoints" / "step_0000003" / checkpoint.UNIVERSAL).is_dir()
+        for column in ("loss", "loss/ce", "loss/soft", "loss/feat", "loss/seq", "loss/val", "eval/ce"):
+            ours, reference = _curve(run_dir, column), _curve(straight, column)
+            assert len(ours) == len(reference) and ours[0] != ours[-1]  # and it kept training
+            for a, b in zip(ours, reference, strict=True):
+                assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (column, ours, reference)

@@ -3,6 +3,10 @@
 Layout: run_dir/checkpoints/step_XXXXXXX/ holds DeepSpeed's files, rng/rank_R.pt
 and, written last, COMPLETE. A directory without COMPLETE (a kill during the
 write) is never loaded. `latest` names the newest complete one.
+
+Elastic resume: a checkpoint written by another number of ranks is converted once
+into DeepSpeed's universal format (step_XXXXXXX/universal/, also published last)
+and loaded from there; the global batch must stay the same.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ from vkd_ds import dist
 from vkd_ds.errors import VkdError
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -68,7 +75,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, global_batch: int) -> Path:
     """Collective: every rank writes its shards and RNG; rank 0 publishes once all are done."""
     root = checkpoint_root(run_dir)
     tag = tag_of(step)
@@ -84,7 +91,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> Pat
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if dist.is_main():
-        meta = {"step": step, "world_size": dist.world_size()}
+        meta = {"step": step, "world_size": dist.world_size(), "global_batch": global_batch}
         _write_atomic(target / COMPLETE, json.dumps(meta) + "\n")
         _write_atomic(root / "latest", tag + "\n")
         _prune(root, keep, newest=target)
@@ -105,28 +112,94 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def load(engine, checkpoint_dir: Path) -> dict:
-    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; returns the client state."""
+def read_meta(checkpoint_dir: Path) -> dict:
+    """What COMPLETE records: step, world_size and (since elastic resume) global_batch."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / COMPLETE).is_file():
         raise VkdError(f"resume: {checkpoint_dir} is not a complete vkd-ds checkpoint (no {COMPLETE} marker)")
-    meta = json.loads((checkpoint_dir / COMPLETE).read_text())
-    if meta["world_size"] != dist.world_size():
+    try:
+        return json.loads((checkpoint_dir / COMPLETE).read_text())
+    except ValueError:
+        raise VkdError(f"resume: {checkpoint_dir / COMPLETE} is not valid JSON; the checkpoint is damaged") from None
+
+
+def needs_universal(checkpoint_dir: Path, world_size: int, zero_stage: int, global_batch: int | None) -> bool:
+    """True when the checkpoint was written by another number of ranks and its ZeRO optimizer state
+    is partitioned by rank (stages 1-3): it must go through DeepSpeed's universal format. Under
+    ZeRO-0 every rank holds the whole state and loads it as it is. `global_batch` None: not training
+    on (eval), so any batch layout will do."""
+    meta = read_meta(checkpoint_dir)
+    written = meta.get("global_batch")
+    if None not in (written, global_batch) and written != global_batch:
+        raise VkdError(
+            f"resume: {checkpoint_dir} was trained with a global batch of {written} sequences, this run has "
+            f"{global_batch}; keep trainer.micro_batch_size x trainer.grad_accum x world size = {written} "
+            "(e.g. double trainer.grad_accum when halving the ranks)"
+        )
+    return meta["world_size"] != world_size and zero_stage > 0
+
+
+def make_universal(checkpoint_dir: Path) -> Path:
+    """Collective: rank 0 converts the checkpoint once (DeepSpeed's ds_to_universal) into
+    checkpoint_dir/universal, published by a rename; the other ranks wait for it."""
+    target = Path(checkpoint_dir) / UNIVERSAL
+    failure = None
+    if dist.is_main() and not target.is_dir():
+        staging = target.with_name(UNIVERSAL + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        command = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint_dir),
+            "--output_folder",
+            str(staging),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(staging, target)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            failure = f"resume: converting {checkpoint_dir} to DeepSpeed's universal format failed: {lines[-1]}"
+    if dist.any_rank(failure is not None):
+        raise VkdError(failure or f"resume: rank 0 could not convert {checkpoint_dir} to the universal format")
+    return target
+
+
+def load(engine, checkpoint_dir: Path, seed: int = 0) -> dict:
+    """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; returns the client state.
+    An engine built with DeepSpeed's `checkpoint.load_universal` reads checkpoint_dir/universal."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
+    universal = bool(engine.load_universal_checkpoint())
+    if meta["world_size"] != dist.world_size() and not universal and engine.zero_optimization_stage() > 0:
         raise VkdError(
             f"resume: {checkpoint_dir} was written by {meta['world_size']} ranks, this run has "
-            f"{dist.world_size()}; resuming on a different world size is not supported yet"
+            f"{dist.world_size()}; its ZeRO state must be converted first (checkpoint.make_universal)"
         )
+    load_dir, tag = (checkpoint_dir, UNIVERSAL) if universal else (checkpoint_dir.parent, checkpoint_dir.name)
     try:
         path, client_state = engine.load_checkpoint(
-            str(checkpoint_dir.parent),
-            tag=checkpoint_dir.name,
+            str(load_dir),
+            tag=tag,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-    except (OSError, RuntimeError, KeyError, ValueError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as err:
         raise VkdError(f"resume: cannot load {checkpoint_dir}: {str(err).splitlines()[0]}") from None
     if path is None:
         raise VkdError(f"resume: DeepSpeed found no checkpoint in {checkpoint_dir}")
-    rng_file = checkpoint_dir / "rng" / f"rank_{dist.rank()}.pt"
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    if meta["world_size"] == dist.world_size():
+        set_rng_state(torch.load(checkpoint_dir / "rng" / f"rank_{dist.rank()}.pt", weights_only=False))
+    else:
+        # Another layout has other RNG streams; each rank starts a fresh one, reproducibly.
+        torch.manual_seed(seed + 1_000_003 * int(meta["step"]) + dist.rank())
+        random.seed(seed + int(meta["step"]) + dist.rank())
+        np.random.seed((seed + int(meta["step"]) + dist.rank()) % 2**32)
     return client_state

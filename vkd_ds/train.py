@@ -148,6 +148,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
+    if resume_from is not None and checkpoint.needs_universal(
+        resume_from, world, int(cfg.deepspeed.zero_stage), None if cfg.eval_only else check_global_batch(cfg, world)
+    ):
+        # Written by another number of ranks: DeepSpeed re-partitions a universal checkpoint.
+        checkpoint.make_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config)
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
@@ -218,7 +224,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         seq_kd,
     )
     if resume_from is not None:
-        trainer.restore(checkpoint.load(engine, resume_from))
+        trainer.restore(checkpoint.load(engine, resume_from, int(cfg.trainer.seed)))
         log.info("resumed from %s at step %d", resume_from, trainer.step)
     result = trainer.fit()
     log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
@@ -251,7 +257,7 @@ def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resu
         raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
     source = str(cfg.student.path)
     if resume_from is not None:
-        trainer.restore(checkpoint.load(engine, resume_from))
+        trainer.restore(checkpoint.load(engine, resume_from, int(cfg.trainer.seed)))
         source = str(resume_from)
     result = {"step": trainer.step, "source": source, **trainer.evaluate()}
     if dist.is_main():

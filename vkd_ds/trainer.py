@@ -361,7 +361,12 @@ class Trainer:
                 preempted = dist.any_rank(preemption.received is not None)
                 if self._due(cfg.save_every) or self.step == stop_at or preempted:
                     path = checkpoint.save(
-                        self.engine, self.run_dir, self.step, self.client_state(), cfg.keep_checkpoints
+                        self.engine,
+                        self.run_dir,
+                        self.step,
+                        self.client_state(),
+                        cfg.keep_checkpoints,
+                        self.sampler.global_batch_size,
                     )
                     self.log.info("saved checkpoint %s", path)
         finally:
