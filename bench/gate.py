@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import asset_overrides, bench_env, describe, median_of, train  # noqa: E402
+
 MODES = {
     "off": ["gate.enabled=false"],
     "proxy": ["gate.enabled=true", "gate.mode=proxy", "gate.ratio=0"],
@@ -38,66 +37,26 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-gate-"))
-    env = os.environ.copy()
-    if not _has_gpu():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.procs)))
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env = bench_env(args.procs)
     assets = out / "assets"
     if not (assets / "teacher").is_dir():
-        subprocess.run(
-            [sys.executable, "-c", f"from vkd_ds.assets import write_tiny_assets; write_tiny_assets({str(assets)!r})"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-    common = [
-        f"teacher.path={assets / 'teacher'}",
-        f"data.train_path={assets / 'train.jsonl'}",
-        f"data.valid_path={assets / 'valid.jsonl'}",
-        f"data.tokenizer_path={assets / 'tokenizer'}",
-        f"valence.teacher_head={assets / 'teacher_valence_head.safetensors'}",
-        "data.max_seq_len=128",
-        f"trainer.max_steps={args.steps}",
-        "trainer.eval_every=0",
-        "trainer.save_every=0",
-        "trainer.progress_bar=false",
-        "loss.seq=0",
-        "resume=never",
-        *args.overrides,
-    ]
-    report: dict = {
-        "procs": args.procs,
-        "steps": args.steps,
-        "threads_per_proc": int(env["OMP_NUM_THREADS"]),
-        "glibc_tunables": env.get("GLIBC_TUNABLES", "default"),
-        "overrides": args.overrides,
-    }
-    for mode, overrides in MODES.items():
-        run_dir = out / mode
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.procs)]
-        cmd += ["launcher/train.py", *common, *overrides, f"run.dir={run_dir}"]
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.stderr.write(result.stderr[-4000:])
-            return 1
-        from vkd_ds.metrics import read_metrics
+        from vkd_ds.assets import write_tiny_assets
 
-        rows = read_metrics(run_dir / "metrics.csv")
-        times = [float(r["step_time_s"]) for r in rows[args.skip :]]
-        report[mode] = {"median_step_s": round(statistics.median(times), 4), "steps_timed": len(times)}
+        write_tiny_assets(assets)
+    common = asset_overrides(assets, 128) + [f"trainer.max_steps={args.steps}", "loss.seq=0", *args.overrides]
+    report: dict = {**describe(env, args.procs), "steps": args.steps, "overrides": args.overrides}
+    for mode, overrides in MODES.items():
+        rows = train(args.procs, common + overrides, out / mode, env)
+        steps_timed = len(rows) - args.skip
+        report[mode] = {
+            "median_step_s": round(median_of(rows, "step_time_s", args.skip), 4),
+            "steps_timed": steps_timed,
+        }
     base = report["off"]["median_step_s"]
     for mode in ("proxy", "lookahead"):
         report[mode]["overhead"] = round(report[mode]["median_step_s"] / base - 1, 4)
     print(json.dumps(report))
     return 0
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -84,12 +84,10 @@ def tiny_assets(tmp_path_factory) -> Path:
 
 
 def base_overrides(assets: Path, run_dir: Path) -> list[str]:
+    from vkd_ds.assets import asset_overrides
+
     return [
-        f"teacher.path={assets / 'teacher'}",
-        f"data.train_path={assets / 'train.jsonl'}",
-        f"data.valid_path={assets / 'valid.jsonl'}",
-        f"data.tokenizer_path={assets / 'tokenizer'}",
-        f"valence.teacher_head={assets / 'teacher_valence_head.safetensors'}",
+        *asset_overrides(assets),
         f"run.dir={run_dir}",
         "data.max_seq_len=48",
         "trainer.warmup_steps=2",

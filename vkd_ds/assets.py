@@ -123,6 +123,18 @@ def pretrain_lm(
     model.eval()
 
 
+def asset_overrides(assets: Path) -> list[str]:
+    """Hydra overrides that point a run at assets written by write_tiny_assets / write_bench_assets."""
+    assets = Path(assets)
+    return [
+        f"teacher.path={assets / 'teacher'}",
+        f"data.train_path={assets / 'train.jsonl'}",
+        f"data.valid_path={assets / 'valid.jsonl'}",
+        f"data.tokenizer_path={assets / 'tokenizer'}",
+        f"valence.teacher_head={assets / 'teacher_valence_head.safetensors'}",
+    ]
+
+
 def write_tiny_assets(out: Path) -> Path:
     """Tests' and benchmarks' assets: a 384-token BPE tokenizer, a random 3 × 48 Llama teacher (its
     embeddings padded past the tokenizer, as real checkpoints do), train/valid JSONL from pydoc text
@@ -141,4 +153,45 @@ def write_tiny_assets(out: Path) -> Path:
     teacher.save_pretrained(out / "teacher")
     tokenizer.save_pretrained(out / "teacher")
     save_head(ValenceHead(48, 8), out / "teacher_valence_head.safetensors")
+    return out
+
+
+def write_bench_assets(
+    out: Path,
+    vocab_size: int,
+    seq_len: int,
+    *,
+    records: int = 96,
+    teacher_layers: int = 4,
+    teacher_width: int = 256,
+    seed: int = 0,
+) -> Path:
+    """Benchmark assets of an exact vocabulary size: a word-level tokenizer of `vocab_size` tokens
+    (w0, w1, ... plus the special tokens), `records` texts of `seq_len` - 1 Zipf-distributed words
+    (BOS + text = `seq_len` tokens), a random `teacher_layers` × `teacher_width` Llama teacher and a
+    random teacher valence head (k = 8). Speed and memory depend on the shapes, not on the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from vkd_ds.valence import ValenceHead, save_head
+
+    out = Path(out)
+    specials = list(SPECIAL_TOKENS.values())
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    tokenizer.save_pretrained(out / "tokenizer")
+    rng = random.Random(seed)
+    zipf = [1.0 / (rank + 1) for rank in range(len(words))]
+    texts = [" ".join(rng.choices(words, weights=zipf, k=seq_len - 1)) for _ in range(records)]
+    train, valid = split_records(texts, valid_every=8)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "valid.jsonl", valid)
+    torch.manual_seed(seed)
+    config = llama_config(vocab_size, teacher_width, teacher_layers, max_positions=max(512, seq_len))
+    AutoModelForCausalLM.from_config(config).save_pretrained(out / "teacher")
+    tokenizer.save_pretrained(out / "teacher")
+    save_head(ValenceHead(teacher_width, 8), out / "teacher_valence_head.safetensors")
     return out

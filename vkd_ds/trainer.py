@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -67,6 +69,7 @@ class Trainer:
         self.step = 0
         self.log = get_logger()
         self.nan_faults = _nan_faults()
+        self.clock = PhaseClock(bool(cfg.trainer.time_phases), dist.on_gpu())
 
     # ---- one optimizer step -------------------------------------------------------------
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -109,19 +112,27 @@ class Trainer:
         if not skip and gate.settings.enabled and gate.settings.mode == "proxy":
             projected = gate.projected_proxy(float(student_valence[0]), float(student_valence[1]))
             rejected = gate.rejects(projected)
+        clock = self.clock
         if skip or rejected:
-            gate.snapshot.take()
-            self.engine.step()
-            gate.snapshot.restore()
-        elif gate.settings.enabled and gate.settings.mode == "lookahead":
-            gate.snapshot.take()
-            self.engine.step()
-            projected = gate.projected_lookahead()
-            rejected = gate.rejects(projected)
-            if rejected:
+            with clock("gate"):
+                gate.snapshot.take()
+            with clock("optimizer"):
+                self.engine.step()
+            with clock("gate"):
                 gate.snapshot.restore()
+        elif gate.settings.enabled and gate.settings.mode == "lookahead":
+            with clock("gate"):
+                gate.snapshot.take()
+            with clock("optimizer"):
+                self.engine.step()
+            with clock("gate"):
+                projected = gate.projected_lookahead()
+                rejected = gate.rejects(projected)
+                if rejected:
+                    gate.snapshot.restore()
         else:
-            self.engine.step()
+            with clock("optimizer"):
+                self.engine.step()
         if skip and dist.is_main():
             self.log.warning("step %d: non-finite loss on at least one rank; step skipped on every rank", step + 1)
         if rejected and dist.is_main():
@@ -144,6 +155,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
+        clock = self.clock
+        clock.reset()
         step = self.step
         accum = self.cfg.trainer.grad_accum
         obj = self.objective
@@ -155,21 +168,24 @@ class Trainer:
         rollouts, advantages = [None] * accum, [None] * accum
         if self.seq_kd is not None and self.seq_kd.due(step):
             micro = self.cfg.trainer.micro_batch_size
-            rollouts = [
-                self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
-            ]
-            advantages, seq_stats = self.seq_kd.advantages(rollouts)
+            with clock("rollout"):
+                rollouts = [
+                    self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
+                ]
+                advantages, seq_stats = self.seq_kd.advantages(rollouts)
             stats.update(seq_stats)
         # Every micro-batch's teacher pass comes first: the weights of the first backward
         # depend on the saliencies of the whole global batch.
         teacher_outs = [None] * accum
         if self.teacher is not None:
-            teacher_outs = [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
+            with clock("teacher_forward"):
+                teacher_outs = [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
         if obj.teacher_valence:
-            masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
-            saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
-            # global_weight_sum, the denominator of L, is the same number on every rank.
-            weights, global_weight_sum, weight_stats = self._weights(saliencies)
+            with clock("weights"):
+                masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
+                saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
+                # global_weight_sum, the denominator of L, is the same number on every rank.
+                weights, global_weight_sum, weight_stats = self._weights(saliencies)
             stats.update(weight_stats)
         else:
             weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
@@ -179,25 +195,30 @@ class Trainer:
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         gate = self.gate
         if gate.settings.enabled and gate.baseline_due(step):
-            gate.refresh_baseline(step)
+            with clock("gate"):
+                gate.refresh_baseline(step)
             self.log.info("mercy gate: the teacher's baseline valence is %.6f (step %d)", gate.state.baseline, step)
         proxy = gate.settings.enabled and gate.settings.mode == "proxy"
         student_valence = torch.zeros(2, dtype=torch.float64)  # sum and count, for the proxy
         nonfinite = False
         for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
-            inputs = obj.train_inputs(batch, teacher_outs[a])
-            student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
-            terms, mask = obj.terms(student_out, teacher_outs[a], batch)
+            with clock("student_forward"):
+                inputs = obj.train_inputs(batch, teacher_outs[a])
+                student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
+            with clock("loss"):
+                terms, mask = obj.terms(student_out, teacher_outs[a], batch)
             teacher_outs[a] = None  # free this micro-batch's teacher logits before the next
             if rollouts[a] is not None:
                 # A second forward of the student, on its own samples; one backward covers both.
-                nll = obj.student_nll(self.engine, rollouts[a].batch)
+                with clock("student_forward"):
+                    nll = obj.student_nll(self.engine, rollouts[a].batch)
                 terms["seq"] = sequence_kd(
                     nll, rollouts[a].teacher_logprob.to(nll.device), advantages[a].to(nll.device)
                 )
                 rollouts[a] = None
-            base = combine_terms(terms, obj.lambdas)
-            loss = weighted_batch_loss(base, w, global_weight_sum)
+            with clock("loss"):
+                base = combine_terms(terms, obj.lambdas)
+                loss = weighted_batch_loss(base, w, global_weight_sum)
             if a == 0 and (step + 1, self.rank) in self.nan_faults:
                 loss = loss * float("nan")  # fault injection (VKD_FAULT_NAN_LOSS), for tests
             if proxy:
@@ -206,23 +227,27 @@ class Trainer:
             nonfinite |= not bool(torch.isfinite(loss.detach()))
             # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
             # share of the global sum: scale by the world size so the update is of L itself.
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            with clock("backward"):
+                self.engine.backward(loss * self.world, scale_wrt_gas=False)
             if a == accum - 1:
                 grad_norm = self._grad_norm_before_step()
                 nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
                 stats.update(self._commit(step, nonfinite, student_valence))
             else:
-                self.engine.step()
+                with clock("optimizer"):
+                    self.engine.step()
             for j, name in enumerate(names):
                 local[j] += float((w * terms[name].detach()).sum())
             local[-2] += float(loss.detach())
             local[-1] += float(mask.sum())
         total = dist.all_reduce_sum(local)
         elapsed = time.perf_counter() - started
+        rss = dist.all_reduce_max(torch.tensor([_rss_gb(), _peak_rss_gb()]))  # the largest rank's
         metrics = {"step": step + 1, "loss": float(total[-2])}
         for j, name in enumerate(names):
             metrics[f"loss/{name}"] = float(total[j] / global_weight_sum)
         metrics.update(stats)
+        metrics.update(clock.metrics(elapsed))
         metrics.update(
             {
                 "lr": lr,
@@ -231,7 +256,8 @@ class Trainer:
                 "tokens_per_s": float(total[-1]) / elapsed,
                 "step_time_s": elapsed,
                 "epoch": self.sampler.epoch_of(step + 1),
-                "mem_rss_gb": float(dist.all_reduce_max(torch.tensor([_rss_gb()]))[0]),
+                "mem_rss_gb": float(rss[0]),
+                "mem_peak_rss_gb": float(rss[1]),
             }
         )
         if torch.cuda.is_available() and dist.on_gpu():
@@ -417,6 +443,43 @@ class Trainer:
             )
 
 
+class PhaseClock:
+    """Seconds of each phase of a step (`trainer.time_phases`), and `time/other`: what is left of the
+    step (batching, the metric reductions, Python between phases). On GPUs every phase boundary
+    synchronizes so that kernels count in the phase that launched them, which costs some speed;
+    off by default."""
+
+    def __init__(self, enabled: bool, synchronize: bool):
+        self.enabled = enabled
+        self.synchronize = synchronize and torch.cuda.is_available()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        if self.synchronize:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - started
+
+    def metrics(self, step_seconds: float) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        result = {f"time/{phase}": seconds for phase, seconds in sorted(self.seconds.items())}
+        result["time/other"] = step_seconds - sum(self.seconds.values())
+        return result
+
+
 class Preemption:
     """Records the first of `names` (e.g. SIGUSR1, SIGTERM) this process receives; the loop checkpoints
     and stops at the end of the step. SLURM sends SIGUSR1 ahead of the time limit with
@@ -471,6 +534,13 @@ def _as_float(value) -> float:
 
 def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory since it started (Linux reports kilobytes)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _short(value) -> str:
