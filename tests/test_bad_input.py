@@ -2,10 +2,12 @@
 and no run directory written."""
 
 import json
+import shutil
 
 import pytest
 
-from tests.conftest import base_overrides, deepspeed_launch, vkd_cli
+from tests.conftest import base_overrides, deepspeed_launch, train_job, vkd_cli
+from vkd_ds import checkpoint
 
 
 def assert_clean_failure(result, message, run_dir):
@@ -221,3 +223,43 @@ def test_eval_and_report_of_a_directory_that_is_not_a_run(tmp_path):
         result = vkd_cli([command, str(tmp_path)])
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_assets, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + ["trainer.max_steps=2", "trainer.eval_every=0"]
+    train_job(overrides)
+    return run_dir, overrides
+
+
+def tree(path):
+    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()}
+
+
+def test_bad_checkpoints_are_refused_before_anything_is_written(trained_run, tmp_path):
+    run_dir, overrides = trained_run
+    step = run_dir / "checkpoints" / "step_0000002"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    shard = damaged / "checkpoints" / "step_0000002" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated, as by a full disk
+    cases = [
+        ([f"resume={run_dir / 'checkpoints'}"], run_dir, f"{run_dir / 'checkpoints'} is not a complete vkd-ds"),
+        (["resume=never"], run_dir, f"resume=never but {run_dir} already holds checkpoints"),
+        (["trainer.micro_batch_size=2"], run_dir, "was trained with a global batch of 8 sequences, this run has 4"),
+        (
+            [f"run.dir={damaged}"],
+            damaged,
+            "is damaged: zero_pp_rank_1_mp_rank_00_optim_states.pt has 100 bytes",
+        ),
+    ]
+    for extra, where, message in cases:
+        before = tree(where)
+        result = vkd_cli(["train", *overrides, *extra])
+        assert result.returncode == 2, (extra, result.stderr[-3000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("vkd-ds: error:")]
+        assert len(errors) == 1 and message in errors[0], (extra, result.stderr[-3000:])
+        assert "Traceback" not in result.stderr
+        assert tree(where) == before, extra  # nothing written, nothing removed
+    assert (step / checkpoint.COMPLETE).is_file()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -92,6 +93,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, global
     dist.barrier()
     if dist.is_main():
         meta = {"step": step, "world_size": dist.world_size(), "global_batch": global_batch}
+        # Every file and its size: a resume checks them on every rank before DeepSpeed reads any,
+        # so a truncated or missing shard is one clear error rather than a rank failing alone.
+        meta["files"] = {str(f.relative_to(target)): f.stat().st_size for f in sorted(target.rglob("*")) if f.is_file()}
         _write_atomic(target / COMPLETE, json.dumps(meta) + "\n")
         _write_atomic(root / "latest", tag + "\n")
         _prune(root, keep, newest=target)
@@ -118,9 +122,19 @@ def read_meta(checkpoint_dir: Path) -> dict:
     if not (checkpoint_dir / COMPLETE).is_file():
         raise VkdError(f"resume: {checkpoint_dir} is not a complete vkd-ds checkpoint (no {COMPLETE} marker)")
     try:
-        return json.loads((checkpoint_dir / COMPLETE).read_text())
+        meta = json.loads((checkpoint_dir / COMPLETE).read_text())
     except ValueError:
         raise VkdError(f"resume: {checkpoint_dir / COMPLETE} is not valid JSON; the checkpoint is damaged") from None
+    for name, size in meta.get("files", {}).items():
+        path = checkpoint_dir / name
+        if not path.is_file():
+            raise VkdError(f"resume: checkpoint {checkpoint_dir} is damaged: {name} is missing")
+        if path.stat().st_size != size:
+            raise VkdError(
+                f"resume: checkpoint {checkpoint_dir} is damaged: {name} has {path.stat().st_size} bytes, "
+                f"{size} when it was written"
+            )
+    return meta
 
 
 def needs_universal(checkpoint_dir: Path, world_size: int, zero_stage: int, global_batch: int | None) -> bool:
@@ -191,7 +205,7 @@ def load(engine, checkpoint_dir: Path, seed: int = 0) -> dict:
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
-    except (OSError, RuntimeError, KeyError, ValueError, AssertionError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError, AssertionError, EOFError, pickle.UnpicklingError) as err:
         raise VkdError(f"resume: cannot load {checkpoint_dir}: {str(err).splitlines()[0]}") from None
     if path is None:
         raise VkdError(f"resume: DeepSpeed found no checkpoint in {checkpoint_dir}")

@@ -171,8 +171,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         int(cfg.data.max_seq_len),
     )
 
+    # The checkpoint is read before anything is written: a damaged one leaves the run directory as it was.
+    client_state = None
+    if resume_from is not None:
+        client_state = checkpoint.load(engine, resume_from, int(cfg.trainer.seed))
     if cfg.eval_only:
-        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, gate)
+        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, client_state, gate)
     # All checks passed and both engines exist: only now is the run directory written.
     if dist.is_main():
         _write_run_files(cfg, run_dir, prepared)
@@ -223,15 +227,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         gate,
         seq_kd,
     )
-    if resume_from is not None:
-        trainer.restore(checkpoint.load(engine, resume_from, int(cfg.trainer.seed)))
+    if client_state is not None:
+        trainer.restore(client_state)
         log.info("resumed from %s at step %d", resume_from, trainer.step)
     result = trainer.fit()
     log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
 
 
-def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, gate) -> dict[str, float]:
+def _evaluate_only(
+    cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, client_state, gate
+) -> dict[str, float]:
     """`vkd-ds eval`: the held-out evaluation of a run's checkpoint (or of student.path), nothing trained.
     Writes RUN_DIR/eval/step_XXXXXXX.json for a checkpoint and prints the figures."""
     import json
@@ -256,8 +262,8 @@ def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resu
     if not prepared.valid_data:
         raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
     source = str(cfg.student.path)
-    if resume_from is not None:
-        trainer.restore(checkpoint.load(engine, resume_from, int(cfg.trainer.seed)))
+    if client_state is not None:
+        trainer.restore(client_state)
         source = str(resume_from)
     result = {"step": trainer.step, "source": source, **trainer.evaluate()}
     if dist.is_main():

@@ -1,0 +1,63 @@
+"""The price of teacher offload (issue #7): the same run with the teacher's ZeRO-3 shards offloaded
+to CPU between uses (`teacher.offload_param=cpu`, the default) and kept on the device (`none`).
+
+    python bench/teacher_offload.py [--steps 20] [--skip 4] [--procs 2] [--out DIR] [overrides ...]
+
+The issue's shapes (4 × 256 Llama teacher, 2 × 128 student, vocabulary 8192, 256 tokens, global
+batch 8), CE + soft KD, ZeRO-3, `trainer.time_phases=true`. Reports the median step time, the mean
+teacher-forward time, and peak memory: each process's peak RSS, and on GPUs the peak allocated
+device memory. Without a GPU DeepSpeed's CPU accelerator keeps "device" memory in host RAM as well,
+so there the figure is only the cost of the extra copies. Prints one JSON document. State the
+allocator (GLIBC_TUNABLES) with any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import asset_overrides, bench_assets, bench_env, describe, median_of, train  # noqa: E402
+
+OBJECTIVE = ["loss.feat=0", "loss.seq=0", "loss.val=0", "loss.reg=0", "weighting.lam=0", "trainer.time_phases=true"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--skip", type=int, default=4)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-offload-"))
+    env = bench_env(args.procs)
+    assets = bench_assets(out, 8192, 256)
+    common = asset_overrides(assets, 256) + OBJECTIVE
+    common += [f"trainer.max_steps={args.steps}", f"trainer.micro_batch_size={8 // args.procs}", *args.overrides]
+    report: dict = {**describe(env, args.procs), "steps": args.steps, "overrides": args.overrides}
+    for offload in ("none", "cpu"):
+        rows = train(args.procs, common + [f"teacher.offload_param={offload}"], out / offload, env)
+        result = {
+            "median_step_s": round(median_of(rows, "step_time_s", args.skip), 4),
+            "teacher_forward_s": round(
+                statistics.fmean(float(r["time/teacher_forward"]) for r in rows[args.skip :]), 4
+            ),
+            "peak_rss_gb": round(max(float(r["mem_peak_rss_gb"]) for r in rows), 4),
+        }
+        if rows[-1].get("mem_gpu_gb"):
+            result["peak_gpu_gb"] = round(max(float(r["mem_gpu_gb"]) for r in rows), 4)
+        report[f"offload_{offload}"] = result
+    report["step_time_ratio"] = round(
+        report["offload_cpu"]["median_step_s"] / report["offload_none"]["median_step_s"], 4
+    )
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
