@@ -4,6 +4,7 @@ through the deepspeed launcher, and reading metrics.csv back."""
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,9 +65,10 @@ def asset_overrides(assets: Path, seq_len: int) -> list[str]:
 
 
 def train(procs: int, overrides: list[str], run_dir: Path, env: dict[str, str]) -> list[dict]:
-    """One vkd-ds run; its metrics.csv rows. Exits with the job's stderr if it fails."""
+    """One fresh vkd-ds run in `run_dir`; its metrics.csv rows. Exits with the job's stderr if it fails."""
     from vkd_ds.metrics import read_metrics
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time the bench runs
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
     cmd += ["launcher/train.py", *overrides, f"run.dir={run_dir}"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

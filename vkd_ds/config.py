@@ -215,6 +215,8 @@ def validate(cfg: DictConfig) -> None:
         )
     _choice(cfg, "trainer.requeue", ("auto", "never"))
     _bool(cfg, "eval_only")
+    _bool(cfg, "trainer.keep_freed_memory")
+    _bool(cfg, "trainer.time_phases")
     _number(cfg, "num_procs", low=1, integer=True)
     resume = _get(cfg, "resume")
     if resume not in ("auto", "never") and not (isinstance(resume, str) and Path(resume).is_dir()):

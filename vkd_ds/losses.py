@@ -16,6 +16,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The fp32 [rows, vocab] buffers of a chunk stay at or under 16 MiB. glibc hands out blocks of
+# 32 MiB and more as fresh mmaps, page-faulted on first touch and unmapped on free, so larger
+# chunks spend as much time in the kernel as in the math (bench/plain_kd.py, vocabulary 32768).
+CHUNK_BYTES = 16 * 2**20
+
+
+def chunk_rows(chunk_tokens: int, vocab_size: int) -> int:
+    """Rows per chunk: `loss.chunk_tokens`, fewer where the vocabulary would make a chunk exceed CHUNK_BYTES."""
+    return max(1, min(int(chunk_tokens), CHUNK_BYTES // (4 * int(vocab_size))))
+
 
 def _soft_kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
     """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits.
@@ -55,6 +65,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def forward(ctx, logits, flat_index, other, temperature, vocab_size, chunk_tokens):
         flat_logits = logits.flatten(0, 1)
         num_tokens = flat_index.numel()
+        chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
         losses = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
         grads = None
         if logits.requires_grad:
@@ -302,6 +313,7 @@ class _FusedHeadLosses(torch.autograd.Function):
 
 def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
     w = weight[:vocab_size].float()
+    chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
     for start in range(0, hidden.shape[0], chunk_tokens):
         logits = hidden[start : start + chunk_tokens].float() @ w.T
         if bias is not None:

@@ -61,7 +61,6 @@ class Objective:
         contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
         captures = lambdas["feat"] > 0 or contrastive > 0
         lam = float(cfg.weighting.lam)
-        needs_teacher = _needs_teacher(lambdas, contrastive, lam)
         return cls(
             lambdas=lambdas,
             temperature=float(cfg.loss.temperature),
@@ -73,8 +72,9 @@ class Objective:
             contrastive=contrastive,
             contrastive_temperature=float(cfg.reg.contrastive_temperature),
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
-            # Without any teacher term (e.g. a CE-only baseline) the teacher is not even built.
-            teacher_valence=bool(cfg.valence.teacher_head) and needs_teacher,
+            # The head serves L_val and the weights' saliency (validate() requires it for them);
+            # with λ = 0 the weights are uniform and no saliency is computed.
+            teacher_valence=lambdas["val"] > 0 or lam > 0,
             lam=lam,
             z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
             normalize=bool(cfg.weighting.normalize),

@@ -129,6 +129,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     prepared = prepare(cfg)
     dist.init()
+    if cfg.trainer.keep_freed_memory and not dist.on_gpu():
+        from vkd_ds.malloc import keep_freed_memory
+
+        keep_freed_memory()
     world = dist.world_size()
     check_global_batch(cfg, world)
     run_dir = Path(cfg.run.dir).resolve()

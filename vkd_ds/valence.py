@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vkd_ds.errors import VkdError
+from vkd_ds.losses import chunk_rows
 
 DEFAULT_ALPHAS = (0.55, 0.20, 0.15, 0.10)
 
@@ -46,6 +47,7 @@ def normalized_entropy(
     flat_logits = logits.flatten(0, 1)
     index = mask.flatten().nonzero(as_tuple=True)[0]
     entropy = torch.empty(index.numel(), dtype=torch.float32, device=logits.device)
+    chunk_tokens = chunk_rows(chunk_tokens, vocab)
     for start in range(0, index.numel(), chunk_tokens):
         chunk = flat_logits[index[start : start + chunk_tokens], :vocab].float()
         log_p = F.log_softmax(chunk, dim=-1)
