@@ -12,6 +12,8 @@ Settings: `speed` (vocabulary 8192, 256 tokens; target vkd-ds ≥ 0.9 × the pla
 and `memory` (vocabulary 32768, 512 tokens; target a lower peak RSS than the plain loop, from
 chunked losses). Tokens/s is the median over the steps after `--skip`, counting predicted tokens;
 peak memory is each process's peak resident set (ru_maxrss). All cores go to the one process.
+vkd-ds tunes glibc's allocator (trainer.keep_freed_memory); the plain loop runs both as written
+and with the same setting (`plain_tuned_malloc`), so the ratios show what the framework itself buys.
 Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
 """
 
@@ -47,9 +49,14 @@ VKD = [
 ]
 
 
-def plain_loop(assets: Path, seq_len: int, steps: int, skip: int) -> dict:
-    """The reference: what a KD step is without any framework."""
+def plain_loop(assets: Path, seq_len: int, steps: int, skip: int, tuned: bool) -> dict:
+    """The reference: what a KD step is without any framework; `tuned`: with vkd-ds's glibc setting."""
     import resource
+
+    if tuned:
+        from vkd_ds.malloc import keep_freed_memory
+
+        keep_freed_memory()
 
     import torch
     import torch.nn.functional as F
@@ -100,9 +107,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop here
     parser.add_argument("--seq-len", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain:
-        print(json.dumps(plain_loop(Path(args.plain), args.seq_len, args.steps, args.skip)))
+        print(json.dumps(plain_loop(Path(args.plain), args.seq_len, args.steps, args.skip, args.tuned)))
         return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-plain-"))
     env = bench_env(1)
@@ -117,21 +125,19 @@ def main() -> int:
             "peak_rss_gb": max(float(r["mem_peak_rss_gb"]) for r in rows),
             "final_loss": float(rows[-1]["loss"]),
         }
-        command = [sys.executable, __file__, "--plain", str(assets), "--seq-len", str(seq_len)]
-        command += ["--steps", str(args.steps), "--skip", str(args.skip)]
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.stderr.write(done.stderr[-4000:])
-            return 1
-        plain = json.loads(done.stdout.strip().splitlines()[-1])
-        report[name] = {
-            "vocab": vocab,
-            "seq_len": seq_len,
-            "vkd_ds": {k: round(v, 4) for k, v in ours.items()},
-            "plain": {k: round(v, 4) for k, v in plain.items()},
-            "speed_ratio": round(ours["tokens_per_s"] / plain["tokens_per_s"], 4),
-            "memory_ratio": round(ours["peak_rss_gb"] / plain["peak_rss_gb"], 4),
-        }
+        report[name] = {"vocab": vocab, "seq_len": seq_len, "vkd_ds": {k: round(v, 4) for k, v in ours.items()}}
+        # The plain loop as written, and with the glibc setting vkd-ds applies (trainer.keep_freed_memory).
+        for label, extra in (("plain", []), ("plain_tuned_malloc", ["--tuned"])):
+            command = [sys.executable, __file__, "--plain", str(assets), "--seq-len", str(seq_len), *extra]
+            command += ["--steps", str(args.steps), "--skip", str(args.skip)]
+            done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr[-4000:])
+                return 1
+            plain = json.loads(done.stdout.strip().splitlines()[-1])
+            report[name][label] = {k: round(v, 4) for k, v in plain.items()}
+            report[name][f"speed_ratio_vs_{label}"] = round(ours["tokens_per_s"] / plain["tokens_per_s"], 4)
+            report[name][f"memory_ratio_vs_{label}"] = round(ours["peak_rss_gb"] / plain["peak_rss_gb"], 4)
     print(json.dumps(report))
     return 0
 

@@ -15,6 +15,7 @@ State the allocator (GLIBC_TUNABLES) with any figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,9 +37,10 @@ def main() -> int:
 
     out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-soak-")).resolve()
     assets = out / "assets"
-    build_assets(assets, FULL)
-    if not (assets / "teacher_valence_head.safetensors").is_file():
-        fit_demo_valence_head(assets, FULL)
+    with contextlib.redirect_stdout(sys.stderr):  # the demo's progress lines; stdout is the JSON
+        build_assets(assets, FULL)
+        if not (assets / "teacher_valence_head.safetensors").is_file():
+            fit_demo_valence_head(assets, FULL)
     env = bench_env(2)
     faults = list(range(30, args.steps + 1, 30))
     env["VKD_FAULT_NAN_LOSS"] = ",".join(f"{step}:1" for step in faults)
@@ -69,8 +71,8 @@ def main() -> int:
         "rss_gb_at_warmup_end": round(after[0], 4),
         "rss_gb_max_after_warmup": round(max(after), 4),
         "rss_gb_last": round(after[-1], 4),
-        "rss_rise_mb_after_warmup": round((max(after) - after[0]) * 1024, 1),
-        "rss_slope_mb_per_100_steps": round(slope * 1024 * 100, 2),
+        "rss_rise_mib_after_warmup": round((max(after) - after[0]) * 1024, 1),
+        "rss_slope_mib_per_100_steps": round(slope * 1024 * 100, 2),
         "peak_rss_gb": round(max(float(r["mem_peak_rss_gb"]) for r in rows), 4),
         "step_s_median": round(statistics.median(float(r["step_time_s"]) for r in rows), 4),
     }

@@ -28,10 +28,11 @@ def malformed_data(tiny_assets, tmp_path):
     return path
 
 
-def test_missing_teacher_path(tiny_assets, tmp_path):
+@pytest.mark.parametrize("key", ["teacher.path", "student.path", "data.tokenizer_path"])
+def test_missing_model_or_tokenizer_directory(key, tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"teacher.path={tmp_path / 'no_teacher'}"])
-    assert_clean_failure(result, f"teacher.path: directory not found: {tmp_path / 'no_teacher'}", run_dir)
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"{key}={tmp_path / 'nothing_here'}"])
+    assert_clean_failure(result, f"{key}: directory not found: {tmp_path / 'nothing_here'}", run_dir)
 
 
 def test_malformed_jsonl_line(tiny_assets, tmp_path, malformed_data):

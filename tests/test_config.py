@@ -65,6 +65,8 @@ def test_demo_experiment_fills_paths():
         (REQUIRED + ["valence.teacher_head=/no/head.safetensors"], "valence.teacher_head`: file not found"),
         (REQUIRED + ["valence.k=0"], "`valence.k` must be >= 1"),
         (REQUIRED + ["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=cpu"], "needs deepspeed.zero_stage >= 1"),
+        (REQUIRED + ["teacher.offload_param=nvme"], "`teacher.nvme_path` is required when teacher.offload_param=nvme"),
+        (REQUIRED + ["deepspeed.offload_optimizer=nvme"], "`deepspeed.nvme_path` is required when"),
         (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
     ],
 )

@@ -107,3 +107,23 @@ def test_combine_terms_skips_zero_weights():
     terms = {"ce": torch.tensor([1.0, 2.0]), "soft": torch.tensor([3.0, 5.0])}
     got = combine_terms(terms, {"ce": 1.0, "soft": 0.5, "feat": 0.0})
     assert got.tolist() == [2.5, 4.5]
+
+
+def test_large_vocabularies_take_smaller_chunks_with_the_same_values():
+    """At vocabulary 65536 a 256-token chunk would be 64 MiB of fp32: it is cut to 64 rows (16 MiB)
+    and the per-token values and gradients stay those of the dense formula."""
+    from vkd_ds.losses import chunk_rows
+
+    assert chunk_rows(256, 8192) == 256 and chunk_rows(256, 65536) == 64 and chunk_rows(256, 10**9) == 1
+    torch.manual_seed(1)
+    batch, seq, vocab = 2, 70, 65536  # 140 positions: three chunks of at most 64
+    student = torch.randn(batch, seq, vocab, requires_grad=True)
+    teacher = torch.randn(batch, seq, vocab)
+    targets = torch.randint(0, vocab, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    ours = soft_kd(student, teacher, mask, 2.0, vocab, 256) + token_ce(student, targets, mask, vocab, 256)
+    (grad,) = torch.autograd.grad(ours.sum(), student)
+    dense = dense_soft_kd(student, teacher, mask, 2.0, vocab) + dense_ce(student, targets, mask, vocab)
+    (dense_grad,) = torch.autograd.grad(dense.sum(), student)
+    torch.testing.assert_close(ours.double(), dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-9)

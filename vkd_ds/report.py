@@ -42,6 +42,7 @@ PLOTS = [
     ),
     ("lr.png", "Learning rate", "lr", ("lr",), False),
     ("throughput.png", "Throughput", "tokens / s", ("tokens_per_s",), False),
+    ("phases.png", "Seconds per step by phase (trainer.time_phases)", "s", ("time/",), False),
     ("eval.png", "Held-out perplexity (student and teacher)", "perplexity", ("eval/ppl", "eval/teacher_ppl"), True),
 ]
 

@@ -235,7 +235,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.restore(client_state)
         log.info("resumed from %s at step %d", resume_from, trainer.step)
     result = trainer.fit()
-    log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    if trainer.step >= cfg.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
+        log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
 
 
