@@ -36,6 +36,8 @@ def describe(env: dict[str, str], procs: int) -> dict:
         "procs": procs,
         "threads_per_proc": int(env["OMP_NUM_THREADS"]),
         "glibc_tunables": env.get("GLIBC_TUNABLES", "default"),
+        # What vkd-ds itself sets on CPU unless an override turns it off (vkd_ds/malloc.py).
+        "vkd_ds_malloc": "mallopt: mmap threshold 32 MiB, no trim (trainer.keep_freed_memory=true)",
         "device": "cuda" if has_gpu() else "cpu",
     }
 

@@ -1,13 +1,15 @@
 """The cost of each part of a vkd-ds step, measured in one run (issue #7): teacher forward,
-student forward, loss, backward, optimizer, mercy gate, rollouts (sequence KD) and the valence
-weights, and the orchestration left over (`time/other`: batching, the metric reductions, Python
+student forward, loss, backward, optimizer, rollouts (sequence KD), the valence weights and the
+gate's snapshots (none here: at gate.ratio=0 it keeps every step, and its decision counts in
+`time/other`), and the orchestration left over (`time/other`: batching, the metric reductions, Python
 between phases; target at most 10% of the step).
 
     python bench/step_cost.py [--steps 30] [--skip 5] [--procs 2] [--out DIR] [overrides ...]
 
 Every term and the gate (proxy mode, gate.ratio=0 so every step is kept) on the issue's shapes:
 a 4 × 256 Llama teacher, the default 2 × 128 student, vocabulary 8192, 256-token sequences,
-global batch 8 (micro-batch 4 on each of 2 ranks), ZeRO-3, fp32, `trainer.time_phases=true`.
+global batch 8 (micro-batch 8 / --procs on each rank; use a --procs that divides 8), ZeRO-3,
+fp32, `trainer.time_phases=true`.
 Reports each phase's mean seconds per step over the steps after `--skip` and its share of the step.
 Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
 """

@@ -4,7 +4,8 @@ to CPU between uses (`teacher.offload_param=cpu`, the default) and kept on the d
     python bench/teacher_offload.py [--steps 20] [--skip 4] [--procs 2] [--out DIR] [overrides ...]
 
 The issue's shapes (4 × 256 Llama teacher, 2 × 128 student, vocabulary 8192, 256 tokens, global
-batch 8), CE + soft KD, ZeRO-3, `trainer.time_phases=true`. Reports the median step time, the mean
+batch 8 with a --procs that divides 8), CE + soft KD, ZeRO-3, `trainer.time_phases=true`.
+Reports the median step time, the mean
 teacher-forward time, and peak memory: each process's peak RSS, and on GPUs the peak allocated
 device memory. Without a GPU DeepSpeed's CPU accelerator keeps "device" memory in host RAM as well,
 so there the figure is only the cost of the extra copies. Prints one JSON document. State the

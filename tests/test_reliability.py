@@ -93,17 +93,18 @@ def _curve(run_dir, column="loss"):
 
 
 def test_elastic_resume_two_ranks_to_one_and_one_to_two(tiny_assets, tmp_path):
-    """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, and one of 1 rank on 2 (through DeepSpeed's
-    universal checkpoint), with the global batch kept: the curve goes on as if nothing changed."""
+    """A ZeRO-3 checkpoint of 2 ranks resumes on 1 rank, one of 1 rank on 2, and a ZeRO-2 one of 2 ranks
+    on 1 (through DeepSpeed's universal checkpoint), with the global batch kept: the curve goes on as
+    if nothing changed (the straight run is ZeRO-3; the stages agree to rounding)."""
     student = save_tiny_model(tmp_path / "student")
     common = ["trainer.max_steps=6", "trainer.save_every=3", "trainer.eval_every=3", "trainer.grad_accum=2"]
     common += [f"student.path={student}", *FULL_OBJECTIVE]
     layout = {2: ["trainer.micro_batch_size=2"], 1: ["trainer.micro_batch_size=4"]}  # 8 sequences a step
     straight = tmp_path / "straight"
     train_job(base_overrides(tiny_assets, straight) + common + layout[2])
-    for first, then in ((2, 1), (1, 2)):
-        run_dir = tmp_path / f"from{first}to{then}"
-        overrides = base_overrides(tiny_assets, run_dir) + common
+    for first, then, stage in ((2, 1, "zero3"), (1, 2, "zero3"), (2, 1, "zero2")):
+        run_dir = tmp_path / f"{stage}_from{first}to{then}"
+        overrides = base_overrides(tiny_assets, run_dir) + common + [f"deepspeed={stage}"]
         train_job(overrides + layout[first] + ["trainer.stop_after_steps=3"], num_procs=first)
         # A different global batch would silently change what a step means: refused, nothing written.
         refused = deepspeed_launch(["launcher/train.py", *overrides, "trainer.micro_batch_size=1"], then)

@@ -137,7 +137,9 @@ def read_meta(checkpoint_dir: Path) -> dict:
     return meta
 
 
-def needs_universal(checkpoint_dir: Path, world_size: int, zero_stage: int, global_batch: int | None) -> bool:
+def needs_universal(
+    checkpoint_dir: Path, world_size: int, zero_stage: int, global_batch: int | None, nvme_optimizer: bool = False
+) -> bool:
     """True when the checkpoint was written by another number of ranks and its ZeRO optimizer state
     is partitioned by rank (stages 1-3): it must go through DeepSpeed's universal format. Under
     ZeRO-0 every rank holds the whole state and loads it as it is. `global_batch` None: not training
@@ -150,7 +152,14 @@ def needs_universal(checkpoint_dir: Path, world_size: int, zero_stage: int, glob
             f"{global_batch}; keep trainer.micro_batch_size x trainer.grad_accum x world size = {written} "
             "(e.g. double trainer.grad_accum when halving the ranks)"
         )
-    return meta["world_size"] != world_size and zero_stage > 0
+    elastic = meta["world_size"] != world_size and zero_stage > 0
+    if elastic and nvme_optimizer:
+        raise VkdError(
+            f"resume: {checkpoint_dir} was written by {meta['world_size']} ranks, this run has {world_size}, and "
+            "DeepSpeed's universal checkpoint does not carry NVMe-offloaded optimizer state: resume on "
+            f"{meta['world_size']} ranks, or with deepspeed.offload_optimizer=none or cpu"
+        )
+    return elastic
 
 
 def make_universal(checkpoint_dir: Path) -> Path:
@@ -173,10 +182,14 @@ def make_universal(checkpoint_dir: Path) -> Path:
             "1",
             "--num_merge_workers",
             "1",
+            # ZeRO-1/2 checkpoints of plain models carry no `universal_checkpoint_info`; let it be added.
+            "--inject_missing_state",
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode == 0:
             os.replace(staging, target)
+            # The converter also leaves a `latest_universal` naming its staging directory: not ours.
+            (Path(checkpoint_dir) / "latest_universal").unlink(missing_ok=True)
         else:
             shutil.rmtree(staging, ignore_errors=True)
             lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
@@ -214,6 +227,7 @@ def load(engine, checkpoint_dir: Path, seed: int = 0) -> dict:
     else:
         # Another layout has other RNG streams; each rank starts a fresh one, reproducibly.
         torch.manual_seed(seed + 1_000_003 * int(meta["step"]) + dist.rank())
-        random.seed(seed + int(meta["step"]) + dist.rank())
-        np.random.seed((seed + int(meta["step"]) + dist.rank()) % 2**32)
+        stream = seed + 1_000_003 * int(meta["step"]) + dist.rank()
+        random.seed(stream)
+        np.random.seed(stream % 2**32)
     return client_state

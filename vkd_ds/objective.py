@@ -73,7 +73,7 @@ class Objective:
             contrastive_temperature=float(cfg.reg.contrastive_temperature),
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
             # The head serves L_val and the weights' saliency (validate() requires it for them);
-            # with λ = 0 the weights are uniform and no saliency is computed.
+            # with λ = 0 and L_val off the weights are uniform and no saliency is computed.
             teacher_valence=lambdas["val"] > 0 or lam > 0,
             lam=lam,
             z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),

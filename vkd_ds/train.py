@@ -153,11 +153,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         teacher = Teacher(teacher_engine, objective, head)
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
     if resume_from is not None and checkpoint.needs_universal(
-        resume_from, world, int(cfg.deepspeed.zero_stage), None if cfg.eval_only else check_global_batch(cfg, world)
+        resume_from,
+        world,
+        int(ds_config["zero_optimization"]["stage"]),  # deepspeed.extra may override deepspeed.zero_stage
+        None if cfg.eval_only else check_global_batch(cfg, world),
+        nvme_optimizer=ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "nvme",
     ):
         # Written by another number of ranks: DeepSpeed re-partitions a universal checkpoint.
         checkpoint.make_universal(resume_from)
-        ds_config["checkpoint"] = {"load_universal": True}
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config)
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
