@@ -3,11 +3,13 @@ through the deepspeed launcher, and reading metrics.csv back."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,3 +84,18 @@ def train(procs: int, overrides: list[str], run_dir: Path, env: dict[str, str]) 
 
 def median_of(rows: list[dict], column: str, skip: int) -> float:
     return statistics.median(float(r[column]) for r in rows[skip:])
+
+
+def run_parser(doc: str, steps: int, skip: int) -> argparse.ArgumentParser:
+    """The options of every benchmark built on training runs; a bench adds its own, then parses."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--skip", type=int, default=skip, help="steps left out of the figures (warm-up)")
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides for every run")
+    return parser
+
+
+def work_dir(out: str | None, name: str) -> Path:
+    return Path(out or tempfile.mkdtemp(prefix=f"vkd-bench-{name}-"))

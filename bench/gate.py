@@ -12,14 +12,12 @@ apply to all three runs. Prints one JSON document. State the allocator (GLIBC_TU
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import asset_overrides, bench_env, describe, median_of, train  # noqa: E402
+from common import asset_overrides, bench_env, describe, median_of, run_parser, train, work_dir  # noqa: E402
 
 MODES = {
     "off": ["gate.enabled=false"],
@@ -29,14 +27,9 @@ MODES = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--skip", type=int, default=5)
-    parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
-    parser.add_argument("overrides", nargs="*")
+    parser = run_parser(__doc__, steps=40, skip=5)
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-gate-"))
+    out = work_dir(args.out, "gate")
     env = bench_env(args.procs)
     assets = out / "assets"
     if not (assets / "teacher").is_dir():

@@ -16,15 +16,13 @@ Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import asset_overrides, bench_assets, bench_env, describe, train  # noqa: E402
+from common import asset_overrides, bench_assets, bench_env, describe, run_parser, train, work_dir  # noqa: E402
 
 EVERY_TERM = [
     "loss.ce=1.0",
@@ -40,16 +38,11 @@ EVERY_TERM = [
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--skip", type=int, default=5)
-    parser.add_argument("--procs", type=int, default=2)
+    parser = run_parser(__doc__, steps=30, skip=5)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-step-"))
+    out = work_dir(args.out, "step")
     env = bench_env(args.procs)
     assets = bench_assets(out, args.vocab, args.seq_len)
     overrides = asset_overrides(assets, args.seq_len) + EVERY_TERM

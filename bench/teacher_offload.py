@@ -14,28 +14,21 @@ allocator (GLIBC_TUNABLES) with any figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import asset_overrides, bench_assets, bench_env, describe, median_of, train  # noqa: E402
+from common import asset_overrides, bench_assets, bench_env, describe, median_of, run_parser, train, work_dir  # noqa: E402
 
 OBJECTIVE = ["loss.feat=0", "loss.seq=0", "loss.val=0", "loss.reg=0", "weighting.lam=0", "trainer.time_phases=true"]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--skip", type=int, default=4)
-    parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
-    parser.add_argument("overrides", nargs="*")
+    parser = run_parser(__doc__, steps=20, skip=4)
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="vkd-bench-offload-"))
+    out = work_dir(args.out, "offload")
     env = bench_env(args.procs)
     assets = bench_assets(out, 8192, 256)
     common = asset_overrides(assets, 256) + OBJECTIVE

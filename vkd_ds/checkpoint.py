@@ -138,13 +138,17 @@ def read_meta(checkpoint_dir: Path) -> dict:
 
 
 def needs_universal(
-    checkpoint_dir: Path, world_size: int, zero_stage: int, global_batch: int | None, nvme_optimizer: bool = False
+    checkpoint_dir: Path,
+    meta: dict,
+    world_size: int,
+    zero_stage: int,
+    global_batch: int | None,
+    nvme_optimizer: bool = False,
 ) -> bool:
     """True when the checkpoint was written by another number of ranks and its ZeRO optimizer state
     is partitioned by rank (stages 1-3): it must go through DeepSpeed's universal format. Under
     ZeRO-0 every rank holds the whole state and loads it as it is. `global_batch` None: not training
-    on (eval), so any batch layout will do."""
-    meta = read_meta(checkpoint_dir)
+    on (eval), so any batch layout will do. `meta`: read_meta(checkpoint_dir)."""
     written = meta.get("global_batch")
     if None not in (written, global_batch) and written != global_batch:
         raise VkdError(
@@ -199,11 +203,11 @@ def make_universal(checkpoint_dir: Path) -> Path:
     return target
 
 
-def load(engine, checkpoint_dir: Path, seed: int = 0) -> dict:
+def load(engine, checkpoint_dir: Path, meta: dict, seed: int = 0) -> dict:
     """Restore the engine (weights, optimizer, LR schedule) and this rank's RNG; returns the client state.
-    An engine built with DeepSpeed's `checkpoint.load_universal` reads checkpoint_dir/universal."""
+    `meta` is read_meta(checkpoint_dir), already checked. An engine built with DeepSpeed's
+    `checkpoint.load_universal` reads checkpoint_dir/universal."""
     checkpoint_dir = Path(checkpoint_dir)
-    meta = read_meta(checkpoint_dir)
     universal = bool(engine.load_universal_checkpoint())
     if meta["world_size"] != dist.world_size() and not universal and engine.zero_optimization_stage() > 0:
         raise VkdError(
@@ -226,8 +230,8 @@ def load(engine, checkpoint_dir: Path, seed: int = 0) -> dict:
         set_rng_state(torch.load(checkpoint_dir / "rng" / f"rank_{dist.rank()}.pt", weights_only=False))
     else:
         # Another layout has other RNG streams; each rank starts a fresh one, reproducibly.
-        torch.manual_seed(seed + 1_000_003 * int(meta["step"]) + dist.rank())
         stream = seed + 1_000_003 * int(meta["step"]) + dist.rank()
+        torch.manual_seed(stream)
         random.seed(stream)
         np.random.seed(stream % 2**32)
     return client_state

@@ -75,9 +75,14 @@ def _bool(cfg: DictConfig, key: str) -> bool:
     return value
 
 
+def valence_feeds_the_loss(cfg: DictConfig) -> bool:
+    """The teacher's valence enters the loss: L_val's targets, or the saliency of non-uniform weights."""
+    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0
+
+
 def needs_teacher_valence(cfg: DictConfig) -> bool:
     """The teacher's valence head is needed for L_val, non-uniform weights and the mercy gate."""
-    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0 or bool(cfg.gate.enabled)
+    return valence_feeds_the_loss(cfg) or bool(cfg.gate.enabled)
 
 
 def _choice(cfg: DictConfig, key: str, choices) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from vkd_ds.config import valence_feeds_the_loss
 from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import (
     attention_kd,
@@ -74,7 +75,7 @@ class Objective:
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
             # The head serves L_val and the weights' saliency (validate() requires it for them);
             # with λ = 0 and L_val off the weights are uniform and no saliency is computed.
-            teacher_valence=lambdas["val"] > 0 or lam > 0,
+            teacher_valence=valence_feeds_the_loss(cfg),
             lam=lam,
             z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
             normalize=bool(cfg.weighting.normalize),

@@ -152,8 +152,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
     ds_config = student_ds_config(cfg, world, dist.on_gpu())
-    if resume_from is not None and checkpoint.needs_universal(
+    # Read (and its files checked) once, before any engine state is touched.
+    meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
+    if meta is not None and checkpoint.needs_universal(
         resume_from,
+        meta,
         world,
         int(ds_config["zero_optimization"]["stage"]),  # deepspeed.extra may override deepspeed.zero_stage
         None if cfg.eval_only else check_global_batch(cfg, world),
@@ -181,8 +184,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # The checkpoint is read before anything is written: a damaged one leaves the run directory as it was.
     client_state = None
-    if resume_from is not None:
-        client_state = checkpoint.load(engine, resume_from, int(cfg.trainer.seed))
+    if meta is not None:
+        client_state = checkpoint.load(engine, resume_from, meta, int(cfg.trainer.seed))
     if cfg.eval_only:
         return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, client_state, gate)
     # All checks passed and both engines exist: only now is the run directory written.
