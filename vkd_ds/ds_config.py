@@ -12,23 +12,34 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds.config import check_global_batch
-from vkd_ds.errors import VkdError
 
 
 def resolve_precision(cfg: DictConfig, on_gpu: bool) -> str:
+    """`auto` is bf16 on GPUs and fp32 on CPUs (where bf16 runs, DeepSpeed's CPU accelerator supports
+    it, but is slower than fp32 on most CPUs); `bf16` and `fp32` are taken as they are."""
     precision = cfg.deepspeed.precision
     if precision == "auto":
         return "bf16" if on_gpu else "fp32"
-    if precision == "bf16" and not on_gpu:
-        raise VkdError("deepspeed.precision=bf16 needs a GPU; use auto or fp32 on a CPU-only machine")
     return precision
 
 
-def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
+def _offload(device: str, nvme_path: str | None, on_gpu: bool) -> dict[str, Any]:
     if device == "nvme":
         return {"device": "nvme", "nvme_path": nvme_path}
-    # Pinned host memory only helps with a GPU; on DeepSpeed's CPU accelerator it is not available.
-    return {"device": "cpu", "pin_memory": False}
+    # Pinned host memory makes host-to-GPU copies asynchronous and about twice as fast; without a
+    # GPU there is nothing to copy to, and DeepSpeed's CPU accelerator cannot pin memory.
+    return {"device": "cpu", "pin_memory": on_gpu}
+
+
+def _bf16_numerics(stage: int) -> dict[str, Any]:
+    """Under bf16, gradients are reduced (all-reduce, or ZeRO's reduce-scatter) in fp32, and, under
+    ZeRO 1-3, accumulated over micro-steps in fp32: bf16's 8-bit mantissa would otherwise round every
+    micro-step's and every rank's contribution, and N ranks would no longer train like one.
+    DeepSpeed accumulates in fp32 only with ZeRO >= 1 (ZeRO-0 in bf16 accumulates in bf16)."""
+    numerics: dict[str, Any] = {"communication_data_type": "fp32"}
+    if stage >= 1:
+        numerics["data_types"] = {"grad_accum_dtype": "fp32"}
+    return numerics
 
 
 def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
@@ -41,7 +52,7 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
         # Export and the equivalence tests read consolidated weights; keep them gatherable.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.deepspeed.offload_optimizer != "none":
-        zero["offload_optimizer"] = _offload(cfg.deepspeed.offload_optimizer, cfg.deepspeed.nvme_path)
+        zero["offload_optimizer"] = _offload(cfg.deepspeed.offload_optimizer, cfg.deepspeed.nvme_path, on_gpu)
     warmup = min(trainer.warmup_steps, trainer.max_steps - 1) if trainer.max_steps > 1 else 0
     ds: dict[str, Any] = {
         "train_batch_size": global_batch,
@@ -79,7 +90,12 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
         "wall_clock_breakdown": False,
     }
     extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True)
-    return _merge(ds, extra)
+    ds = _merge(ds, extra)
+    if ds["bf16"].get("enabled"):
+        # After the merge: `deepspeed.extra` may set the stage, or these keys itself.
+        for key, value in _bf16_numerics(int(ds["zero_optimization"]["stage"])).items():
+            ds.setdefault(key, value)
+    return ds
 
 
 def teacher_ds_config(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
@@ -87,7 +103,7 @@ def teacher_ds_config(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
     precision = resolve_precision(cfg, on_gpu)
     zero: dict[str, Any] = {"stage": 3}
     if cfg.teacher.offload_param != "none":
-        zero["offload_param"] = _offload(cfg.teacher.offload_param, cfg.teacher.nvme_path)
+        zero["offload_param"] = _offload(cfg.teacher.offload_param, cfg.teacher.nvme_path, on_gpu)
     return {
         # DeepSpeed requires a batch size even for an engine that never steps.
         "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,

@@ -47,8 +47,20 @@ def _initialize(**kwargs):
 
     try:
         return deepspeed.initialize(**kwargs)
-    except (AssertionError, ValueError, KeyError, TypeError) as err:
-        raise VkdError(f"bad DeepSpeed settings: {err}") from None
+    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError) as err:
+        raise VkdError(f"bad DeepSpeed settings: {_reason(err)}") from None
+
+
+def _reason(err: BaseException) -> str:
+    """The exception's message; for a bare `assert` (DeepSpeed has many), where it failed and its source."""
+    message = str(err).strip()
+    if message:
+        return message.splitlines()[0]
+    import traceback
+
+    frame = traceback.extract_tb(err.__traceback__)[-1]
+    where = frame.filename.split("site-packages/")[-1]
+    return f"{type(err).__name__} at {where}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
 def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
@@ -92,7 +104,7 @@ def build_student_model(
     # Building under zero.Init draws random numbers differently; re-seed so the projectors'
     # and valence head's init depends on the seed only, whatever the ZeRO stage.
     torch.manual_seed(seed + 1)
-    return StudentModule(lm, attention=eager_attention, **extras)
+    return StudentModule(lm, attention=eager_attention, dtype=_dtype(ds_config), **extras)
 
 
 def build_student_engine(student: StudentModule, ds_config: dict[str, Any]):

@@ -114,7 +114,11 @@ class StudentModule(nn.Module):
         attention: bool = False,
         reg_patterns: Sequence[str] = (),
         fused_head: bool = False,
+        dtype: torch.dtype | None = None,
     ):
+        """`dtype`: the LM's parameter dtype (the engine's precision); the projectors and the valence
+        head are built in it too, because DeepSpeed's bf16 and ZeRO optimizers flatten all trainable
+        parameters into one buffer of one dtype."""
         super().__init__()
         self.lm = lm
         self.fused_head = fused_head
@@ -128,6 +132,10 @@ class StudentModule(nn.Module):
                 )
             self.projectors = nn.ModuleList(nn.Linear(width, teacher_width) for _ in feat_layers)
         self.valence_head = ValenceHead(width, valence_k) if valence_k else None
+        if dtype is not None:
+            for extra in (self.projectors, self.valence_head):
+                if extra is not None:
+                    extra.to(dtype)
         self.capture = HiddenCapture(lm, feat_layers, attention=attention, last=self.valence_head is not None)
         self.reg_names = [
             name

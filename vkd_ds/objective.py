@@ -194,5 +194,5 @@ class Teacher:
         hiddens, attentions, last = self.capture.take()
         out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
         if self.valence_head is not None:
-            out["valence"] = self.valence_head(last.to(self.valence_head.proj.weight.dtype))
+            out["valence"] = self.valence_head(last)  # fp32, whatever the teacher's precision
         return out

@@ -24,7 +24,10 @@ DEFAULT_ALPHAS = (0.55, 0.20, 0.15, 0.10)
 
 
 class ValenceHead(nn.Module):
-    """Last hidden state [B,S,H] -> predicted valence of the next k steps [B,S,k], each in [0, 1]."""
+    """Last hidden state [B,S,H] -> predicted valence of the next k steps [B,S,k], each in [0, 1], fp32.
+
+    Computed in fp32 whatever the dtype of its weights and input: a bf16 sigmoid resolves valence
+    only to about 0.004, coarser than the MSE differences L_val and the mercy gate work with."""
 
     def __init__(self, hidden_size: int, k: int = 8):
         super().__init__()
@@ -32,7 +35,8 @@ class ValenceHead(nn.Module):
         self.proj = nn.Linear(hidden_size, k)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(hidden))
+        bias = self.proj.bias.float() if self.proj.bias is not None else None
+        return torch.sigmoid(F.linear(hidden.float(), self.proj.weight.float(), bias))
 
 
 def normalized_entropy(
