@@ -49,9 +49,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
+    """This rank's RNG streams. On a GPU, only the rank's own device's generator: a resumed job may see
+    fewer GPUs per process than the one that saved (e.g. one per SLURM task instead of the node's)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
@@ -59,8 +61,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        device_state = device_rng_entry(state, torch.cuda.current_device())
+        if device_state is not None:
+            torch.cuda.set_rng_state(device_state)
+
+
+def device_rng_entry(state: dict, current_device: int):
+    """The generator state to restore on `current_device`: the saved rank's own device's, or, from
+    checkpoints that saved every visible device's (`cuda`, a list), the entry of the same index
+    when there is one. None: nothing to restore (a checkpoint written without a GPU)."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    every = state.get("cuda") or []
+    return every[current_device] if current_device < len(every) else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from vkd_ds.errors import VkdError
+
 
 def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
@@ -28,11 +30,30 @@ def init() -> None:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if on_gpu() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     if on_gpu():
-        torch.cuda.set_device(local_rank())
-    else:
+        index = device_index(local_rank(), torch.cuda.device_count())
+        # DeepSpeed's engine picks its device from LOCAL_RANK too: both must name a visible device.
+        os.environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
+    if not on_gpu():
         _unlink_shm_buffer()
+
+
+def device_index(local: int, visible: int) -> int:
+    """The GPU a rank uses, among the `visible` ones. Launchers that show every process all of its
+    node's GPUs (deepspeed, torchrun) set LOCAL_RANK to pick one; SLURM sites that bind one GPU per
+    task (--gpus-per-task=1, --gpu-bind) show each task a single device, index 0, whatever its
+    SLURM_LOCALID."""
+    if local < visible:
+        return local
+    if visible == 1:
+        return 0
+    raise VkdError(
+        f"LOCAL_RANK={local} but this process sees {visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each process "
+        "every GPU of its node, or exactly one"
+    )
 
 
 def _unlink_shm_buffer() -> None:
@@ -76,6 +97,13 @@ def is_main() -> bool:
 
 def device() -> torch.device:
     return torch.device("cuda", local_rank()) if on_gpu() else torch.device("cpu")
+
+
+def device_description() -> str:
+    """What rank 0 runs on, for the start-of-run log line."""
+    if on_gpu():
+        return f"{torch.cuda.get_device_name(device())} (cuda, {torch.cuda.device_count()} visible per process)"
+    return f"CPU (DeepSpeed's CPU accelerator, {torch.get_num_threads()} threads per process)"
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

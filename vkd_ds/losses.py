@@ -92,17 +92,31 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_losses):
         flat_index, grads = ctx.saved_tensors
         shape = ctx.logits_shape
-        scale = grad_losses.to(grads.dtype)
+        # The stored gradient is already rounded to the logits' dtype once; the per-token scale stays
+        # fp32 and each chunk's product is rounded once more, not the scale and then the product.
+        scale = grad_losses.float()
+        chunk = ctx.chunk_tokens
         if flat_index.numel() == shape[0] * shape[1] and ctx.vocab_size == shape[2]:
             # Every position and the whole width are selected: scale the stored gradient in place
             # and hand it back, so backward allocates no second [tokens, vocab] tensor.
             # (This graph cannot be backpropagated twice, which the trainer never does.)
-            return grads.mul_(scale[:, None]).view(shape), None, None, None, None, None
+            if grads.dtype == torch.float32:
+                grads.mul_(scale[:, None])
+            else:
+                for start in range(0, flat_index.numel(), chunk):
+                    rows = slice(start, start + chunk)
+                    grads[rows] = _scaled(grads[rows], scale[rows])
+            return grads.view(shape), None, None, None, None, None
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
-        for start in range(0, flat_index.numel(), ctx.chunk_tokens):
-            rows = slice(start, start + ctx.chunk_tokens)
-            grad_logits[flat_index[rows], : ctx.vocab_size] = grads[rows] * scale[rows, None]
+        for start in range(0, flat_index.numel(), chunk):
+            rows = slice(start, start + chunk)
+            grad_logits[flat_index[rows], : ctx.vocab_size] = _scaled(grads[rows], scale[rows])
         return grad_logits.view(shape), None, None, None, None, None
+
+
+def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows · scale_rows[:, None], computed in fp32 and rounded once to grad_rows' dtype."""
+    return (grad_rows.float() * scale_rows[:, None]).to(grad_rows.dtype)
 
 
 def _per_sequence_mean(per_token: torch.Tensor, flat_index: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:

@@ -41,11 +41,13 @@ class MetricsCSV:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self.columns: list[str] | None = None
+        self.steps: set[int] = set()
         if path.exists():
             with path.open(newline="", encoding="utf-8") as handle:
                 reader = csv.DictReader(handle)
                 self.columns = list(reader.fieldnames or []) or None
                 rows = [row for row in reader if int(row["step"]) <= resume_step]
+            self.steps = {int(row["step"]) for row in rows}
             self._rewrite(rows)
 
     def _rewrite(self, rows: list[dict]) -> None:
@@ -68,6 +70,7 @@ class MetricsCSV:
             self._rewrite(old)
         with self.path.open("a", newline="", encoding="utf-8") as handle:
             csv.DictWriter(handle, fieldnames=self.columns).writerow({k: _fmt(row.get(k, "")) for k in self.columns})
+        self.steps.add(int(row["step"]))
 
 
 class MetricsSinks:
@@ -92,6 +95,9 @@ class MetricsSinks:
             self.wandb = wandb.init(
                 project=wandb_project, dir=str(run_dir), id=id_file.read_text().strip(), resume="allow", config=config
             )
+
+    def has_step(self, step: int) -> bool:
+        return step in self.csv.steps
 
     def write(self, row: dict) -> None:
         self.csv.write(row)

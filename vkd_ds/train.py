@@ -194,8 +194,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dist.barrier()
     log = setup_logging(run_dir, dist.is_main())
     log.info(
-        "vkd-ds: %d rank(s), world global batch %d sequences, run dir %s",
+        "vkd-ds: %d rank(s) on %s, %s, ZeRO-%d student, global batch %d sequences, run dir %s",
         world,
+        dist.device_description(),
+        "bf16" if ds_config["bf16"]["enabled"] else "fp32",
+        int(ds_config["zero_optimization"]["stage"]),
         check_global_batch(cfg, world),
         run_dir,
     )

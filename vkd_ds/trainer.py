@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
+from vkd_ds.errors import VkdError
 from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
 from vkd_ds.losses import (
     combine_terms,
@@ -63,13 +64,19 @@ class Trainer:
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.device = dist.device()
+        self.on_gpu = dist.on_gpu()
         self.sampler = GlobalBatchSampler(
             len(train_data), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, self.world, cfg.trainer.seed
         )
         self.step = 0
         self.log = get_logger()
-        self.nan_faults = _nan_faults()
+        self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
+        self.nan_grad_faults = _faults("VKD_FAULT_NAN_GRAD")
         self.clock = PhaseClock(bool(cfg.trainer.time_phases), dist.on_gpu())
+        # The latest step's metrics row goes into its checkpoint: a kill after the checkpoint but
+        # before the row reached metrics.csv (during the eval that follows it) loses nothing.
+        self.last_metrics: dict[str, float] | None = None
+        self.resumed_metrics: dict[str, float] | None = None
 
     # ---- one optimizer step -------------------------------------------------------------
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -105,7 +112,9 @@ class Trainer:
 
     def _commit(self, step: int, nonfinite: bool, student_valence: torch.Tensor) -> dict[str, float]:
         """The optimizer step at the accumulation boundary, unless a non-finite loss on any rank or
-        the mercy gate rejects it: then it is taken and reverted (see gate.py)."""
+        the mercy gate rejects it: then it is taken and reverted (see gate.py). A step DeepSpeed
+        itself discards (ZeRO 1-3 and bf16 skip a step whose gradients are not finite) counts as
+        skipped too, on every rank."""
         gate = self.gate
         skip = dist.any_rank(nonfinite)
         projected, rejected = None, False
@@ -113,28 +122,26 @@ class Trainer:
             projected = gate.projected_proxy(float(student_valence[0]), float(student_valence[1]))
             rejected = gate.rejects(projected)
         clock = self.clock
-        if skip or rejected:
+        lookahead = not skip and gate.settings.enabled and gate.settings.mode == "lookahead"
+        revertible = skip or rejected or lookahead
+        if revertible:
             with clock("gate"):
                 gate.snapshot.take()
-            with clock("optimizer"):
-                self.engine.step()
-            with clock("gate"):
-                gate.snapshot.restore()
-        elif gate.settings.enabled and gate.settings.mode == "lookahead":
-            with clock("gate"):
-                gate.snapshot.take()
-            with clock("optimizer"):
-                self.engine.step()
+        with clock("optimizer"):
+            self.engine.step()
+        if not (skip or rejected) and self._engine_skipped_step():
+            skip = True
+        if lookahead and not skip:
             with clock("gate"):
                 projected = gate.projected_lookahead()
                 rejected = gate.rejects(projected)
-                if rejected:
-                    gate.snapshot.restore()
-        else:
-            with clock("optimizer"):
-                self.engine.step()
+        if revertible and (skip or rejected):
+            with clock("gate"):
+                gate.snapshot.restore()
         if skip and dist.is_main():
-            self.log.warning("step %d: non-finite loss on at least one rank; step skipped on every rank", step + 1)
+            self.log.warning(
+                "step %d: non-finite loss or gradients on at least one rank; step skipped on every rank", step + 1
+            )
         if rejected and dist.is_main():
             self.log.warning(
                 "%s (step %d: projected %.6f < %.2f x teacher baseline %.6f)",
@@ -153,8 +160,23 @@ class Trainer:
                 metrics["gate/projected"] = projected
         return metrics
 
+    def _engine_skipped_step(self) -> bool:
+        """Whether DeepSpeed discarded the step it was just asked for, agreed over ranks. Under ZeRO 1-3
+        and bf16 it checks the global gradient norm and skips the update when it is not finite
+        (deepspeed >= 0.19.8; older releases applied it, which this refuses rather than let pass)."""
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        if applied and norm is not None and not math.isfinite(_as_float(norm)):
+            raise VkdError(
+                "DeepSpeed applied an optimizer step whose gradient norm is not finite; vkd-ds needs a "
+                "DeepSpeed that skips such steps (pip install 'deepspeed>=0.19.8')"
+            )
+        return dist.any_rank(not applied)
+
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
         clock = self.clock
         clock.reset()
         step = self.step
@@ -221,6 +243,8 @@ class Trainer:
                 loss = weighted_batch_loss(base, w, global_weight_sum)
             if a == 0 and (step + 1, self.rank) in self.nan_faults:
                 loss = loss * float("nan")  # fault injection (VKD_FAULT_NAN_LOSS), for tests
+            if a == 0 and (step + 1, self.rank) in self.nan_grad_faults:
+                loss = _NanGradient.apply(loss)  # fault injection (VKD_FAULT_NAN_GRAD): the loss stays finite
             if proxy:
                 v = student_out["valence"].detach().float().mean(-1)
                 student_valence += torch.tensor([float(v[mask].double().sum()), float(mask.sum())], dtype=torch.float64)
@@ -260,7 +284,7 @@ class Trainer:
                 "mem_peak_rss_gb": float(rss[1]),
             }
         )
-        if torch.cuda.is_available() and dist.on_gpu():
+        if self.on_gpu:
             metrics["mem_gpu_gb"] = float(
                 dist.all_reduce_max(torch.tensor([torch.cuda.max_memory_allocated() / 2**30]))[0]
             )
@@ -271,12 +295,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Token-averaged held-out CE, perplexity, KL(teacher||student) at T=1, the teacher's CE and,
-        with both valence heads, the MSE of the student's valence trajectory to the teacher's."""
+        with both valence heads, the MSE of the student's valence trajectory to the teacher's.
+        Per-sequence values come from the fp32 chunked losses; their sums are float64 and stay on the
+        batches' device until one all-reduce at the end."""
         if not self.valid_data:
             return {}
         self.engine.eval()
-        # student nats, KL nats, teacher nats, tokens, valence SE, positions where both models' top-1 agree
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = DeviceSums()
         shards = eval_shards(
             len(self.valid_data),
             self.cfg.trainer.micro_batch_size,
@@ -292,7 +317,7 @@ class Trainer:
                 if i is None:
                     batch["loss_mask"][row] = False
             targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-            counts = mask.sum(1).double()
+            counts = mask.sum(1)
             teacher_out = None
             if self.teacher is not None:
                 teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
@@ -306,35 +331,34 @@ class Trainer:
                 ce = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
                 if teacher_out is not None:
                     kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, self.vocab_size, self.chunk_tokens)
-            sums[0] += (ce.double() * counts).sum()
+            sums.add_weighted("student_nats", ce, counts)
+            sums.add("tokens", counts)
             if teacher_out is not None:
                 t_logits = teacher_out["logits"]
+                sums.add_weighted("kl_nats", kl, counts)
+                teacher_ce = token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens)
+                sums.add_weighted("teacher_nats", teacher_ce, counts)
                 if "valence" in student_out and "valence" in teacher_out:
                     mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
-                    sums[4] += (mse.double() * counts).sum()
-                sums[1] += (kl.double() * counts).sum()
+                    sums.add_weighted("valence_se", mse, counts)
                 if not inputs:  # the fused LM head builds no student logits to compare
                     vocab = self.vocab_size
                     same = logits[..., :vocab].argmax(-1) == t_logits[..., :vocab].argmax(-1)
-                    sums[5] += float((same & mask).sum())
-                sums[2] += (
-                    token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens).double() * counts
-                ).sum()
-            sums[3] += counts.sum()
+                    sums.add("top1_agree", same & mask)
         self.engine.train()
-        total = dist.all_reduce_sum(sums)
-        tokens = max(float(total[3]), 1.0)
-        result = {"eval/ce": float(total[0]) / tokens}
+        total = sums.all_reduced(self.device)
+        tokens = max(total["tokens"], 1.0)
+        result = {"eval/ce": total["student_nats"] / tokens}
         result["eval/ppl"] = math.exp(min(result["eval/ce"], 50.0))
         if self.teacher is not None:
-            result["eval/kl_teacher"] = float(total[1]) / tokens
-            result["eval/teacher_ce"] = float(total[2]) / tokens
+            result["eval/kl_teacher"] = total["kl_nats"] / tokens
+            result["eval/teacher_ce"] = total["teacher_nats"] / tokens
             result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))
             if not self.objective.fused_head:
-                result["eval/top1_agreement"] = float(total[5]) / tokens
+                result["eval/top1_agreement"] = total["top1_agree"] / tokens
             if self.objective.valence_k is not None and self.objective.teacher_valence:
-                result["eval/valence_mse"] = float(total[4]) / tokens
-        result["eval/tokens"] = int(total[3])
+                result["eval/valence_mse"] = total["valence_se"] / tokens
+        result["eval/tokens"] = int(total["tokens"])
         return result
 
     # ---- the loop -----------------------------------------------------------------------
@@ -347,6 +371,7 @@ class Trainer:
         if self.seq_kd is not None:
             state["seq_kd"] = self.seq_kd.state_dict()
         state["gate"] = self.gate.state_dict()
+        state["metrics"] = self.last_metrics
         return state
 
     def restore(self, client_state: dict) -> None:
@@ -354,6 +379,7 @@ class Trainer:
         if self.seq_kd is not None:
             self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
         self.gate.load_state_dict(client_state.get("gate", {}))
+        self.resumed_metrics = client_state.get("metrics")
 
     def _due(self, every: int) -> bool:
         return (every > 0 and self.step % every == 0) or self.step == self.cfg.trainer.max_steps
@@ -366,25 +392,21 @@ class Trainer:
             config = OmegaConf.to_container(self.cfg, resolve=True)
             sinks = MetricsSinks(self.run_dir, self.step, bool(m.tensorboard), m.wandb_project, config)
         bar = self._progress_bar(cfg.max_steps)
-        last_eval: dict[str, float] = {}
         if self.step >= cfg.max_steps:
             self.log.info("run already complete at step %d (trainer.max_steps=%d)", self.step, cfg.max_steps)
         stop_at = cfg.max_steps
         if cfg.stop_after_steps is not None:
             stop_at = min(cfg.max_steps, self.step + cfg.stop_after_steps)
+        last_eval = self._recover_resumed_row(sinks)
         preemption = Preemption(cfg.preempt_signals)
         preempted = False
         try:
             while self.step < stop_at and not preempted:
                 metrics = self.train_step()
-                if self._due(cfg.eval_every):
-                    last_eval = self.evaluate()
-                    metrics.update(last_eval)
-                if sinks is not None:
-                    sinks.write(metrics)
-                self._report(metrics, bar)
+                self.last_metrics = metrics
                 # A signal may reach some ranks only, or mid-step: the ranks agree at each step's end.
                 preempted = dist.any_rank(preemption.received is not None)
+                # The checkpoint comes before the eval: a failing or killed eval must not cost it.
                 if self._due(cfg.save_every) or self.step == stop_at or preempted:
                     path = checkpoint.save(
                         self.engine,
@@ -395,6 +417,12 @@ class Trainer:
                         self.sampler.global_batch_size,
                     )
                     self.log.info("saved checkpoint %s", path)
+                if self._due(cfg.eval_every):
+                    last_eval = self.evaluate()
+                    metrics.update(last_eval)
+                if sinks is not None:
+                    sinks.write(metrics)
+                self._report(metrics, bar)
         finally:
             preemption.uninstall()
         if bar is not None:
@@ -421,6 +449,23 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         return last_eval
 
+    def _recover_resumed_row(self, sinks) -> dict[str, float]:
+        """Collective. When the checkpoint resumed from holds a metrics row that metrics.csv lacks (the
+        run was killed between that checkpoint and writing the row), write it now, with the step's
+        eval when one was due (the weights are the checkpoint's, so it gives the same figures).
+        Returns that eval, if any."""
+        if self.resumed_metrics is None:
+            return {}
+        row, self.resumed_metrics = dict(self.resumed_metrics), None
+        if not dist.any_rank(sinks is not None and not sinks.has_step(self.step)):  # only rank 0 reads the file
+            return {}
+        evaluated = self.evaluate() if self._due(self.cfg.trainer.eval_every) else {}
+        row.update(evaluated)
+        if sinks is not None:
+            sinks.write(row)
+            self.log.info("step %d: metrics row recovered from its checkpoint", self.step)
+        return evaluated
+
     def _progress_bar(self, total: int):
         wanted = self.cfg.trainer.progress_bar
         if not dist.is_main() or wanted is False or (wanted == "auto" and not sys.stderr.isatty()):
@@ -441,6 +486,38 @@ class Trainer:
                 self.cfg.trainer.max_steps,
                 " ".join(f"{k}={_short(v)}" for k, v in shown.items()),
             )
+
+
+class DeviceSums:
+    """Named float64 sums of per-batch values, kept on the device the values are on: nothing is read
+    back to the host per batch (a GPU eval never stalls on `.item()`), and values of any dtype
+    (bf16 batches) or device add up without a host-side accumulator that CUDA tensors cannot be
+    added into in place. Only arithmetic on the values themselves, no tensor factory."""
+
+    NAMES = ("student_nats", "kl_nats", "teacher_nats", "tokens", "valence_se", "top1_agree")
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        """sums[name] += Σ values."""
+        if name not in self.NAMES:
+            raise KeyError(f"DeviceSums: unknown sum {name!r}")
+        value = values.double().sum()
+        self.sums[name] = value if name not in self.sums else self.sums[name] + value
+
+    def add_weighted(self, name: str, values: torch.Tensor, weights: torch.Tensor) -> None:
+        """sums[name] += Σ values · weights (e.g. a per-sequence mean times its token count)."""
+        self.add(name, values.double() * weights.double())
+
+    def all_reduced(self, device: torch.device) -> dict[str, float]:
+        """Every name's sum over all ranks (a name no batch added is 0 on every rank): one all-reduce."""
+        vector = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
+        for i, name in enumerate(self.NAMES):
+            if name in self.sums:
+                vector[i] = self.sums[name].to(device)
+        total = dist.all_reduce_sum(vector).tolist()
+        return dict(zip(self.NAMES, total, strict=True))
 
 
 class PhaseClock:
@@ -517,10 +594,23 @@ def _requeue(mode: str, log) -> None:
         log.warning("scontrol requeue %s failed (%s); resubmit to resume", job, result.stderr.strip())
 
 
-def _nan_faults() -> set[tuple[int, int]]:
-    """(step, rank) pairs whose loss is made NaN: `VKD_FAULT_NAN_LOSS="3:1,4:1"` (steps count from 1).
-    A fault-injection hook for testing the non-finite guard; unset in normal runs."""
-    spec = os.environ.get("VKD_FAULT_NAN_LOSS", "").strip()
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is NaN everywhere."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _faults(variable: str) -> set[tuple[int, int]]:
+    """(step, rank) pairs to inject a fault at, e.g. `VKD_FAULT_NAN_LOSS="3:1,4:1"` (steps count from 1):
+    the hooks for testing the non-finite guard (VKD_FAULT_NAN_LOSS makes the loss NaN,
+    VKD_FAULT_NAN_GRAD only its gradient). Unset in normal runs."""
+    spec = os.environ.get(variable, "").strip()
     if not spec:
         return set()
     return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(","))}
