@@ -102,10 +102,27 @@ def test_deepspeed_json_is_derived_in_one_place():
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # extra merged, stage kept
     assert ds["bf16"]["enabled"] is False  # fp32 on CPU
     assert ds["scheduler"]["params"]["total_num_steps"] == cfg.trainer.max_steps
+    assert "data_types" not in ds and "communication_data_type" not in ds  # fp32: DeepSpeed's own
     teacher = teacher_ds_config(cfg, on_gpu=True)
-    assert teacher["zero_optimization"]["offload_param"]["device"] == "cpu" and teacher["bf16"]["enabled"]
-    with pytest.raises(VkdError, match="bf16 needs a GPU"):
-        student_ds_config(compose(REQUIRED + ["deepspeed.precision=bf16"]), 1, on_gpu=False)
+    assert teacher["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert teacher["bf16"]["enabled"]
+    assert teacher_ds_config(cfg, on_gpu=False)["zero_optimization"]["offload_param"]["pin_memory"] is False
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_runs_on_cpu_and_reduces_gradients_in_fp32(stage):
+    """bf16 is allowed without a GPU (DeepSpeed's CPU accelerator runs it); gradients are reduced in
+    fp32, and accumulated in fp32 where DeepSpeed can (ZeRO >= 1)."""
+    cfg = compose(REQUIRED + ["deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}"])
+    ds = student_ds_config(cfg, 1, on_gpu=False)
+    assert ds["bf16"]["enabled"] and ds["communication_data_type"] == "fp32"
+    assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage >= 1 else None)
+    assert teacher_ds_config(cfg, on_gpu=False)["bf16"]["enabled"]
+    # A user's own choice in deepspeed.extra wins, and the stage it sets decides.
+    mine = compose(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.data_types.grad_accum_dtype=bf16"])
+    assert student_ds_config(mine, 1, on_gpu=False)["data_types"] == {"grad_accum_dtype": "bf16"}
+    to_zero0 = compose(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.zero_optimization.stage=0"])
+    assert "data_types" not in student_ds_config(to_zero0, 1, on_gpu=False)
 
 
 def test_local_rank_is_moved_out_of_hydra_args(monkeypatch):

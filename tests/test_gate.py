@@ -120,6 +120,38 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank_and_training_goes_on(tiny_as
     assert all(torch.isfinite(t).all() for t in consolidated_state_dict(weights).values())
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_nan_gradient_under_zero3_is_skipped_and_counted_on_every_rank(precision, tiny_assets, tmp_path):
+    """A finite loss with a NaN gradient (rank 1 at step 3, rank 0 at 5, rank 1 at 6): DeepSpeed
+    discards the update under ZeRO-3; every rank counts the step as skipped, and two in a row end
+    the run on every rank (one error, no hang) with the last checkpoint intact and finite."""
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + SHORT
+    result = deepspeed_launch(
+        [
+            "launcher/train.py",
+            *overrides,
+            f"deepspeed.precision={precision}",
+            "trainer.max_steps=8",
+            "trainer.save_every=2",
+            "gate.max_consecutive_rejections=2",
+        ],
+        num_procs=2,
+        env={"VKD_FAULT_NAN_GRAD": "3:1,5:0,6:1"},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "vkd-ds: error: step 6: 2 steps in a row were rejected by the mercy gate or skipped" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "1", "0"]
+    assert column(run_dir, "gate/nonfinite") == ["0", "0", "1", "1", "2"]
+    assert all(float(x) == float(x) for x in column(run_dir, "loss"))  # the losses were finite
+    assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_0000002", "step_0000004"]
+    from vkd_ds.export import consolidated_state_dict
+
+    weights = consolidated_state_dict(checkpoint.latest_checkpoint(run_dir))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_consecutive_failures_stop_the_run_and_keep_the_last_checkpoint(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     overrides = base_overrides(tiny_assets, run_dir) + SHORT + ["trainer.max_steps=8", "trainer.save_every=2"]

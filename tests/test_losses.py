@@ -85,6 +85,44 @@ def test_bf16_logits_keep_bf16_gradient(logits):
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["every-position", "masked"])
+@pytest.mark.parametrize("term", ["soft", "ce"])
+def test_bf16_backward_rounds_the_gradient_once(logits, full, term):
+    """In bf16 the stored per-token gradient is scaled by the upstream gradient in fp32 and rounded
+    once; rounding the upstream gradient to bf16 first, then the product, loses up to a bf16 ulp."""
+    student, teacher, mask, vocab = logits
+    if full:
+        mask = torch.ones_like(mask)
+        student = student[..., :vocab]
+    student16 = student.detach().bfloat16().requires_grad_()
+    teacher16 = teacher.bfloat16()
+    targets = torch.randint(0, vocab, mask.shape)
+    if term == "soft":
+        per_sequence = soft_kd(student16, teacher16, mask, 2.0, vocab)
+    else:
+        per_sequence = token_ce(student16, targets, mask, vocab)
+    # Per-sequence weights that bf16 cannot hold exactly, as the valence weights are.
+    weights = torch.tensor([1 / 3, 0.7, 1 / 7, 2 / 9])
+    (got,) = torch.autograd.grad((per_sequence * weights).sum(), student16)
+    # The reference: the same per-token gradient (fp32 math, stored once in bf16), times the fp32
+    # upstream gradient weight_b / count_b, rounded to bf16 once.
+    count = mask.sum(1).clamp(min=1).float()
+    upstream = (weights / count)[:, None].expand(mask.shape)
+    p_student = F.softmax(student16.float()[..., :vocab] / (2.0 if term == "soft" else 1.0), -1)
+    if term == "soft":
+        per_token_grad = (p_student - F.softmax(teacher16.float()[..., :vocab] / 2.0, -1)) * 2.0
+    else:
+        per_token_grad = p_student - F.one_hot(targets, vocab).float()
+    want = torch.zeros_like(got)
+    rounded_once = (per_token_grad.bfloat16().float() * upstream[..., None]).bfloat16()
+    want[..., :vocab] = torch.where(mask[..., None], rounded_once, torch.zeros_like(rounded_once))
+    # Softmax libraries differ in the last fp32 bit, which can flip a bf16 rounding: allow one
+    # bf16 ulp on a few elements, where rounding twice is off on many.
+    differs = (got.float() - want.float()).abs() > 0
+    assert differs.float().mean() < 0.01, float(differs.float().mean())
+    torch.testing.assert_close(got.float(), want.float(), atol=0, rtol=2**-7)
+
+
 def test_shift_for_next_token():
     ids = torch.tensor([[5, 6, 7, 8]])
     loss_mask = torch.tensor([[False, False, True, True]])  # a prompt of 2 tokens, then the completion

@@ -63,7 +63,7 @@ class GateState:
     """Counters and the cached baseline: metrics and checkpoint."""
 
     rejected: int = 0  # steps the gate rejected
-    nonfinite: int = 0  # steps skipped for a non-finite loss
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
     consecutive: int = 0  # rejected or skipped in a row, up to now
     baseline: float | None = None
     baseline_step: int | None = None  # the step the baseline was computed at
@@ -235,7 +235,8 @@ class MercyGate:
         if limit > 0 and s.consecutive >= limit:
             raise VkdError(
                 f"step {step}: {s.consecutive} steps in a row were rejected by the mercy gate or skipped for a "
-                f"non-finite loss (gate.max_consecutive_rejections={limit}); the last complete checkpoint is intact"
+                f"non-finite loss or gradient (gate.max_consecutive_rejections={limit}); the last complete "
+                "checkpoint is intact"
             )
 
     def state_dict(self) -> dict:
