@@ -164,6 +164,7 @@ def write_bench_assets(
     records: int = 96,
     teacher_layers: int = 4,
     teacher_width: int = 256,
+    teacher_heads: int = 4,
     seed: int = 0,
 ) -> Path:
     """Benchmark assets of an exact vocabulary size: a word-level tokenizer of `vocab_size` tokens
@@ -190,7 +191,7 @@ def write_bench_assets(
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "valid.jsonl", valid)
     torch.manual_seed(seed)
-    config = llama_config(vocab_size, teacher_width, teacher_layers, max_positions=max(512, seq_len))
+    config = llama_config(vocab_size, teacher_width, teacher_layers, teacher_heads, max_positions=max(512, seq_len))
     AutoModelForCausalLM.from_config(config).save_pretrained(out / "teacher")
     tokenizer.save_pretrained(out / "teacher")
     save_head(ValenceHead(teacher_width, 8), out / "teacher_valence_head.safetensors")
