@@ -5,11 +5,12 @@
 1. the device-agnostic unit tests (eval sums, GPU index, RNG entries, bf16 backward rounding, configs);
 2. a bf16 demo-sized distillation with every term on (the demo's 4 x 192 teacher and 2 x 128 student
    shapes, random weights, vocabulary 2048, 128 tokens): 4 steps straight, and 2 steps + a
-   checkpoint + resume to 4, which must give the same losses; then export, reloaded with
-   transformers;
+   checkpoint + resume to 4, whose losses must match (the largest relative difference is reported:
+   CUDA kernels with atomics, e.g. index_add, need not repeat the last digits); then export,
+   reloaded with transformers;
 3. a NaN gradient injected at step 3 (VKD_FAULT_NAN_GRAD): the step is skipped and counted;
 4. grad_accum 1 against 2 (micro-batch 8 against 4 x 2) in bf16: the largest relative loss drift;
-5. bench/teacher_offload.py and 6. bench/kd_mfu.py (1 B teacher, 150 M student).
+5. bench/teacher_offload.py and 6. bench/kd_mfu.py (1.1 B teacher, 141 M student).
 
 One process (one GPU). `--smoke` runs everything at toy size on a machine without a GPU, to check
 that the script itself works (its figures mean nothing there).
@@ -30,6 +31,11 @@ from common import REPO, asset_overrides, bench_env, describe, train, work_dir  
 
 def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def max_relative_diff(rows: list[dict], reference: list[dict], column: str = "loss") -> float:
+    pairs = zip(rows, reference, strict=True)
+    return max(abs(float(a[column]) - float(b[column])) / abs(float(b[column])) for a, b in pairs)
 
 
 def last_json(text: str) -> dict:
@@ -82,7 +88,7 @@ def main() -> int:
         "losses": [float(r["loss"]) for r in straight],
         "all_finite": all(float(r["loss"]) == float(r["loss"]) for r in straight),
         "resume_ok": resumed_run.returncode == 0,
-        "resume_exact": [r["loss"] for r in resumed] == [r["loss"] for r in straight],
+        "resume_max_relative_loss_diff": max_relative_diff(resumed, straight),
         "export_reloads": exported.returncode == 0 and reload.stdout.strip() == "ok",
         "eval_ppl": float(straight[-1]["eval/ppl"]),
         "peak_gpu_gb": max((float(r["mem_gpu_gb"]) for r in straight if r.get("mem_gpu_gb")), default=None),
@@ -100,9 +106,7 @@ def main() -> int:
     base = every_term + ["trainer.max_steps=4", "trainer.eval_every=0", "deepspeed=zero2"]
     accum1 = train(1, base + ["trainer.micro_batch_size=8", "trainer.grad_accum=1"], out / "accum1", env)
     accum2 = train(1, base + ["trainer.micro_batch_size=4", "trainer.grad_accum=2"], out / "accum2", env)
-    pairs = zip(accum1, accum2, strict=True)
-    drift = max(abs(float(a["loss"]) - float(b["loss"])) / abs(float(b["loss"])) for a, b in pairs)
-    summary["grad_accum_1_vs_2"] = {"max_relative_loss_drift": drift}
+    summary["grad_accum_1_vs_2"] = {"max_relative_loss_drift": max_relative_diff(accum1, accum2)}
 
     size = ["--size", "tiny"] if args.smoke else []
     offload = run([sys.executable, "bench/teacher_offload.py", "--procs", "1", "--out", str(out / "offload")]

@@ -1,6 +1,7 @@
-"""Model-FLOPs utilization of a distillation step (issue #8): a Llama teacher of about 1 B parameters
-(2048 wide, 18 layers, 16 heads, vocabulary 32000) distilled into a student of about 150 M (768 wide,
-12 layers, 12 heads), CE + soft KD, bf16, one process, teacher on ZeRO-3 kept on the device.
+"""Model-FLOPs utilization of a distillation step (issue #8): a Llama teacher of 1.1 B parameters
+(2048 wide, 18 layers, 16 heads, vocabulary 32000) distilled into a student of 141 M (768 wide,
+12 layers, 12 heads), CE + soft KD, bf16, one process (--procs N: N GPUs), teacher on ZeRO-3 kept
+on the device.
 
     python bench/kd_mfu.py [--size gpu|tiny] [--steps 12] [--skip 4] [--peak-tflops 989] [--out DIR] [overrides ...]
 
@@ -42,6 +43,7 @@ def main() -> int:
     parser = run_parser(__doc__, steps=12, skip=4)
     parser.add_argument("--size", choices=sorted(SIZES), default="gpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.set_defaults(procs=1)  # one process per GPU; --procs N for N GPUs
     args = parser.parse_args()
     (t_layers, t_width, t_heads), (s_layers, s_width, s_heads, s_inter), vocab, seq_len, micro = SIZES[args.size]
     out = work_dir(args.out, "mfu")
@@ -65,7 +67,9 @@ def main() -> int:
     ]  # fmt: skip
     rows = train(args.procs, overrides, out / "run", env)
     step_s = median_of(rows, "step_time_s", args.skip)
-    tokens = micro * args.procs * seq_len  # every record is exactly seq_len tokens
+    # Every record is exactly seq_len tokens, seq_len - 1 of them targets (metrics.csv's `tokens`), so
+    # this holds whatever grad_accum or batch an override sets.
+    tokens = round(float(rows[-1]["tokens"]) / (seq_len - 1)) * seq_len
     n_teacher = non_embedding_params(t_layers, t_width, 3 * t_width, vocab)
     n_student = non_embedding_params(s_layers, s_width, s_inter, vocab)
     attention = tokens * seq_len * (12 * s_layers * s_width + 4 * t_layers * t_width)

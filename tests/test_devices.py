@@ -45,27 +45,31 @@ def test_eval_sums_stay_on_the_batches_device():
 
 
 @pytest.mark.parametrize(
-    ("local", "visible", "index"),
-    [(0, 8, 0), (5, 8, 5), (5, 1, 0), (0, 1, 0)],  # every GPU of the node, or one per task (SLURM binding)
+    ("local", "visible", "slurm", "index"),
+    # every GPU of the node, under any launcher; or SLURM's one GPU per task, whatever SLURM_LOCALID
+    [(0, 8, False, 0), (5, 8, False, 5), (5, 8, True, 5), (5, 1, True, 0), (0, 1, False, 0)],
 )
-def test_each_rank_picks_a_visible_gpu(local, visible, index):
-    assert device_index(local, visible) == index
+def test_each_rank_picks_a_visible_gpu(local, visible, slurm, index):
+    assert device_index(local, visible, slurm) == index
 
 
-def test_a_local_rank_past_the_visible_gpus_is_a_clear_error():
-    with pytest.raises(VkdError, match="LOCAL_RANK=5 but this process sees 4 GPUs"):
-        device_index(5, 4)
+@pytest.mark.parametrize(("local", "visible", "slurm"), [(5, 4, True), (1, 1, False)])
+def test_a_local_rank_past_the_visible_gpus_is_a_clear_error(local, visible, slurm):
+    """Outside SLURM, a rank past the only GPU means more processes than GPUs: refused, not doubled up."""
+    with pytest.raises(VkdError, match=f"LOCAL_RANK={local} but this process sees {visible} GPUs"):
+        device_index(local, visible, slurm)
 
 
 def test_gpu_rng_restores_on_fewer_visible_gpus():
     """A checkpoint now keeps the rank's own device's generator; older ones kept every visible
     device's, and a process that sees fewer GPUs restores only what it has."""
     own = torch.tensor([1, 2, 3], dtype=torch.uint8)
-    assert device_rng_entry({"cuda_device": own}, current_device=0) is own
+    assert device_rng_entry({"cuda_device": own}, local_rank=3) is own
+    # Saved by a process that saw its node's 8 GPUs; restored by SLURM task 3, which sees one.
     every = [torch.tensor([i], dtype=torch.uint8) for i in range(8)]
-    assert device_rng_entry({"cuda": every}, current_device=3) is every[3]
-    assert device_rng_entry({"cuda": every[:1]}, current_device=3) is None
-    assert device_rng_entry({"python": None}, current_device=0) is None  # saved without a GPU
+    assert device_rng_entry({"cuda": every}, local_rank=3) is every[3]
+    assert device_rng_entry({"cuda": every[:1]}, local_rank=3) is None
+    assert device_rng_entry({"python": None}, local_rank=0) is None  # saved without a GPU
 
 
 def test_a_bare_deepspeed_assertion_is_reported_with_its_place_and_source():

@@ -84,9 +84,21 @@ def test_resume_continues_exactly(six_step_run, tiny_assets, tmp_path):
     ]
     train_job(overrides + ["trainer.stop_after_steps=3"])
     assert len(losses(run_dir)) == 3 and not (run_dir / "eval.json").exists()
+    # As if killed during step 3's eval, which follows its checkpoint: the row never reached the file.
+    metrics_file = run_dir / "metrics.csv"
+    metrics_file.write_text("".join(metrics_file.read_text().splitlines(keepends=True)[:-1]))
+    assert len(losses(run_dir)) == 2
     second = train_job(overrides + ["resume=auto"])
-    assert "resumed from" in second.stderr
+    assert "resumed from" in second.stderr and "step 3: metrics row recovered from its checkpoint" in second.stderr
     assert losses(run_dir) == losses(straight)  # loss for loss, exactly
+    # The recovered row, its eval included, is the row the straight run wrote (but for time and memory).
+    measured = ("tokens_per_s", "step_time_s", "mem_rss_gb", "mem_peak_rss_gb")
+
+    def values(row):
+        return {k: v for k, v in row.items() if k not in measured}
+
+    assert values(read_metrics(metrics_file)[2]) == values(read_metrics(straight / "metrics.csv")[2])
+    assert values(read_metrics(metrics_file)[2])["eval/ppl"] != ""
     assert json.loads((run_dir / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
 
 

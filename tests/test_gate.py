@@ -21,14 +21,19 @@ def column(run_dir, name):
 
 
 def rank_states(step_dir: Path) -> list[dict]:
-    """Every rank's model and optimizer state files of a DeepSpeed checkpoint."""
-    return [
-        {
-            "model": torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", weights_only=False),
-            "optim": torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False),
-        }
-        for r in range(2)
-    ]
+    """Every rank's model and optimizer state files of a DeepSpeed checkpoint (ZeRO-3 writes a model
+    file per rank, ZeRO-1/2 one for all; bf16 optimizer files carry a `bf16_` prefix)."""
+
+    def load(pattern: str) -> dict:
+        (path,) = step_dir.glob(pattern)
+        return torch.load(path, weights_only=False)
+
+    states = []
+    for r in range(2):
+        sharded = (step_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").exists()
+        model = load(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" if sharded else "mp_rank_00_model_states.pt")
+        states.append({"model": model, "optim": load(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")})
+    return states
 
 
 def assert_identical(a, b, path="state"):
@@ -50,10 +55,20 @@ def assert_identical(a, b, path="state"):
         assert a == b, (path, a, b)
 
 
-@pytest.mark.parametrize("mode", ["lookahead", "proxy"])
-def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, tiny_assets, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "engine"),
+    [
+        ("lookahead", []),
+        ("proxy", []),
+        # DeepSpeed's BF16_Optimizer (ZeRO-1, bf16, fp32 accumulation): its own master partitions.
+        ("proxy", ["deepspeed.precision=bf16", "deepspeed.zero_stage=1"]),
+    ],
+    ids=["lookahead", "proxy", "proxy-bf16-zero1"],
+)
+def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, engine, tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     common = base_overrides(tiny_assets, run_dir) + SHORT + GATE + [f"gate.mode={mode}", "trainer.save_every=2"]
+    common += engine
     # Two kept steps (ratio 0 never rejects), checkpointed; then two steps the gate must reject.
     train_job(common + ["gate.ratio=0", "trainer.max_steps=4", "trainer.stop_after_steps=2"])
     result = train_job(common + ["gate.ratio=100", "trainer.max_steps=4"])
@@ -67,7 +82,8 @@ def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, tin
         assert_identical(before["optim"]["optimizer_state_dict"], after["optim"]["optimizer_state_dict"])
         assert_identical(before["model"]["module"], after["model"]["module"])
         assert_identical(before["model"]["lr_scheduler"], after["model"]["lr_scheduler"])
-        state = after["optim"]["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        optim = after["optim"]["optimizer_state_dict"]
+        state = (optim.get("optimizer_state_dict") or optim["base_optimizer_state"])["state"]
         assert {"exp_avg", "exp_avg_sq", "step"} <= set(state[0]) and int(state[0]["step"]) == 2
     assert column(run_dir, "gate/rejected") == ["0", "0", "1", "2"]
     assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "0"]

@@ -52,7 +52,7 @@ def rng_state() -> dict:
     """This rank's RNG streams. On a GPU, only the rank's own device's generator: a resumed job may see
     fewer GPUs per process than the one that saved (e.g. one per SLURM task instead of the node's)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if dist.on_gpu():
         state["cuda_device"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
@@ -61,20 +61,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available():
-        device_state = device_rng_entry(state, torch.cuda.current_device())
+    if dist.on_gpu():
+        device_state = device_rng_entry(state, dist.launcher_local_rank())
         if device_state is not None:
-            torch.cuda.set_rng_state(device_state)
+            torch.cuda.set_rng_state(device_state)  # the current device's
 
 
-def device_rng_entry(state: dict, current_device: int):
-    """The generator state to restore on `current_device`: the saved rank's own device's, or, from
-    checkpoints that saved every visible device's (`cuda`, a list), the entry of the same index
-    when there is one. None: nothing to restore (a checkpoint written without a GPU)."""
+def device_rng_entry(state: dict, local_rank: int):
+    """The GPU generator state this rank restores: its own device's, or, from checkpoints that saved
+    every device the process saw (`cuda`, a list), the entry of the rank's launcher LOCAL_RANK, which
+    was its device there (the process saw the node's GPUs) and may not be its index now (one GPU per
+    task). None: nothing to restore (a checkpoint written without a GPU, or no such entry)."""
     if "cuda_device" in state:
         return state["cuda_device"]
     every = state.get("cuda") or []
-    return every[current_device] if current_device < len(every) else None
+    return every[local_rank] if local_rank < len(every) else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -31,28 +31,39 @@ def init() -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
-        index = device_index(local_rank(), torch.cuda.device_count())
-        # DeepSpeed's engine picks its device from LOCAL_RANK too: both must name a visible device.
-        os.environ["LOCAL_RANK"] = str(index)
+        global _LAUNCHER_LOCAL_RANK
+        _LAUNCHER_LOCAL_RANK = local_rank()
+        index = device_index(_LAUNCHER_LOCAL_RANK, torch.cuda.device_count(), "SLURM_LOCALID" in os.environ)
+        if index != _LAUNCHER_LOCAL_RANK:
+            # DeepSpeed's engine picks its device from LOCAL_RANK too: both must name a visible device.
+            os.environ["LOCAL_RANK"] = str(index)
         torch.cuda.set_device(index)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     if not on_gpu():
         _unlink_shm_buffer()
 
 
-def device_index(local: int, visible: int) -> int:
+# LOCAL_RANK as the launcher gave it, before init() maps it to a visible GPU (see device_index).
+_LAUNCHER_LOCAL_RANK: int | None = None
+
+
+def launcher_local_rank() -> int:
+    return local_rank() if _LAUNCHER_LOCAL_RANK is None else _LAUNCHER_LOCAL_RANK
+
+
+def device_index(local: int, visible: int, under_slurm: bool) -> int:
     """The GPU a rank uses, among the `visible` ones. Launchers that show every process all of its
     node's GPUs (deepspeed, torchrun) set LOCAL_RANK to pick one; SLURM sites that bind one GPU per
     task (--gpus-per-task=1, --gpu-bind) show each task a single device, index 0, whatever its
-    SLURM_LOCALID."""
+    SLURM_LOCALID. Elsewhere a LOCAL_RANK past the visible GPUs means more processes than GPUs."""
     if local < visible:
         return local
-    if visible == 1:
+    if visible == 1 and under_slurm:
         return 0
     raise VkdError(
         f"LOCAL_RANK={local} but this process sees {visible} GPUs "
         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give each process "
-        "every GPU of its node, or exactly one"
+        "every GPU of its node (or, under SLURM, exactly one), and start at most one process per GPU"
     )
 
 

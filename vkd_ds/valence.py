@@ -27,7 +27,9 @@ class ValenceHead(nn.Module):
     """Last hidden state [B,S,H] -> predicted valence of the next k steps [B,S,k], each in [0, 1], fp32.
 
     Computed in fp32 whatever the dtype of its weights and input: a bf16 sigmoid resolves valence
-    only to about 0.004, coarser than the MSE differences L_val and the mercy gate work with."""
+    only to about 0.004, coarser than the MSE differences L_val and the mercy gate work with.
+    Reading `proj.weight` outside `proj`'s own forward is safe under ZeRO-3 because StudentModule
+    registers the head's parameters as external ones, gathered for its whole forward."""
 
     def __init__(self, hidden_size: int, k: int = 8):
         super().__init__()
