@@ -30,10 +30,44 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     if not sharded:  # ZeRO-0: the module's full weights are in the model-states file
         state = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in state["module"].items()}
+    if (
+        any(checkpoint_dir.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+        and not (checkpoint_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").exists()
+    ):
+        return _bf16_optimizer_state_dict(checkpoint_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+
+
+def _bf16_optimizer_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of a checkpoint of DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16 with fp32
+    gradient accumulation), which DeepSpeed's zero_to_fp32 does not read: each rank holds a slice
+    of every parameter group's flat fp32 master, the parameters laid end to end in `param_shapes`
+    order (padding only at the end). Buffers and tied names come from the module's own state."""
+    model = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    ranks = sorted(
+        checkpoint_dir.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+        key=lambda path: int(path.name.split("_")[4]),
+    )
+    slices = [
+        torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"][
+            "single_partition_of_fp32_groups"
+        ]
+        for path in ranks
+    ]
+    state = {name: value.float() for name, value in model["module"].items()}
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([rank_slices[group] for rank_slices in slices])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = torch.Size(shape).numel()
+            state[name] = flat[offset : offset + numel].view(shape).detach().clone()
+            offset += numel
+    for name, source in (model.get("shared_params") or {}).items():
+        state[name] = state[source]
+    return state
 
 
 def export(run_dir: str | Path, out_dir: str | Path, checkpoint_dir: str | Path | None = None) -> Path:
