@@ -6,7 +6,6 @@ of per-rank means is wrong under masks and sample weights.
 
 from __future__ import annotations
 
-import atexit
 import os
 from datetime import timedelta
 
@@ -40,7 +39,6 @@ def init() -> None:
             os.environ["LOCAL_RANK"] = str(index)
         torch.cuda.set_device(index)
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
-    atexit.register(_leave_process_group)
     if not on_gpu():
         _unlink_shm_buffer()
 
@@ -117,14 +115,6 @@ def device_description() -> str:
     if on_gpu():
         return f"{torch.cuda.get_device_name(device())} (cuda, {torch.cuda.device_count()} visible per process)"
     return f"CPU (DeepSpeed's CPU accelerator, {torch.get_num_threads()} threads per process)"
-
-
-def _leave_process_group() -> None:
-    """At exit: a process group left to the interpreter's teardown can end the process with
-    `terminate called without an active exception` (exit 250) after the job's work is done, as
-    `vkd-ds eval` once did in the tests. No barrier: after an error the ranks may not all get here."""
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
