@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     from vkd_ds import dist, engines
     from vkd_ds.assets import llama_config
     from vkd_ds.config import compose
-    from vkd_ds.ds_config import student_ds_config
+    from vkd_ds.ds_config import student_ds_config, student_lr_schedule
     from vkd_ds.rollout import SamplingSettings, StudentSampler, row_uniforms
 
     dist.init()
@@ -75,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     ds_config = student_ds_config(cfg, dist.world_size(), dist.on_gpu())
     model_config = llama_config(args.vocab, args.hidden, args.layers, heads=max(1, args.hidden // 64))
     student = engines.build_student_model(None, model_config, ds_config, seed=0)
-    engine, _, _ = engines.build_student_engine(student, ds_config)
+    engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(cfg, ds_config))
     settings = SamplingSettings(n_gen=args.n_gen, max_seq_len=args.prompt + args.n_gen)
     gen = torch.Generator().manual_seed(dist.rank())
     prompts = torch.randint(3, args.vocab, (args.batch, args.prompt), generator=gen).tolist()

@@ -1,9 +1,11 @@
 """Config composition, validation and the derived DeepSpeed JSON."""
 
+import math
+
 import pytest
 
 from vkd_ds.config import check_global_batch, compose, validate
-from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
 from vkd_ds.errors import VkdError
 from vkd_ds.launch import strip_local_rank
 
@@ -101,7 +103,7 @@ def test_deepspeed_json_is_derived_in_one_place():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1000  # extra merged, stage kept
     assert ds["bf16"]["enabled"] is False  # fp32 on CPU
-    assert ds["scheduler"]["params"]["total_num_steps"] == cfg.trainer.max_steps
+    assert "scheduler" not in ds and student_lr_schedule(cfg, ds) is not None  # vkd_ds/schedule.py's
     assert "data_types" not in ds and "communication_data_type" not in ds  # fp32: DeepSpeed's own
     teacher = teacher_ds_config(cfg, on_gpu=True)
     assert teacher["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
@@ -132,3 +134,22 @@ def test_local_rank_is_moved_out_of_hydra_args(monkeypatch):
 
     assert os.environ["LOCAL_RANK"] == "1"
     assert strip_local_rank(["x=y", "--local_rank", "3"]) == ["x=y"] and os.environ["LOCAL_RANK"] == "3"
+
+
+def test_lr_schedule_formula():
+    from vkd_ds.schedule import lr_factor, warmup_steps_used
+
+    # 4 warmup steps of 10: 1/4, 2/4, 3/4, peak, then cosine down to the minimum at step 10.
+    factors = [lr_factor(s, 4, 10, 0.1) for s in range(1, 11)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(factors[3:-1], factors[4:], strict=True))  # strictly decreasing after the peak
+    midpoint = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6))
+    assert factors[6] == pytest.approx(midpoint)  # step 7: half-way through the 6 decay steps
+    # Warmup is cut so that the last step still decays to the minimum; past the end it stays there.
+    assert warmup_steps_used(10, 5) == 4 and lr_factor(5, 10, 5, 0.2) == pytest.approx(0.2)
+    assert lr_factor(12, 4, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(1, 0, 1, 0.3) == pytest.approx(0.3)  # one step: it is the last
+    assert lr_factor(1, 0, 10, 0.0) < 1.0 and lr_factor(1, 0, 10, 0.0) > 0.97  # no warmup: near peak
+    with pytest.raises(ValueError):
+        lr_factor(0, 4, 10, 0.1)

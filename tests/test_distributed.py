@@ -9,6 +9,7 @@ from tests.conftest import FULL_OBJECTIVE, base_overrides, deepspeed_launch, sav
 from vkd_ds import checkpoint
 from vkd_ds.export import consolidated_state_dict
 from vkd_ds.metrics import read_metrics
+from vkd_ds.schedule import lr_factor
 
 pytestmark = pytest.mark.distributed
 
@@ -112,6 +113,13 @@ def test_run_directory_layout(six_step_run):
         assert column in rows[0], column
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_0000003", "step_0000006"]
     assert "step 6/6" in (run_dir / "train.log").read_text()
+    # The LR each step applied (lr=3e-3, 2 warmup steps of 6, min_lr_ratio 0.1): step 1 the first
+    # warmup LR (DeepSpeed's WarmupCosineLR applied 0), step 2 the peak, the last step the minimum.
+    applied = [float(r["lr"]) for r in rows]
+    expected = [3e-3 * lr_factor(step, 2, 6, 0.1) for step in range(1, 7)]
+    assert applied == pytest.approx(expected, rel=1e-6)
+    assert applied[0] == pytest.approx(1.5e-3) and applied[1] == pytest.approx(3e-3)
+    assert applied[-1] == pytest.approx(3e-4)
 
 
 def test_teacher_is_sharded_frozen_and_not_checkpointed(six_step_run, tiny_assets, tmp_path):

@@ -1,6 +1,6 @@
 """The one place where DeepSpeed JSON is derived from the Hydra config.
 
-Batch sizes, precision, ZeRO stage, offload and the LR schedule are written
+Batch sizes, precision, ZeRO stage, offload and the LR schedule are chosen
 here and nowhere else (DeepSpeed-Chat's habit of patching `train_batch_size`
 in many places is what this avoids).
 """
@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds.config import check_global_batch
+from vkd_ds.schedule import lr_scheduler_factory
 
 
 def resolve_precision(cfg: DictConfig, on_gpu: bool) -> str:
@@ -43,7 +44,7 @@ def _bf16_numerics(stage: int) -> dict[str, Any]:
 
 
 def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed JSON of the student engine (optimizer and LR schedule included)."""
+    """DeepSpeed JSON of the student engine (optimizer included; the LR schedule is student_lr_schedule's)."""
     trainer = cfg.trainer
     global_batch = check_global_batch(cfg, world_size)
     precision = resolve_precision(cfg, on_gpu)
@@ -53,7 +54,6 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.deepspeed.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(cfg.deepspeed.offload_optimizer, cfg.deepspeed.nvme_path, on_gpu)
-    warmup = min(trainer.warmup_steps, trainer.max_steps - 1) if trainer.max_steps > 1 else 0
     ds: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
@@ -73,19 +73,6 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
                 "torch_adam": cfg.deepspeed.offload_optimizer == "none",
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": trainer.max_steps,
-                "warmup_num_steps": max(warmup, 1),
-                # Meant as a linear warmup from lr/warmup to lr. Known bug: WarmupCosineLR sets the
-                # LR to 0 until its first step(), so optimizer step 1 applies LR 0 and the schedule
-                # runs one step late; `last_batch_iteration: 0` fixes it (README figures then change).
-                "warmup_min_ratio": 1.0 / max(warmup, 1),
-                "cos_min_ratio": trainer.min_lr_ratio,
-                "warmup_type": "linear",
-            },
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -96,6 +83,15 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
         for key, value in _bf16_numerics(int(ds["zero_optimization"]["stage"])).items():
             ds.setdefault(key, value)
     return ds
+
+
+def student_lr_schedule(cfg: DictConfig, ds_config: dict[str, Any]):
+    """The LR schedule to hand `deepspeed.initialize` (vkd_ds/schedule.py), or None when the user's
+    `deepspeed.extra` names a DeepSpeed `scheduler` of its own (DeepSpeed then builds that one)."""
+    if "scheduler" in ds_config:
+        return None
+    trainer = cfg.trainer
+    return lr_scheduler_factory(int(trainer.warmup_steps), int(trainer.max_steps), float(trainer.min_lr_ratio))
 
 
 def teacher_ds_config(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:

@@ -107,10 +107,14 @@ def build_student_model(
     return StudentModule(lm, attention=eager_attention, dtype=_dtype(ds_config), **extras)
 
 
-def build_student_engine(student: StudentModule, ds_config: dict[str, Any]):
-    """The student's training engine: optimizer and LR schedule come from `ds_config`."""
+def build_student_engine(student: StudentModule, ds_config: dict[str, Any], lr_schedule=None):
+    """The student's training engine: the optimizer comes from `ds_config`, the LR schedule from
+    `lr_schedule` (ds_config.student_lr_schedule; None: `ds_config`'s own, or a constant LR)."""
     engine, optimizer, _, scheduler = _initialize(
-        model=student, model_parameters=[p for p in student.parameters() if p.requires_grad], config=ds_config
+        model=student,
+        model_parameters=[p for p in student.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lr_schedule,
     )
     return engine, optimizer, scheduler
 

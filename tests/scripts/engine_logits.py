@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 from vkd_ds import checkpoint, dist, engines  # noqa: E402
 from vkd_ds.config import compose  # noqa: E402
-from vkd_ds.ds_config import student_ds_config  # noqa: E402
+from vkd_ds.ds_config import student_ds_config, student_lr_schedule  # noqa: E402
 from vkd_ds.train import build_student, prepare  # noqa: E402
 
 out_file = Path(args[0])
@@ -20,7 +20,7 @@ prepared = prepare(cfg)
 dist.init()
 ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
 student = build_student(cfg, prepared, ds_config, seed=999)
-engine, _, _ = engines.build_student_engine(student, ds_config)
+engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(cfg, ds_config))
 latest = checkpoint.latest_checkpoint(Path(cfg.run.dir))
 checkpoint.load(engine, latest, checkpoint.read_meta(latest))
 engine.eval()

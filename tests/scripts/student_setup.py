@@ -12,12 +12,14 @@ def student_engine(seed: int):
     args = strip_local_rank(sys.argv[1:])
     from vkd_ds import dist, engines
     from vkd_ds.config import compose
-    from vkd_ds.ds_config import student_ds_config
+    from vkd_ds.ds_config import student_ds_config, student_lr_schedule
     from vkd_ds.train import build_student, prepare
 
     cfg = compose(args[1:])
     prepared = prepare(cfg)
     dist.init()
     ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
-    engine, _, _ = engines.build_student_engine(build_student(cfg, prepared, ds_config, seed=seed), ds_config)
+    engine, _, _ = engines.build_student_engine(
+        build_student(cfg, prepared, ds_config, seed=seed), ds_config, student_lr_schedule(cfg, ds_config)
+    )
     return Path(args[0]), cfg, prepared, engine
