@@ -3,8 +3,18 @@
 import json
 
 import pytest
+import torch
 
-from vkd_ds.data import GlobalBatchSampler, collate, eval_shards, load_examples, read_jsonl
+from vkd_ds.data import (
+    GlobalBatchSampler,
+    collate,
+    eval_shards,
+    global_batch_order,
+    load_data_file,
+    load_examples,
+    rank_rows,
+    read_jsonl,
+)
 from vkd_ds.errors import VkdError
 from vkd_ds.models import load_tokenizer
 
@@ -28,7 +38,6 @@ def test_malformed_line_names_file_and_line(tmp_path):
         ('{"text": "a", "prompt": "b", "completion": "c"}', 'either "text" or "prompt"'),
         ('{"prompt": "only a prompt"}', '"completion" must be a string'),
         ('{"text": 5}', '"text" must be a string'),
-        ('{"text": "   "}', '"text" is empty'),
     ],
 )
 def test_bad_records(tmp_path, record, message):
@@ -42,6 +51,45 @@ def test_missing_and_empty_files(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl")
     with pytest.raises(VkdError, match="holds no records"):
         read_jsonl(write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_a_byte_order_mark_is_read_and_later_lines_keep_their_numbers(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    assert [record["text"] for _, record in read_jsonl(path)] == ["first", "second"]
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n\n{"text": "broken"\n')
+    with pytest.raises(VkdError, match=r"bom\.jsonl:3: malformed JSON"):
+        read_jsonl(path)
+    # A byte-order mark anywhere but the start of the file is not one.
+    path.write_bytes(b'{"text": "first"}\n\xef\xbb\xbf{"text": "second"}\n')
+    with pytest.raises(VkdError, match=r"bom\.jsonl:2: malformed JSON"):
+        read_jsonl(path)
+
+
+def test_empty_records_are_skipped_and_counted_and_a_file_of_them_refused(tiny_assets, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_assets / "tokenizer"))
+    lines = [
+        json.dumps({"text": "The list type"}),
+        json.dumps({"text": "   "}),
+        json.dumps({"prompt": "", "completion": ""}),
+        json.dumps({"prompt": "The", "completion": ""}),  # EOS is still a target
+    ]
+    data = load_data_file(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 64)
+    assert len(data.examples) == 2 and data.empty_records == [f"{tmp_path / 'd.jsonl'}:2", f"{tmp_path / 'd.jsonl'}:3"]
+    assert "skipped 2 record(s) with empty text" in data.notes()[0]
+    with pytest.raises(VkdError, match=r"all 2 records have empty text"):
+        load_data_file(write_lines(tmp_path / "e.jsonl", lines[1:3]), tokenizer, 64)
+
+
+def test_prompt_only_records_after_truncation_are_counted(tiny_assets, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_assets / "tokenizer"))
+    long_prompt = " ".join(["The list type"] * 20)
+    lines = [json.dumps({"prompt": long_prompt, "completion": " type"}), json.dumps({"text": "The list type"})]
+    data = load_data_file(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 8)
+    assert data.prompt_only == [f"{tmp_path / 'd.jsonl'}:1"]
+    assert not any(data.examples[0].loss_mask) and any(data.examples[1].loss_mask)
+    assert any("no target token" in note for note in data.notes())
+    assert load_data_file(write_lines(tmp_path / "ok.jsonl", lines[1:]), tokenizer, 8).notes() == []
 
 
 def test_prompt_completion_masks_the_prompt(tiny_assets, tmp_path):
@@ -91,3 +139,24 @@ def test_eval_shards_cover_everything_once_with_equal_counts():
     assert len({len(s) for s in shards}) == 1
     seen = [i for s in shards for batch in s for i in batch if i is not None]
     assert sorted(seen) == list(range(11))
+
+
+@pytest.mark.parametrize("world,accum,micro", [(1, 1, 4), (2, 1, 2), (2, 3, 2), (4, 2, 1), (3, 2, 3)])
+def test_global_batch_order_is_the_one_rank_order_and_rank_rows_inverts_it(world, accum, micro):
+    """What every rank gathers, put in (micro-step, rank, row) order, is the global batch exactly as
+    one rank with micro-batch micro·world holds it, and each rank gets its own rows back."""
+    sampler = GlobalBatchSampler(50, micro, accum, world, seed=3)
+    one_rank = GlobalBatchSampler(50, micro * world, accum, 1, seed=3)
+    step = 2
+    per_rank = torch.tensor([[sampler.indices(step, a, r) for a in range(accum)] for r in range(world)])
+    ordered = global_batch_order(per_rank)  # [world, accum, micro] -> [G]
+    expected = [i for a in range(accum) for i in one_rank.indices(step, a, 0)]
+    assert ordered.tolist() == expected
+    for r in range(world):
+        assert torch.equal(rank_rows(ordered, accum, world, r), per_rank[r])
+    # Trailing dimensions ride along (e.g. a row's saliency and its validity).
+    pairs = torch.stack([per_rank, -per_rank], dim=-1)
+    assert global_batch_order(pairs)[:, 1].tolist() == [-i for i in expected]
+    if accum * world > 1:
+        with pytest.raises(ValueError):
+            rank_rows(ordered[:-1], accum, world, 0)

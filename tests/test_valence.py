@@ -91,6 +91,25 @@ def test_weights_of_a_batch_of_one_and_ess():
     assert 0 < ess < 0.5  # λ = 6 concentrates the batch on a few sequences
 
 
+def test_sequences_without_a_valid_position_get_weight_zero_and_leave_the_statistics_alone():
+    """A prompt that fills data.max_seq_len has no target and saliency 0: in μ and σ it moved every other
+    weight (one such row in 8 took the ESS from 0.15 to 0.46). It gets weight 0 and the rest are as if
+    it were not in the batch."""
+    torch.manual_seed(4)
+    s = torch.rand(8, dtype=torch.float64)
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[[2, 5]] = False
+    s[[2, 5]] = 0.0  # what saliency() gives a sequence without valid positions
+    w = valence_weights(s, lam=6.0, valid=valid)
+    assert w[2] == 0 and w[5] == 0
+    torch.testing.assert_close(w[valid], valence_weights(s[valid], lam=6.0), atol=1e-12, rtol=0)
+    assert float(effective_sample_size(w, valid)) == pytest.approx(float(effective_sample_size(w[valid])))
+    skewed = valence_weights(s, lam=6.0)  # the old behaviour: the zeros enter μ and σ
+    assert not torch.allclose(skewed[valid], w[valid])
+    # No valid row at all: uniform weights (every term is 0 anyway), never a 0/0.
+    assert valence_weights(s, valid=torch.zeros(8, dtype=torch.bool)).tolist() == [1.0] * 8
+
+
 @pytest.mark.parametrize("k", [1, 4])
 def test_valence_mse_and_feature_kd_match_reference(k):
     torch.manual_seed(2)

@@ -43,7 +43,8 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
         for line_no, raw in enumerate(handle, start=1):
             where = _where(path, line_no)
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors write a byte-order mark at the start of a file.
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise VkdError(f"{where}: not valid UTF-8 (byte {err.start + 1})") from None
             if not line.strip():
@@ -70,8 +71,6 @@ def _check_record(record, where: str) -> None:
     for key in keys:
         if not isinstance(record.get(key), str):
             raise VkdError(f'{where}: "{key}" must be a string')
-    if has_text and not record["text"].strip():
-        raise VkdError(f'{where}: "text" is empty')
     if "valence" in record:
         _check_valence(record["valence"], where)
 
@@ -138,8 +137,51 @@ def _token_valence(value, body: list[int], bos: list[int], tail: list[int], wher
     return values[:1] * len(bos) + values + values[-1:] * len(tail)
 
 
+def is_empty(record: dict) -> bool:
+    """A record with nothing to learn from: blank "text", or a blank prompt and completion."""
+    if "text" in record:
+        return not record["text"].strip()
+    return not (record["prompt"].strip() or record["completion"].strip())
+
+
+@dataclass
+class DataFile:
+    """A data file's examples, and what was left out or cannot train, to say at the start of a run."""
+
+    path: str
+    examples: list[Example]
+    empty_records: list[str]  # file:line of records skipped for empty text
+    prompt_only: list[str]  # file:line of examples with no target (a prompt that fills data.max_seq_len)
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.empty_records:
+            notes.append(
+                f"{self.path}: skipped {len(self.empty_records)} record(s) with empty text "
+                f"(first: {self.empty_records[0]})"
+            )
+        if self.prompt_only:
+            notes.append(
+                f"{self.path}: {len(self.prompt_only)} record(s) have no target token after truncation to "
+                f"data.max_seq_len (their prompt fills it; first: {self.prompt_only[0]}); they add nothing to the loss"
+            )
+        return notes
+
+
+def load_data_file(path: str | Path, tokenizer, max_seq_len: int) -> DataFile:
+    """Read, check and tokenize a JSONL file; records with empty text are skipped (and counted),
+    a file of nothing but empty records is refused."""
+    records = read_jsonl(path)
+    empty = [where for where, record in records if is_empty(record)]
+    if len(empty) == len(records):
+        raise VkdError(f"data file {path}: all {len(records)} records have empty text; there is nothing to train on")
+    examples = tokenize([(w, r) for w, r in records if not is_empty(r)], tokenizer, max_seq_len)
+    prompt_only = [ex.source for ex in examples if not any(ex.loss_mask)]
+    return DataFile(str(path), examples, empty, prompt_only)
+
+
 def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
-    return tokenize(read_jsonl(path), tokenizer, max_seq_len)
+    return load_data_file(path, tokenizer, max_seq_len).examples
 
 
 def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) -> dict[str, torch.Tensor]:
@@ -218,6 +260,22 @@ class GlobalBatchSampler:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch_size / self.num_examples
+
+
+def global_batch_order(gathered: torch.Tensor) -> torch.Tensor:
+    """[world, accum, micro, ...] (what all_gather of each rank's [accum, micro, ...] gives) ->
+    [world·accum·micro, ...] in stream order, (micro-step, rank, row): the order in which one rank
+    holding the concatenated global batch would see it (GlobalBatchSampler.indices)."""
+    world, accum, micro = gathered.shape[:3]
+    return gathered.transpose(0, 1).reshape(world * accum * micro, *gathered.shape[3:])
+
+
+def rank_rows(global_values: torch.Tensor, accum: int, world: int, rank: int) -> torch.Tensor:
+    """The inverse of global_batch_order for one rank: its [accum, micro, ...] rows of the global batch."""
+    micro = global_values.shape[0] // (accum * world)
+    if micro * accum * world != global_values.shape[0]:
+        raise ValueError(f"{global_values.shape[0]} rows do not split into {accum} micro-steps x {world} ranks")
+    return global_values.view(accum, world, micro, *global_values.shape[1:])[:, rank]
 
 
 def eval_shards(

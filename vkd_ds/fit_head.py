@@ -96,9 +96,12 @@ def validate_fit(cfg: DictConfig) -> None:
 
 
 def _examples(path: str, tokenizer, cfg: DictConfig):
-    from vkd_ds.data import read_jsonl, tokenize
+    from vkd_ds.data import is_empty, read_jsonl, tokenize
 
-    records = label_records(read_jsonl(path), tokenizer, cfg.valence.fit.labels, float(cfg.valence.fit.lexicon_decay))
+    records = [(where, record) for where, record in read_jsonl(path) if not is_empty(record)]
+    if not records:
+        raise VkdError(f"data file {path}: every record has empty text; there is nothing to fit on")
+    records = label_records(records, tokenizer, cfg.valence.fit.labels, float(cfg.valence.fit.lexicon_decay))
     return tokenize(records, tokenizer, int(cfg.data.max_seq_len))
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.config import check_global_batch, to_yaml, validate
-from vkd_ds.data import Example, load_examples
+from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.metrics import setup_logging
@@ -31,6 +31,7 @@ class Prepared:
     valid_data: list[Example]
     objective: Objective
     teacher_width: int
+    data_notes: list[str]  # skipped empty records, records without a target: logged at start
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -47,8 +48,10 @@ def prepare(cfg: DictConfig) -> Prepared:
         student_config = student_config_from_dict(cfg.student.config, vocab)
     check_vocab(vocab, student_config.vocab_size, "student")
     max_len = cfg.data.max_seq_len
-    train_data = load_examples(cfg.data.train_path, tokenizer, max_len)
-    valid_data = load_examples(cfg.data.valid_path, tokenizer, max_len) if cfg.data.valid_path else []
+    files = [load_data_file(cfg.data.train_path, tokenizer, max_len)]
+    if cfg.data.valid_path:
+        files.append(load_data_file(cfg.data.valid_path, tokenizer, max_len))
+    train_data, valid_data = files[0].examples, files[1].examples if len(files) > 1 else []
     layer_map = resolve_layer_map(cfg.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
     objective = Objective.from_config(cfg, layer_map, vocab)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
@@ -71,7 +74,8 @@ def prepare(cfg: DictConfig) -> Prepared:
         )
     if cfg.valence.teacher_head:
         load_head(cfg.valence.teacher_head, int(cfg.valence.k), teacher_width)
-    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width)
+    notes = [note for file in files for note in file.notes()]
+    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes)
 
 
 def build_student(cfg: DictConfig, prepared: Prepared, ds_config: dict, seed: int):
@@ -120,7 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from vkd_ds import engines
-    from vkd_ds.ds_config import student_ds_config, teacher_ds_config
+    from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
     from vkd_ds.gate import GateSettings, MercyGate
     from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
@@ -166,7 +170,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint.make_universal(resume_from)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
-    engine, _, _ = engines.build_student_engine(student, ds_config)
+    engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(cfg, ds_config))
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
     sampler = None
     if objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead"):
@@ -202,6 +206,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_global_batch(cfg, world),
         run_dir,
     )
+    for note in prepared.data_notes:
+        log.warning("data: %s", note)
     if teacher_engine is not None:
         local, total = engines.local_param_count(teacher_engine)
         log.info(

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds import checkpoint, dist
-from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards
+from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards, global_batch_order, rank_rows
 from vkd_ds.errors import VkdError
 from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
 from vkd_ds.losses import (
@@ -82,23 +82,29 @@ class Trainer:
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
 
-    def _weights(self, saliencies: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+    def _weights(
+        self, saliencies: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
         """w_i of this rank's micro-batches, from the saliencies of the whole global batch.
 
         The gathered vector is ordered (micro-step, rank, row), the order in which one rank
         with the concatenated batch would hold it, so every world size computes the same weights.
+        A sequence with no valid position gets weight 0 and stays out of the batch statistics.
         """
         obj = self.objective
-        accum, micro = len(saliencies), saliencies[0].numel()
-        gathered = dist.all_gather(torch.stack(saliencies))  # [world, accum, micro]
-        global_s = gathered.transpose(0, 1).reshape(-1)  # (micro-step, rank, row)
-        w = valence_weights(global_s, obj.lam, obj.z_max, obj.normalize, obj.eps)
-        mine = w.view(accum, self.world, micro)[:, self.rank]
+        valid = [m.any(1).to(s.dtype) for s, m in zip(saliencies, masks, strict=True)]
+        # [accum, micro, 2] per rank: each row's saliency and whether it has a valid position.
+        local = torch.stack([torch.stack(saliencies), torch.stack(valid)], dim=-1)
+        rows = global_batch_order(dist.all_gather(local))  # [global batch, 2]
+        global_s, global_valid = rows[:, 0], rows[:, 1] > 0
+        w = valence_weights(global_s, obj.lam, obj.z_max, obj.normalize, obj.eps, valid=global_valid)
+        mine = rank_rows(w, len(saliencies), self.world, self.rank)
+        kept = global_s[global_valid].double() if bool(global_valid.any()) else global_s.double()
         stats = {
-            "ess": float(effective_sample_size(w)),
+            "ess": float(effective_sample_size(w, global_valid)),
             "weight_max": float(w.max()),
-            "saliency_mean": float(global_s.double().mean()),
-            "saliency_std": float(global_s.double().std(unbiased=False)),
+            "saliency_mean": float(kept.mean()),
+            "saliency_std": float(kept.std(unbiased=False)),
         }
         return list(mine), w.sum(), stats
 
@@ -207,7 +213,7 @@ class Trainer:
                 masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
                 saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
                 # global_weight_sum, the denominator of L, is the same number on every rank.
-                weights, global_weight_sum, weight_stats = self._weights(saliencies)
+                weights, global_weight_sum, weight_stats = self._weights(saliencies, masks)
             stats.update(weight_stats)
         else:
             weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]

@@ -93,28 +93,42 @@ def saliency(
 
 
 def valence_weights(
-    saliency: torch.Tensor, lam: float = 6.0, z_max: float | None = 3.0, normalize: bool = True, eps: float = 1e-6
+    saliency: torch.Tensor,
+    lam: float = 6.0,
+    z_max: float | None = 3.0,
+    normalize: bool = True,
+    eps: float = 1e-6,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """w_i = exp(λ·clip(z_i, ±z_max)), z_i = (s_i − μ)/(σ + ε), μ and σ the mean and population std of
     `saliency` [B]; then scaled to mean 1 when `normalize`. `z_max=None, normalize=False` is the raw formula.
 
+    `valid` [B] (bool): the sequences that have at least one valid position. The others (e.g. a prompt
+    that fills data.max_seq_len) have no loss and no saliency: they get weight 0 and stay out of μ, σ
+    and the mean-1 scaling, which their s_i = 0 would otherwise skew for every other sequence.
+
     Pass the whole global batch's saliencies: weights depend on the batch statistics.
     """
     s = saliency.double()
-    mu = s.mean()
-    sigma = s.var(unbiased=False).sqrt()
+    keep = torch.ones_like(s, dtype=torch.bool) if valid is None else valid.to(s.device, torch.bool)
+    if not bool(keep.any()):
+        return torch.ones_like(saliency)  # nothing to weigh: every term is 0 on every sequence
+    mu = s[keep].mean()
+    sigma = s[keep].var(unbiased=False).sqrt()
     z = (s - mu) / (sigma + eps)
     if z_max is not None:
         z = z.clamp(-z_max, z_max)
-    w = torch.exp(lam * z)
+    w = torch.where(keep, torch.exp(lam * z), torch.zeros_like(z))
     if normalize:
-        w = w / w.mean()
+        w = w / w[keep].mean()
     return w.to(saliency.dtype)
 
 
-def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
-    """ESS = (Σw)² / Σw² as a fraction of the batch size: 1 for uniform weights, 1/B for one dominant."""
-    w = weights.double()
+def effective_sample_size(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ESS = (Σw)² / Σw² as a fraction of the (valid) batch size: 1 for uniform weights, 1/B for one dominant."""
+    w = weights.double() if valid is None else weights.double()[valid.to(weights.device, torch.bool)]
+    if w.numel() == 0:
+        return torch.ones((), dtype=weights.dtype)
     return (w.sum() ** 2 / (w * w).sum() / w.numel()).to(weights.dtype)
 
 
