@@ -26,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, asset_overrides, bench_env, describe, median_of, run_parser, train, work_dir  # noqa: E402
 
+from vkd_ds.terms import only_terms  # noqa: E402
+
 # (teacher layers, width, heads), (student layers, width, heads, intermediate), vocabulary,
 # tokens per record, micro batch
 SIZES = {
@@ -58,7 +60,7 @@ def main() -> int:
             teacher_width=t_width, teacher_heads=t_heads,
         )  # fmt: skip
     overrides = asset_overrides(assets, seq_len) + [
-        "loss.feat=0", "loss.seq=0", "loss.val=0", "loss.reg=0", "weighting.lam=0",
+        *only_terms("ce", "soft"), "weighting.lam=0",
         "deepspeed=zero2", "deepspeed.precision=bf16", "teacher.offload_param=none",
         f"student.config.hidden_size={s_width}", f"student.config.intermediate_size={s_inter}",
         f"student.config.num_hidden_layers={s_layers}", f"student.config.num_attention_heads={s_heads}",

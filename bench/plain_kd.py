@@ -32,18 +32,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, asset_overrides, bench_assets, bench_env, describe, median_of, train  # noqa: E402
 
+from vkd_ds.terms import loss_overrides  # noqa: E402
+
 SETTINGS = {"speed": (8192, 256), "memory": (32768, 512)}
 BATCH, CE, SOFT, TEMPERATURE = 8, 1.0, 0.8, 4.0
 VKD = [
     "deepspeed=zero0",
     f"trainer.micro_batch_size={BATCH}",
-    f"loss.ce={CE}",
-    f"loss.soft={SOFT}",
+    *loss_overrides(ce=CE, soft=SOFT),
     f"loss.temperature={TEMPERATURE}",
-    "loss.feat=0",
-    "loss.seq=0",
-    "loss.val=0",
-    "loss.reg=0",
     "weighting.lam=0",
     "trainer.lr=1e-3",
 ]

@@ -24,13 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import asset_overrides, bench_assets, bench_env, describe, run_parser, train, work_dir  # noqa: E402
 
+from vkd_ds.terms import loss_overrides  # noqa: E402
+
 EVERY_TERM = [
-    "loss.ce=1.0",
-    "loss.soft=0.8",
-    "loss.feat=0.4",
-    "loss.seq=0.3",
-    "loss.val=0.6",
-    "loss.reg=0.01",
+    *loss_overrides(ce=1.0, soft=0.8, feat=0.4, seq=0.3, val=0.6, reg=0.01),
     "gate.enabled=true",
     "gate.mode=proxy",
     "gate.ratio=0",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vkd_ds.terms import loss_overrides
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -106,13 +108,8 @@ def base_overrides(assets: Path, run_dir: Path) -> list[str]:
 # Sequence KD samples alike on every layout: each sequence's draws are seeded by its place
 # in the global batch, and its baseline is the global batch's mean reward.
 FULL_OBJECTIVE = [
-    "loss.ce=1.0",
-    "loss.soft=0.8",
-    "loss.feat=0.4",
-    "loss.seq=0.3",
+    *loss_overrides(ce=1.0, soft=0.8, feat=0.4, seq=0.3, val=0.6, reg=0.01),
     "seq_kd.n_gen=6",
-    "loss.val=0.6",
-    "loss.reg=0.01",
     "feat.attention=0.5",
     "reg.param_patterns=[*norm.weight]",
     "weighting.lam=6.0",

@@ -8,6 +8,7 @@ from vkd_ds.config import check_global_batch, compose, validate
 from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
 from vkd_ds.errors import VkdError
 from vkd_ds.launch import strip_local_rank
+from vkd_ds.terms import loss_overrides
 
 # Without a teacher valence head file, L_val and the weighting must be off.
 REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0"]
@@ -53,7 +54,7 @@ def test_demo_experiment_fills_paths():
         (REQUIRED + ["trainer.lr=fast"], "trainer.lr` must be a number"),
         (REQUIRED + ["deepspeed.zero_stage=4"], "deepspeed.zero_stage` must be <= 3"),
         (REQUIRED + ["teacher.offload_param=disk"], "teacher.offload_param` must be one of"),
-        (REQUIRED + ["loss.ce=0", "loss.soft=0", "loss.feat=0", "loss.seq=0", "loss.reg=0"], "nothing to train"),
+        (REQUIRED + loss_overrides(), "nothing to train"),
         (REQUIRED + ["seq_kd.n_gen=256"], "`seq_kd.n_gen` .256. must be below data.max_seq_len"),
         (REQUIRED + ["seq_kd.top_p=0"], "`seq_kd.top_p` must be in"),
         (REQUIRED + ["seq_kd.reward=likelihood"], "`seq_kd.reward` must be one of"),

@@ -223,3 +223,34 @@ def test_fit_valence_head_learns_the_labels(tiny_assets, tmp_path):
     assert summary["final_mse"] < summary["constant_mse"]
     head = load_head(out, 8, 48)
     assert head.k == 8
+
+
+def test_every_loss_term_is_declared_once():
+    """The registry is the one list of terms: each has its λ key in configs/loss/default.yaml (and
+    every numeric λ key there is a term); no other source file writes out a list of term names."""
+    import re
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from vkd_ds.terms import NEEDS, TERM_NAMES, TERMS, loss_overrides, only_terms
+
+    repo = Path(__file__).resolve().parent.parent
+    loss_keys = OmegaConf.load(repo / "configs" / "loss" / "default.yaml")
+    settings = {"temperature", "chunk_tokens", "fused_head"}  # not terms: how the token-level terms run
+    assert set(loss_keys) - settings == set(TERM_NAMES)
+    for term in TERMS.values():
+        assert set(term.needs) <= set(NEEDS), term.name
+    assert loss_overrides(ce=1.0)[0] == "loss.ce=1.0" and len(loss_overrides()) == len(TERM_NAMES)
+    assert "loss.ce=0" not in only_terms("ce") and len(only_terms("ce")) == len(TERM_NAMES) - 1
+    with pytest.raises(KeyError, match="unknown loss term"):
+        loss_overrides(sof=1.0)
+    names = "|".join(TERM_NAMES)
+    listed = re.compile(rf"""(["'](loss\.)?({names})(=0)?["']\s*,\s*){{2,}}""")
+    offenders = []
+    for path in [*repo.glob("vkd_ds/*.py"), *repo.glob("bench/*.py"), *repo.glob("tests/**/*.py")]:
+        if path.name == "terms.py" or path == Path(__file__).resolve():
+            continue
+        if listed.search(path.read_text()):
+            offenders.append(str(path.relative_to(repo)))
+    assert offenders == [], f"hand-written lists of loss terms in {offenders}: derive them from vkd_ds.terms"

@@ -8,16 +8,12 @@ import torch
 
 from tests.conftest import base_overrides, deepspeed_launch, train_job
 from vkd_ds.metrics import read_metrics
+from vkd_ds.terms import loss_overrides
 
 pytestmark = pytest.mark.distributed
 
 SEQ_ONLY = [
-    "loss.ce=0",
-    "loss.soft=0",
-    "loss.feat=0",
-    "loss.val=0",
-    "loss.reg=0",
-    "loss.seq=1.0",
+    *loss_overrides(seq=1.0),
     "weighting.lam=0",
 ]
 

@@ -15,7 +15,6 @@ from omegaconf.errors import OmegaConfBaseException
 from vkd_ds.errors import VkdError
 
 CONFIG_NAME = "config"
-LOSS_TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -108,9 +107,11 @@ def validate(cfg: DictConfig) -> None:
     if _get(cfg, "student.path") is None and not isinstance(_get(cfg, "student.config"), DictConfig):
         raise VkdError("set `student.path` (a local Hugging Face directory) or `student.config` (a model config)")
 
-    for term in LOSS_TERMS:
+    from vkd_ds.terms import TERM_NAMES
+
+    for term in TERM_NAMES:
         _number(cfg, f"loss.{term}", low=0.0)
-    if sum(_get(cfg, f"loss.{term}") for term in LOSS_TERMS) <= 0:
+    if sum(_get(cfg, f"loss.{term}") for term in TERM_NAMES) <= 0:
         raise VkdError("config keys `loss.*`: every loss weight is 0, there is nothing to train")
     _number(cfg, "loss.temperature", low=1e-3)
     _number(cfg, "loss.chunk_tokens", low=1, integer=True)
@@ -159,13 +160,17 @@ def validate(cfg: DictConfig) -> None:
     top_p = _number(cfg, "seq_kd.top_p", high=1.0)
     if top_p <= 0:
         raise VkdError(f"config key `seq_kd.top_p` must be in (0, 1], got {top_p}")
-    _choice(cfg, "seq_kd.reward", ("teacher_logprob", "reverse_kl"))
-    _choice(cfg, "seq_kd.baseline", ("batch", "ema"))
+    from vkd_ds.gate import GATE_MODES
+    from vkd_ds.rollout import GATHER_MODES
+    from vkd_ds.seq_kd import BASELINES, REWARDS
+
+    _choice(cfg, "seq_kd.reward", REWARDS)
+    _choice(cfg, "seq_kd.baseline", BASELINES)
     _number(cfg, "seq_kd.baseline_decay", low=0.0, high=1.0)
-    _choice(cfg, "rollout.gather_student", ("auto", "always", "never"))
+    _choice(cfg, "rollout.gather_student", GATHER_MODES)
 
     _bool(cfg, "gate.enabled")
-    _choice(cfg, "gate.mode", ("proxy", "lookahead"))
+    _choice(cfg, "gate.mode", GATE_MODES)
     _number(cfg, "gate.ratio", low=0.0)
     _number(cfg, "gate.proxy_factor", low=0.0)
     steps = _number(cfg, "gate.rollout_steps", low=1, integer=True)

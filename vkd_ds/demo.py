@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from vkd_ds.errors import VkdError
+from vkd_ds.terms import only_terms
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
     say(f"[2/4] distilling the student: 2 processes, ZeRO-3, {settings.distill_steps} steps -> {kd_dir}")
     kd = _train(common + [f"run.dir={kd_dir}", *(overrides or [])], "distillation")
     say(f"[3/4] the same student with cross-entropy only -> {ce_dir}")
-    ce_only = ["loss.soft=0", "loss.feat=0", "loss.seq=0", "loss.val=0", "loss.reg=0", "weighting.lam=0"]
+    ce_only = [*only_terms("ce"), "weighting.lam=0"]
     ce = _train(common + [f"run.dir={ce_dir}", *ce_only], "CE-only")
     summary = {
         "teacher_ppl": kd["eval/teacher_ppl"],

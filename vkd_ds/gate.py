@@ -27,6 +27,7 @@ from vkd_ds.data import Example
 from vkd_ds.errors import VkdError
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms, sample
 
+GATE_MODES = ("proxy", "lookahead")
 BLOCKED_MESSAGE = "Mercy gate blocked – low projected valence trajectory"
 # Probe draws come from their own stream, apart from sequence KD's (which is seeded by the step).
 PROBE_SEED_OFFSET = 7919

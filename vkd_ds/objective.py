@@ -10,30 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from vkd_ds.config import valence_feeds_the_loss
 from vkd_ds.features import HiddenCapture
-from vkd_ds.losses import (
-    attention_kd,
-    feature_kd,
-    info_nce,
-    sequence_features,
-    shift_for_next_token,
-    soft_kd,
-    token_ce,
-    valence_mse,
-)
+from vkd_ds.losses import shift_for_next_token, token_ce
+from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, Rollout, TermInputs
 from vkd_ds.valence import ValenceHead, saliency
-
-TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
-# Terms whose targets come from the teacher (L_seq: its scores of the student's samples).
-TEACHER_TERMS = ("soft", "feat", "seq", "val")
-
-
-def _needs_teacher(lambdas: dict[str, float], contrastive: float, lam: float) -> bool:
-    return any(lambdas[t] > 0 for t in TEACHER_TERMS) or contrastive > 0 or lam > 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +41,7 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
-        lambdas = {term: float(cfg.loss[term]) for term in TERMS}
+        lambdas = {term: float(cfg.loss[term]) for term in TERM_NAMES}
         contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
         captures = lambdas["feat"] > 0 or contrastive > 0
         lam = float(cfg.weighting.lam)
@@ -86,11 +69,16 @@ class Objective:
 
     @property
     def active(self) -> list[str]:
-        return [t for t in TERMS if self.lambdas[t] > 0]
+        return [t for t in TERM_NAMES if self.lambdas[t] > 0]
+
+    def active_at(self, rollout_step: bool) -> list[str]:
+        """The terms computed at a step: terms on the student's samples only on rollout steps."""
+        return [t for t in self.active if rollout_step or ROLLOUTS not in TERMS[t].needs]
 
     @property
     def needs_teacher(self) -> bool:
-        return _needs_teacher(self.lambdas, self.contrastive, self.lam)
+        """The teacher runs when a term needs it, or InfoNCE (its features) or non-uniform weights (its valence)."""
+        return any(TERMS[t].needs_teacher for t in self.active) or self.contrastive > 0 or self.lam > 0
 
     @property
     def student_layers(self) -> list[int]:
@@ -134,44 +122,16 @@ class Objective:
         return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens)
 
     def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
-        """Per-sequence values [B] of the active terms, and the valid-position mask [B,S]."""
+        """Per-sequence values [B] of the active terms on the batch (not those on the student's
+        samples: rollout_terms), and the valid-position mask [B,S]."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        lam = self.lambdas
-        terms = {}
-        if self.fused_head:  # the student module computed CE and soft KD from its LM head
-            terms.update({t: student_out[t] for t in ("ce", "soft") if lam[t] > 0})
-        else:
-            logits = student_out["logits"]
-            if lam["ce"] > 0:
-                terms["ce"] = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
-            if lam["soft"] > 0:
-                terms["soft"] = soft_kd(
-                    logits, teacher_out["logits"], mask, self.temperature, self.vocab_size, self.chunk_tokens
-                )
-        if lam["feat"] > 0:
-            projectors = [None] * len(self.layer_map)  # the student module already projected its hiddens
-            h_s, h_t = student_out["hiddens"], teacher_out["hiddens"]
-            if self.feat_normalize:
-                h_s, h_t = [_standardize(h) for h in h_s], [_standardize(h) for h in h_t]
-            terms["feat"] = feature_kd(h_s, h_t, projectors, mask)
-            if self.attention > 0:
-                attn = attention_kd(student_out["attentions"], teacher_out["attentions"], mask)
-                terms["feat"] = terms["feat"] + self.attention * attn
-        if lam["val"] > 0:
-            terms["val"] = valence_mse(student_out["valence"], teacher_out["valence"], mask)
-        if lam["reg"] > 0:
-            reg = student_out["reg"].expand(mask.shape[0])
-            if self.contrastive > 0:
-                s_feats = sequence_features(student_out["hiddens"][-1], mask)
-                t_feats = sequence_features(teacher_out["hiddens"][-1], mask)
-                reg = reg + self.contrastive * info_nce(s_feats, t_feats, self.contrastive_temperature)
-            terms["reg"] = reg
-        return terms, mask
+        inputs = TermInputs(self, student_out, teacher_out, targets, mask)
+        return {name: TERMS[name].compute(inputs) for name in self.active_at(rollout_step=False)}, mask
 
-
-def _standardize(hidden: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the hidden units of each position (layer norm without affine)."""
-    return F.layer_norm(hidden.float(), hidden.shape[-1:])
+    def rollout_terms(self, rollout: Rollout, mask: torch.Tensor) -> dict:
+        """Per-sequence values [B] of the active terms on the student's samples (L_seq)."""
+        inputs = TermInputs(self, {}, None, mask, mask, rollout)
+        return {name: TERMS[name].compute(inputs) for name in self.active if ROLLOUTS in TERMS[name].needs}
 
 
 class Teacher:

@@ -22,7 +22,6 @@ from vkd_ds.errors import VkdError
 from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
 from vkd_ds.losses import (
     combine_terms,
-    sequence_kd,
     shift_for_next_token,
     soft_kd,
     token_ce,
@@ -32,6 +31,7 @@ from vkd_ds.losses import (
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.seq_kd import SequenceKD
+from vkd_ds.terms import Rollout
 from vkd_ds.valence import effective_sample_size, valence_weights
 
 
@@ -218,7 +218,7 @@ class Trainer:
         else:
             weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
             global_weight_sum = torch.tensor(float(self.sampler.global_batch_size), device=self.device)
-        names = [t for t in obj.active if t != "seq" or rollouts[0] is not None]
+        names = obj.active_at(rollout_step=rollouts[0] is not None)
         local = torch.zeros(len(names) + 2, dtype=torch.float64)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         gate = self.gate
@@ -240,9 +240,7 @@ class Trainer:
                 # A second forward of the student, on its own samples; one backward covers both.
                 with clock("student_forward"):
                     nll = obj.student_nll(self.engine, rollouts[a].batch)
-                terms["seq"] = sequence_kd(
-                    nll, rollouts[a].teacher_logprob.to(nll.device), advantages[a].to(nll.device)
-                )
+                terms.update(obj.rollout_terms(Rollout(nll, rollouts[a].teacher_logprob, advantages[a]), mask))
                 rollouts[a] = None
             with clock("loss"):
                 base = combine_terms(terms, obj.lambdas)

@@ -1,0 +1,154 @@
+"""Every loss term of the objective (SPEC §2), declared once: its name, what it needs, its function.
+
+A term's name is its config key (`loss.<name>`, its λ) and its metrics column (`loss/<name>`).
+Config validation, the objective, the demo's CE-only baseline, the benches and the tests all
+derive their lists of terms from `TERMS`; adding a term is one `Term(...)` here (and its default
+λ in configs/loss/default.yaml).
+
+A term's function maps a `TermInputs` (one micro-batch) to a per-sequence value [B]: the loss is
+Σ_term λ_term · term[B], weighted over the global batch by the trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from vkd_ds.losses import (
+    attention_kd,
+    feature_kd,
+    info_nce,
+    sequence_features,
+    sequence_kd,
+    soft_kd,
+    token_ce,
+    valence_mse,
+)
+
+if TYPE_CHECKING:
+    from vkd_ds.objective import Objective
+
+# What a term can need, beyond the student's forward on the batch.
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_HIDDENS = "teacher_hiddens"  # the mapped layers' hidden states (feature hooks)
+VALENCE_HEADS = "valence_heads"  # the student's valence head and the teacher's
+ROLLOUTS = "rollouts"  # the student's samples, scored by the teacher (only on rollout steps)
+NEEDS = (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
+
+
+@dataclass
+class Rollout:
+    """The sequence-KD inputs of a micro-batch: −mean log p_S of each sample (differentiable), the
+    teacher's mean log-prob of the same tokens and the REINFORCE advantage R − b (constants)."""
+
+    student_nll: torch.Tensor
+    teacher_logprob: torch.Tensor
+    advantage: torch.Tensor
+
+
+@dataclass
+class TermInputs:
+    objective: Objective
+    student: dict  # the student module's forward outputs
+    teacher: dict | None  # the teacher's (logits, hiddens, attentions, valence)
+    targets: torch.Tensor  # [B,S] next-token targets
+    mask: torch.Tensor  # [B,S] valid positions
+    rollout: Rollout | None = None
+
+
+@dataclass(frozen=True)
+class Term:
+    name: str
+    compute: Callable[[TermInputs], torch.Tensor]
+    needs: tuple[str, ...] = field(default_factory=tuple)
+    fused: bool = False  # computed inside the student module when loss.fused_head=true
+    summary: str = ""
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(need in self.needs for need in (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS))
+
+
+def _ce(x: TermInputs) -> torch.Tensor:
+    if x.objective.fused_head:
+        return x.student["ce"]
+    obj = x.objective
+    return token_ce(x.student["logits"], x.targets, x.mask, obj.vocab_size, obj.chunk_tokens)
+
+
+def _soft(x: TermInputs) -> torch.Tensor:
+    if x.objective.fused_head:
+        return x.student["soft"]
+    obj = x.objective
+    return soft_kd(x.student["logits"], x.teacher["logits"], x.mask, obj.temperature, obj.vocab_size, obj.chunk_tokens)
+
+
+def _standardize(hidden: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over the hidden units of each position (layer norm without affine)."""
+    return F.layer_norm(hidden.float(), hidden.shape[-1:])
+
+
+def _feat(x: TermInputs) -> torch.Tensor:
+    obj = x.objective
+    projectors = [None] * len(obj.layer_map)  # the student module already projected its hiddens
+    h_s, h_t = x.student["hiddens"], x.teacher["hiddens"]
+    if obj.feat_normalize:
+        h_s, h_t = [_standardize(h) for h in h_s], [_standardize(h) for h in h_t]
+    value = feature_kd(h_s, h_t, projectors, x.mask)
+    if obj.attention > 0:
+        value = value + obj.attention * attention_kd(x.student["attentions"], x.teacher["attentions"], x.mask)
+    return value
+
+
+def _seq(x: TermInputs) -> torch.Tensor:
+    r = x.rollout
+    device = r.student_nll.device
+    return sequence_kd(r.student_nll, r.teacher_logprob.to(device), r.advantage.to(device))
+
+
+def _val(x: TermInputs) -> torch.Tensor:
+    return valence_mse(x.student["valence"], x.teacher["valence"], x.mask)
+
+
+def _reg(x: TermInputs) -> torch.Tensor:
+    obj = x.objective
+    value = x.student["reg"].expand(x.mask.shape[0])
+    if obj.contrastive > 0:
+        s_feats = sequence_features(x.student["hiddens"][-1], x.mask)
+        t_feats = sequence_features(x.teacher["hiddens"][-1], x.mask)
+        value = value + obj.contrastive * info_nce(s_feats, t_feats, obj.contrastive_temperature)
+    return value
+
+
+_DECLARED = (
+    Term("ce", _ce, fused=True, summary="cross-entropy on the data's next tokens"),
+    Term("soft", _soft, (TEACHER_LOGITS,), fused=True, summary="token-level KD: T²·KL(p_T‖p_S) at loss.temperature"),
+    Term("feat", _feat, (TEACHER_HIDDENS,), summary="MSE of mapped hidden states (and attention maps)"),
+    Term("seq", _seq, (ROLLOUTS,), summary="sequence KD: REINFORCE on the teacher's score of student samples"),
+    Term("val", _val, (VALENCE_HEADS,), summary="MSE of the student's valence trajectory to the teacher's"),
+    Term("reg", _reg, summary="Σ‖θ‖² of the regularized parameters (and InfoNCE with reg.contrastive)"),
+)
+TERMS: dict[str, Term] = {term.name: term for term in _DECLARED}
+TERM_NAMES: tuple[str, ...] = tuple(TERMS)
+
+
+def loss_overrides(**weights: float) -> list[str]:
+    """`loss.<term>=λ` for every term: the given weights, 0 for the rest (e.g. `loss_overrides(ce=1.0)`
+    is CE only). An unknown term name is an error, so a list built here can never go stale."""
+    unknown = set(weights) - set(TERMS)
+    if unknown:
+        raise KeyError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERM_NAMES)}")
+    return [f"loss.{name}={weights.get(name, 0)}" for name in TERM_NAMES]
+
+
+def only_terms(*names: str) -> list[str]:
+    """`loss.<term>=0` for every term but `names`, which keep their configured λ (e.g. the demo's
+    CE-only baseline: `only_terms("ce")`)."""
+    unknown = set(names) - set(TERMS)
+    if unknown:
+        raise KeyError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERM_NAMES)}")
+    return [f"loss.{name}=0" for name in TERM_NAMES if name not in names]
