@@ -73,8 +73,9 @@ def train(procs: int, overrides: list[str], run_dir: Path, env: dict[str, str]) 
     from vkd_ds.metrics import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time the bench runs
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
-    cmd += ["launcher/train.py", *overrides, f"run.dir={run_dir}"]
+    from vkd_ds.launch import launcher_command
+
+    cmd = launcher_command([*overrides, f"run.dir={run_dir}"], procs)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])

@@ -74,8 +74,9 @@ def main() -> int:
     straight = train(1, every_term + four, out / "straight", env)
     train(1, every_term + four + ["trainer.stop_after_steps=2"], out / "resumed", env)
     # train() starts each run fresh: the resumed half continues in place through the launcher.
-    resumed_run = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "launcher/train.py",
-                       *every_term, *four, f"run.dir={out / 'resumed'}"], env)  # fmt: skip
+    from vkd_ds.launch import launcher_command
+
+    resumed_run = run(launcher_command([*every_term, *four, f"run.dir={out / 'resumed'}"], 1), env)
     from vkd_ds.metrics import read_metrics
 
     resumed = read_metrics(out / "resumed" / "metrics.csv")

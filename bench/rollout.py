@@ -51,7 +51,9 @@ def launch(argv: list[str]) -> int:
     procs = parse(argv).procs
     # One process per "device": share the cores instead of oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), __file__, "--worker", *argv]
+    from vkd_ds.launch import launcher_command
+
+    cmd = launcher_command(["--worker", *argv], procs, script=__file__)
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")]
     if result.returncode != 0 or not lines:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from vkd_ds.launch import free_port  # noqa: F401  (tests import it from here)
 from vkd_ds.terms import loss_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,12 +24,6 @@ TINY_STUDENT = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cpu_env() -> dict[str, str]:
     env = os.environ.copy()
     env["DS_ACCELERATOR"] = "cpu"
@@ -41,17 +35,12 @@ def cpu_env() -> dict[str, str]:
 def deepspeed_launch(
     target: list[str], num_procs: int, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `deepspeed --num_gpus N <target>` for real: N processes, gloo, DeepSpeed's CPU accelerator."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(num_procs),
-        "--master_port",
-        str(free_port()),
-        *target,
-    ]
+    """Run `deepspeed --num_gpus N <target>` for real: N processes, gloo, DeepSpeed's CPU accelerator.
+    `target`: a script and its arguments (launcher/train.py is vkd-ds's entry point)."""
+    from vkd_ds.launch import launcher_command
+
+    script, *args = target
+    cmd = launcher_command(args, num_procs, script=None if script == "launcher/train.py" else script)
     return subprocess.run(
         cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
     )

@@ -1,11 +1,11 @@
 """Launching for real: two "nodes" with the deepspeed launcher's --no_ssh mode on this machine."""
 
 import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import REPO, base_overrides, cpu_env, free_port, train_job
+from vkd_ds.launch import launcher_command
 from vkd_ds.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
@@ -22,20 +22,18 @@ def test_two_nodes_without_ssh_train_like_one_two_process_launch(tiny_assets, tm
     port = str(free_port())
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deepspeed.launcher.runner",
-                "--hostfile",
-                str(hostfile),
-                "--no_ssh",
-                f"--node_rank={rank}",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "launcher/train.py",
-                *base_overrides(tiny_assets, multi),
-                *common,
-            ],
+            launcher_command(
+                [*base_overrides(tiny_assets, multi), *common],
+                None,
+                launcher_args=[
+                    "--hostfile",
+                    str(hostfile),
+                    "--no_ssh",
+                    f"--node_rank={rank}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                ],
+            ),
             cwd=REPO,
             env=cpu_env(),
             stdout=subprocess.PIPE,
@@ -57,8 +55,7 @@ def test_runs_leave_no_shared_memory_behind(tiny_assets, tmp_path):
     """DeepSpeed's CPU accelerator creates a 66 MB /dev/shm buffer per rank and never removes it."""
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
-        + ["launcher/train.py", *base_overrides(tiny_assets, tmp_path / "run"), "trainer.max_steps=1"],
+        launcher_command([*base_overrides(tiny_assets, tmp_path / "run"), "trainer.max_steps=1"], 2, master_port=port),
         cwd=REPO,
         env=cpu_env(),
         capture_output=True,

@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +15,6 @@ from tests.conftest import (
     base_overrides,
     cpu_env,
     deepspeed_launch,
-    free_port,
     save_tiny_model,
     train_job,
 )
@@ -39,9 +37,10 @@ def steps_logged(run_dir) -> int:
 def kill_at_step(overrides, run_dir, step: int) -> bool:
     """Start the job in its own process group and kill -9 all of it as soon as metrics.csv shows
     `step` steps (mid-step, mid-save or mid-eval: wherever it is then); False if it ended first."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
+    from vkd_ds.launch import launcher_command
+
     job = subprocess.Popen(
-        [*cmd, "launcher/train.py", *overrides],
+        launcher_command(overrides, 2),
         cwd=REPO,
         env=cpu_env(),
         stdout=subprocess.DEVNULL,

@@ -3,40 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 
 from vkd_ds.errors import EXIT_USER_ERROR, VkdError
-from vkd_ds.launch import select_accelerator
-
-
-def launcher_command(overrides: list[str], num_procs: int, master_port: int | None = None) -> list[str]:
-    """The deepspeed launcher command line that runs `vkd_ds.launch` on this machine."""
-    from vkd_ds.dist import _free_port
-
-    return [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--log_level",
-        "warning",
-        "--num_gpus",
-        str(num_procs),
-        "--master_port",
-        str(master_port or _free_port()),
-        "--module",
-        "vkd_ds.launch",
-        *overrides,
-    ]
-
-
-def procs_for(cfg) -> int:
-    import torch
-
-    if os.environ.get("DS_ACCELERATOR") != "cpu" and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return int(cfg.num_procs)
+from vkd_ds.launch import procs_for, run_launcher, select_accelerator, start_training
 
 
 def cmd_train(overrides: list[str]) -> int:
@@ -49,7 +19,7 @@ def cmd_train(overrides: list[str]) -> int:
         fixed = [o for o in overrides if not o.startswith("-") and "," not in o.split("=", 1)[-1]]
         # Hydra's parser takes its flags before the overrides only.
         ordered = [o for o in overrides if o.startswith("-")] + [o for o in overrides if not o.startswith("-")]
-        return subprocess.call(launcher_command(ordered, procs_for(compose(fixed))), env=os.environ.copy())
+        return run_launcher(ordered, procs_for(compose(fixed)))
     if any(arg.startswith("-") for arg in overrides):
         # Hydra's own flags (--cfg job, --help, ...) run in this process.
         from vkd_ds.launch import main
@@ -57,14 +27,7 @@ def cmd_train(overrides: list[str]) -> int:
         sys.argv = ["vkd-ds train", *overrides]
         main()
         return 0
-    from vkd_ds.config import check_global_batch, compose
-    from vkd_ds.train import prepare
-
-    cfg = compose(overrides)
-    prepare(cfg)  # every input check once, here, before any process starts
-    num_procs = procs_for(cfg)
-    check_global_batch(cfg, num_procs)
-    return subprocess.call(launcher_command(overrides, num_procs), env=os.environ.copy())
+    return start_training(overrides)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -91,7 +54,7 @@ def cmd_eval(argv: list[str]) -> int:
     validate(cfg)
     num_procs = procs_for(cfg)
     check_global_batch(cfg, num_procs)
-    return subprocess.call(launcher_command(launch_args, num_procs), env=os.environ.copy())
+    return run_launcher(launch_args, num_procs)
 
 
 def cmd_fit_valence_head(overrides: list[str]) -> int:

@@ -141,10 +141,10 @@ def _seq_summary(run_dir: Path) -> dict:
 
 
 def _train(overrides: list[str], label: str) -> dict:
-    from vkd_ds.cli import cmd_train
+    from vkd_ds.launch import start_training
 
     started = time.time()
-    code = cmd_train(overrides)
+    code = start_training(overrides)
     if code != 0:
         raise VkdError(f"demo: the {label} run failed (exit {code}); see the messages above")
     run_dir = Path(next(o.split("=", 1)[1] for o in overrides if o.startswith("run.dir=")))

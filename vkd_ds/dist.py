@@ -28,7 +28,9 @@ def init() -> None:
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        from vkd_ds.launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():
         global _LAUNCHER_LOCAL_RANK
@@ -80,14 +82,6 @@ def _unlink_shm_buffer() -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank() -> int:

@@ -104,7 +104,14 @@ def build_student_model(
     # Building under zero.Init draws random numbers differently; re-seed so the projectors'
     # and valence head's init depends on the seed only, whatever the ZeRO stage.
     torch.manual_seed(seed + 1)
-    return StudentModule(lm, attention=eager_attention, dtype=_dtype(ds_config), **extras)
+    student = StudentModule(lm, attention=eager_attention, dtype=_dtype(ds_config), **extras)
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for param in student.external_params:
+        # Under ZeRO-3 this keeps them gathered for the whole forward and backward of the module,
+        # which reads them outside their own submodules; a no-op for other stages.
+        register_external_parameter(student, param)
+    return student
 
 
 def build_student_engine(student: StudentModule, ds_config: dict[str, Any], lr_schedule=None):

@@ -147,13 +147,11 @@ class StudentModule(nn.Module):
             )
         ]
         params = dict(self.named_parameters())
-        external = [params[name] for name in self.reg_names]
+        # Read by this module's forward outside their own submodules (the regularizer, the fused
+        # head): under ZeRO-3 the engine builder registers them as external parameters of this module.
+        self.external_params = [params[name] for name in self.reg_names]
         if fused_head:
-            external += list(lm.get_output_embeddings().parameters())
-        for param in external:
-            # Under ZeRO-3 this keeps these parameters gathered for the whole forward and backward
-            # of this module, which reads them outside their own modules; a no-op for other stages.
-            deepspeed_register_external(self, param)
+            self.external_params += list(lm.get_output_embeddings().parameters())
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: dict | None = None
@@ -182,9 +180,3 @@ class StudentModule(nn.Module):
             reg = reg + params[name].float().pow(2).sum()
         out["reg"] = reg
         return out
-
-
-def deepspeed_register_external(module: nn.Module, param: nn.Parameter) -> None:
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    register_external_parameter(module, param)
