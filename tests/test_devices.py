@@ -7,7 +7,7 @@ from vkd_ds.checkpoint import device_rng_entry
 from vkd_ds.dist import device_index
 from vkd_ds.engines import _reason
 from vkd_ds.errors import VkdError
-from vkd_ds.trainer import DeviceSums
+from vkd_ds.evaluation import DeviceSums
 
 
 def test_eval_sums_are_exact_float64_of_bf16_batch_values():

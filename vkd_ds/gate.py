@@ -10,9 +10,9 @@
   computed at the start, kept in the checkpoint, refreshed every `baseline_every` steps.
 
 Every value is a sum all-reduced over ranks before the comparison, so all ranks decide alike.
-The same agreed skip guards non-finite losses (gate enabled or not). A rejected or skipped step
-is taken and then reverted from a snapshot of this rank's share of everything a step changes
-(`StepSnapshot`); the batch counts as consumed.
+The decision is applied by step_guard.StepGuard, which also skips non-finite steps (gate on or
+off): a rejected or skipped step is taken and then reverted from a snapshot of this rank's share of
+everything a step changes; the batch counts as consumed. With gate.enabled=false no MercyGate exists.
 """
 
 from __future__ import annotations
@@ -61,92 +61,10 @@ class GateSettings:
 
 @dataclass
 class GateState:
-    """Counters and the cached baseline: metrics and checkpoint."""
+    """The teacher's cached baseline (in the checkpoint, through step_guard.StepGuard)."""
 
-    rejected: int = 0  # steps the gate rejected
-    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
-    consecutive: int = 0  # rejected or skipped in a row, up to now
     baseline: float | None = None
     baseline_step: int | None = None  # the step the baseline was computed at
-
-
-class StepSnapshot:
-    """This rank's share of everything an optimizer step changes, copied to CPU: its partition of
-    the parameters (and the whole of ZeRO-3's persistent small parameters), the fp32 master
-    partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of
-    every parameter group (the LR the scheduler wrote) and the LR scheduler's state.
-
-    Memory: about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
-    when separate, moments 8), on CPU, taken only when a step may be reverted."""
-
-    MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
-
-    def __init__(self, engine):
-        self.engine = engine
-        self._saved = None
-
-    def _targets(self):
-        """The live objects a step changes. Looked up at every snapshot: loading a checkpoint
-        replaces the optimizer's parameter groups and state."""
-        optimizer = self.engine.optimizer
-        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wrappers hold the torch optimizer
-        groups = [optimizer.param_groups] + ([base.param_groups] if base is not optimizer else [])
-        tensors: dict[int, torch.Tensor] = {}
-        for param in self.engine.module.parameters():
-            for t in (getattr(param, "ds_tensor", None), param.data):
-                if t is not None and t.numel() > 0:
-                    tensors[id(t)] = t
-        for attr in self.MASTER_ATTRS:
-            for t in getattr(optimizer, attr, None) or []:
-                tensors[id(t)] = t
-        for group in base.param_groups:
-            for t in group["params"]:
-                tensors[id(t.data)] = t.data
-        return base, groups, list(tensors.values())
-
-    def take(self) -> None:
-        base, groups, tensors = self._targets()
-        self._saved = {
-            "base": base,
-            "groups": groups,
-            "tensors": tensors,
-            "tensor_values": [t.detach().to("cpu", copy=True) for t in tensors],
-            "state": {key: {k: _clone(v) for k, v in value.items()} for key, value in base.state.items()},
-            "group_values": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in groups],
-            "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
-        }
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        saved, self._saved = self._saved, None
-        base = saved["base"]
-        for t, value in zip(saved["tensors"], saved["tensor_values"], strict=True):
-            t.copy_(value)
-        for key in list(base.state.keys()):
-            if key not in saved["state"]:
-                del base.state[key]  # state the reverted step created (Adam's first step)
-        for key, values in saved["state"].items():
-            current = base.state[key]
-            for k, v in values.items():
-                if isinstance(v, torch.Tensor) and isinstance(current.get(k), torch.Tensor):
-                    current[k].copy_(v)
-                else:
-                    current[k] = _clone(v)
-        for gs, values in zip(saved["groups"], saved["group_values"], strict=True):
-            for group, hyper in zip(gs, values, strict=True):
-                group.update(hyper)
-        if saved["scheduler"] is not None:
-            self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True) if value.device.type != "cpu" else value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return value
 
 
 class MercyGate:
@@ -173,7 +91,6 @@ class MercyGate:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.state = GateState()
-        self.snapshot = StepSnapshot(engine)
         self.sampling = SamplingSettings(n_gen=settings.rollout_steps, max_seq_len=max_seq_len)
         # The probe set is sharded over ranks; sums are all-reduced, so it is one set.
         world, rank = dist.world_size(), dist.rank()
@@ -226,30 +143,3 @@ class MercyGate:
 
     def rejects(self, projected: float) -> bool:
         return projected < self.settings.ratio * self.state.baseline
-
-    def record(self, step: int, rejected: bool, nonfinite: bool) -> None:
-        s = self.state
-        s.rejected += int(rejected)
-        s.nonfinite += int(nonfinite)
-        s.consecutive = s.consecutive + 1 if (rejected or nonfinite) else 0
-        limit = self.settings.max_consecutive_rejections
-        if limit > 0 and s.consecutive >= limit:
-            raise VkdError(
-                f"step {step}: {s.consecutive} steps in a row were rejected by the mercy gate or skipped for a "
-                f"non-finite loss or gradient (gate.max_consecutive_rejections={limit}); the last complete "
-                "checkpoint is intact"
-            )
-
-    def state_dict(self) -> dict:
-        s = self.state
-        return {
-            "rejected": s.rejected,
-            "nonfinite": s.nonfinite,
-            "consecutive": s.consecutive,
-            "baseline": s.baseline,
-            "baseline_step": s.baseline_step,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self.state, key, value)

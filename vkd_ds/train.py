@@ -172,26 +172,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
     student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(cfg, ds_config))
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
-    sampler = None
-    if objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead"):
+    sampler, gate = None, None
+    training = not cfg.eval_only
+    if training and (objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead")):
         sampler = StudentSampler(engine, cfg.rollout.gather_student)
-    gate = MercyGate(
-        gate_settings,
-        engine,
-        teacher,
-        prepared.tokenizer,
-        prepared.valid_data or prepared.train_data,
-        int(cfg.trainer.seed),
-        sampler,
-        int(cfg.data.max_seq_len),
-    )
+    if training and gate_settings.enabled:
+        gate = MercyGate(
+            gate_settings,
+            engine,
+            teacher,
+            prepared.tokenizer,
+            prepared.valid_data or prepared.train_data,
+            int(cfg.trainer.seed),
+            sampler,
+            int(cfg.data.max_seq_len),
+        )
 
     # The checkpoint is read before anything is written: a damaged one leaves the run directory as it was.
     client_state = None
     if meta is not None:
         client_state = checkpoint.load(engine, resume_from, meta, int(cfg.trainer.seed))
     if cfg.eval_only:
-        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, client_state, gate)
+        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, client_state)
     # All checks passed and both engines exist: only now is the run directory written.
     if dist.is_main():
         _write_run_files(cfg, run_dir, prepared)
@@ -256,40 +258,35 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return result
 
 
-def _evaluate_only(
-    cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, client_state, gate
-) -> dict[str, float]:
+def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, client_state) -> dict:
     """`vkd-ds eval`: the held-out evaluation of a run's checkpoint (or of student.path), nothing trained.
     Writes RUN_DIR/eval/step_XXXXXXX.json for a checkpoint and prints the figures."""
     import json
     import os
 
-    from vkd_ds.trainer import Trainer
+    from vkd_ds.evaluation import evaluate
 
     log = setup_logging(None, dist.is_main())
     if resume_from is None and cfg.student.path is None:
         raise VkdError(f"eval: {run_dir} holds no complete checkpoint and student.path is not set: nothing to evaluate")
-    trainer = Trainer(
-        cfg,
+    if not prepared.valid_data:
+        raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
+    step, source = 0, str(cfg.student.path)
+    if client_state is not None:
+        step, source = int(client_state["step"]), str(resume_from)
+    figures = evaluate(
         engine,
         teacher,
         prepared.objective,
-        prepared.tokenizer,
-        prepared.train_data,
         prepared.valid_data,
-        run_dir,
-        gate,
+        prepared.tokenizer.pad_token_id,
+        int(cfg.trainer.micro_batch_size),
+        cfg.trainer.eval_max_batches,
     )
-    if not prepared.valid_data:
-        raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
-    source = str(cfg.student.path)
-    if client_state is not None:
-        trainer.restore(client_state)
-        source = str(resume_from)
-    result = {"step": trainer.step, "source": source, **trainer.evaluate()}
+    result = {"step": step, "source": source, **figures}
     if dist.is_main():
         if resume_from is not None:
-            out = run_dir / "eval" / f"{checkpoint.tag_of(trainer.step)}.json"
+            out = run_dir / "eval" / f"{checkpoint.tag_of(step)}.json"
             out.parent.mkdir(exist_ok=True)
             tmp = out.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(result, indent=2) + "\n")

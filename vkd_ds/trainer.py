@@ -10,6 +10,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -17,22 +18,38 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds import checkpoint, dist
-from vkd_ds.data import Example, GlobalBatchSampler, collate, eval_shards, global_batch_order, rank_rows
-from vkd_ds.errors import VkdError
-from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
-from vkd_ds.losses import (
-    combine_terms,
-    shift_for_next_token,
-    soft_kd,
-    token_ce,
-    valence_mse,
-    weighted_batch_loss,
-)
+from vkd_ds.data import Example, GlobalBatchSampler, collate, global_batch_order, rank_rows
+from vkd_ds.evaluation import evaluate
+from vkd_ds.gate import MercyGate
+from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.seq_kd import SequenceKD
+from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import Rollout
 from vkd_ds.valence import effective_sample_size, valence_weights
+
+
+@dataclass
+class StepSums:
+    """This rank's sums over its micro-batches of one optimizer step; all-reduced once, at its end."""
+
+    terms: dict[str, float]  # Σ_i w_i · term_i for each term computed at the step
+    loss: float = 0.0  # Σ of the micro-batches' losses (each is its share of the global L)
+    tokens: float = 0.0  # valid positions
+    valence: float = 0.0  # Σ of the student's valence over valid positions (the proxy gate's)
+    valence_count: float = 0.0
+
+    @classmethod
+    def zeros(cls, names: list[str]) -> StepSums:
+        return cls({name: 0.0 for name in names})
+
+    def all_reduced(self) -> StepSums:
+        """Sums over every rank: one all-reduce of a float64 vector."""
+        local = [*self.terms.values(), self.loss, self.tokens, self.valence, self.valence_count]
+        total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+        *terms, loss, tokens, valence, count = total
+        return StepSums(dict(zip(self.terms, terms, strict=True)), loss, tokens, valence, count)
 
 
 class Trainer:
@@ -46,11 +63,11 @@ class Trainer:
         train_data: list[Example],
         valid_data: list[Example],
         run_dir: Path,
-        gate: MercyGate,
+        gate: MercyGate | None,
         seq_kd: SequenceKD | None = None,
     ):
+        """`gate`: None with gate.enabled=false."""
         self.cfg = cfg
-        self.gate = gate
         self.seq_kd = seq_kd
         self.engine = engine
         self.teacher = teacher
@@ -60,7 +77,6 @@ class Trainer:
         self.train_data = train_data
         self.valid_data = valid_data
         self.run_dir = run_dir
-        self.chunk_tokens = int(cfg.loss.chunk_tokens)
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.device = dist.device()
@@ -73,14 +89,131 @@ class Trainer:
         self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
         self.nan_grad_faults = _faults("VKD_FAULT_NAN_GRAD")
         self.clock = PhaseClock(bool(cfg.trainer.time_phases), dist.on_gpu())
+        self.guard = StepGuard(engine, gate, int(cfg.gate.max_consecutive_rejections), self.clock, self.log)
         # The latest step's metrics row goes into its checkpoint: a kill after the checkpoint but
         # before the row reached metrics.csv (during the eval that follows it) loses nothing.
         self.last_metrics: dict[str, float] | None = None
         self.resumed_metrics: dict[str, float] | None = None
 
     # ---- one optimizer step -------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch, in phases: rollouts, teacher passes, weights,
+        forward and backward per micro-batch, the commit, metrics. Everything global (L_seq's
+        baseline, the weights' batch statistics) is known before the first backward."""
+        started = time.perf_counter()
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
+        self.clock.reset()
+        step, accum = self.step, self.cfg.trainer.grad_accum
+        examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
+        micro_batches = [self._batch(ex) for ex in examples]
+        stats: dict[str, float] = {}
+        rollouts = self._rollouts(step, examples, stats)
+        teacher_outs = self._teacher_passes(micro_batches)
+        weights, weight_sum = self._sequence_weights(micro_batches, teacher_outs, stats)
+        lr = float(self.engine.get_lr()[0])  # the rate this step applies
+        self.guard.start_step(step)
+        sums = StepSums.zeros(self.objective.active_at(rollout_step=rollouts[0] is not None))
+        nonfinite = False
+        for a, batch in enumerate(micro_batches):
+            loss = self._forward_backward(step, a, batch, teacher_outs[a], rollouts[a], weights[a], weight_sum, sums)
+            teacher_outs[a] = rollouts[a] = None
+            nonfinite |= not bool(torch.isfinite(loss))
+            if a < accum - 1:
+                with self.clock("optimizer"):
+                    self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
+        grad_norm = self.guard.grad_norm_before_step()
+        nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
+        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.valence_count))
+        self.step = step + 1
+        return self._step_metrics(sums.all_reduced(), weight_sum, stats, lr, grad_norm, started)
+
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+
+    def _rollouts(self, step: int, examples: list[list[Example]], stats: dict) -> list[Rollout | None]:
+        """Sequence KD's samples of every micro-batch, scored by the teacher, with their advantages
+        (the baseline is a statistic of the whole global batch); [None] * accum off rollout steps."""
+        if self.seq_kd is None or not self.seq_kd.due(step):
+            return [None] * len(examples)
+        micro = self.cfg.trainer.micro_batch_size
+        with self.clock("rollout"):
+            samples = [
+                self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
+            ]
+            advantages, seq_stats = self.seq_kd.advantages(samples)
+        stats.update(seq_stats)
+        # The student's log-prob of its samples comes later, with the micro-batch's forward.
+        return [_PendingRollout(s.batch, s.teacher_logprob, adv) for s, adv in zip(samples, advantages, strict=True)]
+
+    def _teacher_passes(self, micro_batches: list[dict]) -> list[dict | None]:
+        """Every micro-batch's teacher pass before the first backward: the weights of the first
+        backward depend on the saliencies of the whole global batch."""
+        if self.teacher is None:
+            return [None] * len(micro_batches)
+        with self.clock("teacher_forward"):
+            return [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
+
+    def _sequence_weights(
+        self, micro_batches: list[dict], teacher_outs: list[dict | None], stats: dict
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """w_i of this rank's sequences per micro-batch, and Σ w over the global batch (the same
+        number on every rank: the denominator of L). Uniform without the teacher's valence."""
+        obj = self.objective
+        if not obj.teacher_valence:
+            weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
+            return weights, torch.tensor(float(self.sampler.global_batch_size), device=self.device)
+        with self.clock("weights"):
+            masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
+            saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
+            weights, weight_sum, weight_stats = self._weights(saliencies, masks)
+        stats.update(weight_stats)
+        return weights, weight_sum
+
+    def _forward_backward(
+        self,
+        step: int,
+        micro_step: int,
+        batch: dict,
+        teacher_out: dict | None,
+        rollout: _PendingRollout | None,
+        w: torch.Tensor,
+        weight_sum: torch.Tensor,
+        sums: StepSums,
+    ) -> torch.Tensor:
+        """One micro-batch: the student's forwards, the terms, this rank's share of L, backward; its
+        contributions added to `sums`. Returns the (detached) loss."""
+        obj, clock = self.objective, self.clock
+        with clock("student_forward"):
+            student_out = self.engine(
+                batch["input_ids"], batch["attention_mask"], **obj.train_inputs(batch, teacher_out)
+            )
+        with clock("loss"):
+            terms, mask = obj.terms(student_out, teacher_out, batch)
+        if rollout is not None:
+            # A second forward of the student, on its own samples; one backward covers both.
+            with clock("student_forward"):
+                nll = obj.student_nll(self.engine, rollout.batch)
+            terms.update(obj.rollout_terms(Rollout(nll, rollout.teacher_logprob, rollout.advantage), mask))
+        with clock("loss"):
+            loss = weighted_batch_loss(combine_terms(terms, obj.lambdas), w, weight_sum)
+        if micro_step == 0 and (step + 1, self.rank) in self.nan_faults:
+            loss = loss * float("nan")  # fault injection (VKD_FAULT_NAN_LOSS), for tests
+        if micro_step == 0 and (step + 1, self.rank) in self.nan_grad_faults:
+            loss = _NanGradient.apply(loss)  # fault injection (VKD_FAULT_NAN_GRAD): the loss stays finite
+        if self.guard.wants_student_valence:
+            v = student_out["valence"].detach().float().mean(-1)
+            sums.valence += float(v[mask].double().sum())
+            sums.valence_count += float(mask.sum())
+        # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
+        # share of the global sum: scale by the world size so the update is of L itself.
+        with clock("backward"):
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        for name in sums.terms:
+            sums.terms[name] += float((w * terms[name].detach()).sum())
+        sums.loss += float(loss.detach())
+        sums.tokens += float(mask.sum())
+        return loss.detach()
 
     def _weights(
         self, saliencies: list[torch.Tensor], masks: list[torch.Tensor]
@@ -108,182 +241,25 @@ class Trainer:
         }
         return list(mine), w.sum(), stats
 
-    def _grad_norm_before_step(self) -> float | None:
-        """DeepSpeed reports the global gradient norm under ZeRO 1-3 but not under ZeRO-0 with a
-        torch optimizer; there the gradients are whole (and already averaged) on every rank."""
-        if self.engine.zero_optimization_stage() != 0:
-            return None
-        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
-
-    def _commit(self, step: int, nonfinite: bool, student_valence: torch.Tensor) -> dict[str, float]:
-        """The optimizer step at the accumulation boundary, unless a non-finite loss on any rank or
-        the mercy gate rejects it: then it is taken and reverted (see gate.py). A step DeepSpeed
-        itself discards (ZeRO 1-3 and bf16 skip a step whose gradients are not finite) counts as
-        skipped too, on every rank."""
-        gate = self.gate
-        skip = dist.any_rank(nonfinite)
-        projected, rejected = None, False
-        if not skip and gate.settings.enabled and gate.settings.mode == "proxy":
-            projected = gate.projected_proxy(float(student_valence[0]), float(student_valence[1]))
-            rejected = gate.rejects(projected)
-        clock = self.clock
-        lookahead = not skip and gate.settings.enabled and gate.settings.mode == "lookahead"
-        revertible = skip or rejected or lookahead
-        if revertible:
-            with clock("gate"):
-                gate.snapshot.take()
-        with clock("optimizer"):
-            self.engine.step()
-        if not (skip or rejected) and self._engine_skipped_step():
-            skip = True
-        if lookahead and not skip:
-            with clock("gate"):
-                projected = gate.projected_lookahead()
-                rejected = gate.rejects(projected)
-        if revertible and (skip or rejected):
-            with clock("gate"):
-                gate.snapshot.restore()
-        if skip and dist.is_main():
-            self.log.warning(
-                "step %d: non-finite loss or gradients on at least one rank; step skipped on every rank", step + 1
-            )
-        if rejected and dist.is_main():
-            self.log.warning(
-                "%s (step %d: projected %.6f < %.2f x teacher baseline %.6f)",
-                BLOCKED_MESSAGE,
-                step + 1,
-                projected,
-                gate.settings.ratio,
-                gate.state.baseline,
-            )
-        gate.record(step + 1, rejected, skip)
-        metrics = {"gate/rejected": gate.state.rejected, "gate/nonfinite": gate.state.nonfinite}
-        metrics["gate/step_kept"] = int(not (skip or rejected))
-        if gate.settings.enabled:
-            metrics["gate/baseline"] = gate.state.baseline
-            if projected is not None:
-                metrics["gate/projected"] = projected
-        return metrics
-
-    def _engine_skipped_step(self) -> bool:
-        """Whether DeepSpeed discarded the step it was just asked for, agreed over ranks. Under ZeRO 1-3
-        and bf16 it checks the global gradient norm and skips the update when it is not finite
-        (deepspeed >= 0.19.8; older releases applied it, which this refuses rather than let pass)."""
-        applied = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
-        if applied and norm is not None and not math.isfinite(_as_float(norm)):
-            raise VkdError(
-                "DeepSpeed applied an optimizer step whose gradient norm is not finite; vkd-ds needs a "
-                "DeepSpeed that skips such steps (pip install 'deepspeed>=0.19.8')"
-            )
-        return dist.any_rank(not applied)
-
-    def train_step(self) -> dict[str, float]:
-        started = time.perf_counter()
-        if self.on_gpu:
-            torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
-        clock = self.clock
-        clock.reset()
-        step = self.step
-        accum = self.cfg.trainer.grad_accum
-        obj = self.objective
-        examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
-        micro_batches = [self._batch(ex) for ex in examples]
-        stats: dict[str, float] = {}
-        # Rollouts, like the teacher passes, all come before the first backward: the baseline
-        # of L_seq is a statistic of the whole global batch.
-        rollouts, advantages = [None] * accum, [None] * accum
-        if self.seq_kd is not None and self.seq_kd.due(step):
-            micro = self.cfg.trainer.micro_batch_size
-            with clock("rollout"):
-                rollouts = [
-                    self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
-                ]
-                advantages, seq_stats = self.seq_kd.advantages(rollouts)
-            stats.update(seq_stats)
-        # Every micro-batch's teacher pass comes first: the weights of the first backward
-        # depend on the saliencies of the whole global batch.
-        teacher_outs = [None] * accum
-        if self.teacher is not None:
-            with clock("teacher_forward"):
-                teacher_outs = [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
-        if obj.teacher_valence:
-            with clock("weights"):
-                masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
-                saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
-                # global_weight_sum, the denominator of L, is the same number on every rank.
-                weights, global_weight_sum, weight_stats = self._weights(saliencies, masks)
-            stats.update(weight_stats)
-        else:
-            weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
-            global_weight_sum = torch.tensor(float(self.sampler.global_batch_size), device=self.device)
-        names = obj.active_at(rollout_step=rollouts[0] is not None)
-        local = torch.zeros(len(names) + 2, dtype=torch.float64)
-        lr = float(self.engine.get_lr()[0])  # the rate this step applies
-        gate = self.gate
-        if gate.settings.enabled and gate.baseline_due(step):
-            with clock("gate"):
-                gate.refresh_baseline(step)
-            self.log.info("mercy gate: the teacher's baseline valence is %.6f (step %d)", gate.state.baseline, step)
-        proxy = gate.settings.enabled and gate.settings.mode == "proxy"
-        student_valence = torch.zeros(2, dtype=torch.float64)  # sum and count, for the proxy
-        nonfinite = False
-        for a, (batch, w) in enumerate(zip(micro_batches, weights, strict=True)):
-            with clock("student_forward"):
-                inputs = obj.train_inputs(batch, teacher_outs[a])
-                student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
-            with clock("loss"):
-                terms, mask = obj.terms(student_out, teacher_outs[a], batch)
-            teacher_outs[a] = None  # free this micro-batch's teacher logits before the next
-            if rollouts[a] is not None:
-                # A second forward of the student, on its own samples; one backward covers both.
-                with clock("student_forward"):
-                    nll = obj.student_nll(self.engine, rollouts[a].batch)
-                terms.update(obj.rollout_terms(Rollout(nll, rollouts[a].teacher_logprob, advantages[a]), mask))
-                rollouts[a] = None
-            with clock("loss"):
-                base = combine_terms(terms, obj.lambdas)
-                loss = weighted_batch_loss(base, w, global_weight_sum)
-            if a == 0 and (step + 1, self.rank) in self.nan_faults:
-                loss = loss * float("nan")  # fault injection (VKD_FAULT_NAN_LOSS), for tests
-            if a == 0 and (step + 1, self.rank) in self.nan_grad_faults:
-                loss = _NanGradient.apply(loss)  # fault injection (VKD_FAULT_NAN_GRAD): the loss stays finite
-            if proxy:
-                v = student_out["valence"].detach().float().mean(-1)
-                student_valence += torch.tensor([float(v[mask].double().sum()), float(mask.sum())], dtype=torch.float64)
-            nonfinite |= not bool(torch.isfinite(loss.detach()))
-            # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
-            # share of the global sum: scale by the world size so the update is of L itself.
-            with clock("backward"):
-                self.engine.backward(loss * self.world, scale_wrt_gas=False)
-            if a == accum - 1:
-                grad_norm = self._grad_norm_before_step()
-                nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
-                stats.update(self._commit(step, nonfinite, student_valence))
-            else:
-                with clock("optimizer"):
-                    self.engine.step()
-            for j, name in enumerate(names):
-                local[j] += float((w * terms[name].detach()).sum())
-            local[-2] += float(loss.detach())
-            local[-1] += float(mask.sum())
-        total = dist.all_reduce_sum(local)
+    def _step_metrics(
+        self, total: StepSums, weight_sum: torch.Tensor, stats: dict, lr: float, grad_norm: float | None, started: float
+    ) -> dict[str, float]:
+        """The step's metrics row (collective: the memory figures are the largest rank's)."""
         elapsed = time.perf_counter() - started
-        rss = dist.all_reduce_max(torch.tensor([_rss_gb(), _peak_rss_gb()]))  # the largest rank's
-        metrics = {"step": step + 1, "loss": float(total[-2])}
-        for j, name in enumerate(names):
-            metrics[f"loss/{name}"] = float(total[j] / global_weight_sum)
+        rss = dist.all_reduce_max(torch.tensor([_rss_gb(), _peak_rss_gb()]))
+        metrics = {"step": self.step, "loss": total.loss}
+        for name, value in total.terms.items():
+            metrics[f"loss/{name}"] = float(value / weight_sum)
         metrics.update(stats)
-        metrics.update(clock.metrics(elapsed))
+        metrics.update(self.clock.metrics(elapsed))
         metrics.update(
             {
                 "lr": lr,
                 "grad_norm": _as_float(self.engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
-                "tokens": int(total[-1]),
-                "tokens_per_s": float(total[-1]) / elapsed,
+                "tokens": int(total.tokens),
+                "tokens_per_s": total.tokens / elapsed,
                 "step_time_s": elapsed,
-                "epoch": self.sampler.epoch_of(step + 1),
+                "epoch": self.sampler.epoch_of(self.step),
                 "mem_rss_gb": float(rss[0]),
                 "mem_peak_rss_gb": float(rss[1]),
             }
@@ -292,78 +268,20 @@ class Trainer:
             metrics["mem_gpu_gb"] = float(
                 dist.all_reduce_max(torch.tensor([torch.cuda.max_memory_allocated() / 2**30]))[0]
             )
-        self.step = step + 1
         return metrics
 
     # ---- held-out evaluation ------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-averaged held-out CE, perplexity, KL(teacher||student) at T=1, the teacher's CE and,
-        with both valence heads, the MSE of the student's valence trajectory to the teacher's.
-        Per-sequence values come from the fp32 chunked losses; their sums are float64 and stay on the
-        batches' device until one all-reduce at the end."""
-        if not self.valid_data:
-            return {}
-        self.engine.eval()
-        sums = DeviceSums()
-        shards = eval_shards(
-            len(self.valid_data),
-            self.cfg.trainer.micro_batch_size,
-            self.world,
-            self.rank,
-            self.cfg.trainer.eval_max_batches,
+        t = self.cfg.trainer
+        return evaluate(
+            self.engine,
+            self.teacher,
+            self.objective,
+            self.valid_data,
+            self.pad_id,
+            int(t.micro_batch_size),
+            t.eval_max_batches,
         )
-        for indices in shards:
-            # Padding entries (None) keep every rank's forward count equal; their mask is emptied.
-            examples = [self.valid_data[i if i is not None else 0] for i in indices]
-            batch = self._batch(examples)
-            for row, i in enumerate(indices):
-                if i is None:
-                    batch["loss_mask"][row] = False
-            targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-            counts = mask.sum(1)
-            teacher_out = None
-            if self.teacher is not None:
-                teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
-            # KL to the teacher at T = 1, whatever the training temperature.
-            inputs = self.objective.fused_inputs(batch, teacher_out, True, teacher_out is not None, temperature=1.0)
-            student_out = self.engine(batch["input_ids"], batch["attention_mask"], **inputs)
-            if inputs:
-                ce, kl = student_out["ce"], student_out["soft"]
-            else:
-                logits = student_out["logits"]
-                ce = token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens)
-                if teacher_out is not None:
-                    kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, self.vocab_size, self.chunk_tokens)
-            sums.add_weighted("student_nats", ce, counts)
-            sums.add("tokens", counts)
-            if teacher_out is not None:
-                t_logits = teacher_out["logits"]
-                sums.add_weighted("kl_nats", kl, counts)
-                teacher_ce = token_ce(t_logits, targets, mask, self.vocab_size, self.chunk_tokens)
-                sums.add_weighted("teacher_nats", teacher_ce, counts)
-                if "valence" in student_out and "valence" in teacher_out:
-                    mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
-                    sums.add_weighted("valence_se", mse, counts)
-                if not inputs:  # the fused LM head builds no student logits to compare
-                    vocab = self.vocab_size
-                    same = logits[..., :vocab].argmax(-1) == t_logits[..., :vocab].argmax(-1)
-                    sums.add("top1_agree", same & mask)
-        self.engine.train()
-        total = sums.all_reduced(self.device)
-        tokens = max(total["tokens"], 1.0)
-        result = {"eval/ce": total["student_nats"] / tokens}
-        result["eval/ppl"] = math.exp(min(result["eval/ce"], 50.0))
-        if self.teacher is not None:
-            result["eval/kl_teacher"] = total["kl_nats"] / tokens
-            result["eval/teacher_ce"] = total["teacher_nats"] / tokens
-            result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))
-            if not self.objective.fused_head:
-                result["eval/top1_agreement"] = total["top1_agree"] / tokens
-            if self.objective.valence_k is not None and self.objective.teacher_valence:
-                result["eval/valence_mse"] = total["valence_se"] / tokens
-        result["eval/tokens"] = int(total["tokens"])
-        return result
 
     # ---- the loop -----------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -374,7 +292,7 @@ class Trainer:
         }
         if self.seq_kd is not None:
             state["seq_kd"] = self.seq_kd.state_dict()
-        state["gate"] = self.gate.state_dict()
+        state["gate"] = self.guard.state_dict()
         state["metrics"] = self.last_metrics
         return state
 
@@ -382,7 +300,7 @@ class Trainer:
         self.step = int(client_state["step"])
         if self.seq_kd is not None:
             self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
-        self.gate.load_state_dict(client_state.get("gate", {}))
+        self.guard.load_state_dict(client_state.get("gate", {}))
         self.resumed_metrics = client_state.get("metrics")
 
     def _due(self, every: int) -> bool:
@@ -492,38 +410,6 @@ class Trainer:
             )
 
 
-class DeviceSums:
-    """Named float64 sums of per-batch values, kept on the device the values are on: nothing is read
-    back to the host per batch (a GPU eval never stalls on `.item()`), and values of any dtype
-    (bf16 batches) or device add up without a host-side accumulator that CUDA tensors cannot be
-    added into in place. Only arithmetic on the values themselves, no tensor factory."""
-
-    NAMES = ("student_nats", "kl_nats", "teacher_nats", "tokens", "valence_se", "top1_agree")
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, values: torch.Tensor) -> None:
-        """sums[name] += Σ values."""
-        if name not in self.NAMES:
-            raise KeyError(f"DeviceSums: unknown sum {name!r}")
-        value = values.double().sum()
-        self.sums[name] = value if name not in self.sums else self.sums[name] + value
-
-    def add_weighted(self, name: str, values: torch.Tensor, weights: torch.Tensor) -> None:
-        """sums[name] += Σ values · weights (e.g. a per-sequence mean times its token count)."""
-        self.add(name, values.double() * weights.double())
-
-    def all_reduced(self, device: torch.device) -> dict[str, float]:
-        """Every name's sum over all ranks (a name no batch added is 0 on every rank): one all-reduce."""
-        vector = torch.zeros(len(self.NAMES), dtype=torch.float64, device=device)
-        for i, name in enumerate(self.NAMES):
-            if name in self.sums:
-                vector[i] = self.sums[name].to(device)
-        total = dist.all_reduce_sum(vector).tolist()
-        return dict(zip(self.NAMES, total, strict=True))
-
-
 class PhaseClock:
     """Seconds of each phase of a step (`trainer.time_phases`), and `time/other`: what is left of the
     step (batching, the metric reductions, Python between phases). On GPUs every phase boundary
@@ -620,12 +506,6 @@ def _faults(variable: str) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(","))}
 
 
-def _as_float(value) -> float:
-    if value is None:
-        return float("nan")
-    return float(value.item() if hasattr(value, "item") else value)
-
-
 def _rss_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
@@ -639,3 +519,12 @@ def _peak_rss_gb() -> float:
 
 def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class _PendingRollout:
+    """A micro-batch's samples (as a batch), the teacher's mean log-prob of them and their advantage."""
+
+    batch: dict
+    teacher_logprob: torch.Tensor
+    advantage: torch.Tensor

@@ -1,0 +1,236 @@
+"""The commit of an optimizer step: taken, or taken and reverted, the same on every rank.
+
+`StepGuard.commit` is the one place a step is decided. It is skipped (taken and reverted exactly,
+its batch consumed) when the loss or the gradient is not finite on any rank, or DeepSpeed itself
+discarded it; with the mercy gate on (gate.py) it is rejected when the projected valence falls below
+`gate.ratio` × the teacher's baseline: in proxy mode before the step, in lookahead mode after it.
+`gate.max_consecutive_rejections` skipped or rejected steps in a row end the run, gate on or off.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vkd_ds import dist
+from vkd_ds.errors import VkdError
+from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
+
+
+@dataclass
+class GuardCounts:
+    """Metrics and checkpoint."""
+
+    rejected: int = 0  # steps the gate rejected
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
+    consecutive: int = 0  # rejected or skipped in a row, up to now
+
+
+class StepSnapshot:
+    """This rank's share of everything an optimizer step changes, copied to CPU: its partition of
+    the parameters (and the whole of ZeRO-3's persistent small parameters), the fp32 master
+    partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of
+    every parameter group (the LR the scheduler wrote) and the LR scheduler's state.
+
+    Memory: about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
+    when separate, moments 8), on CPU, taken only when a step may be reverted."""
+
+    MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._saved = None
+
+    def _targets(self):
+        """The live objects a step changes. Looked up at every snapshot: loading a checkpoint
+        replaces the optimizer's parameter groups and state."""
+        optimizer = self.engine.optimizer
+        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wrappers hold the torch optimizer
+        groups = [optimizer.param_groups] + ([base.param_groups] if base is not optimizer else [])
+        tensors: dict[int, torch.Tensor] = {}
+        for param in self.engine.module.parameters():
+            for t in (getattr(param, "ds_tensor", None), param.data):
+                if t is not None and t.numel() > 0:
+                    tensors[id(t)] = t
+        for attr in self.MASTER_ATTRS:
+            for t in getattr(optimizer, attr, None) or []:
+                tensors[id(t)] = t
+        for group in base.param_groups:
+            for t in group["params"]:
+                tensors[id(t.data)] = t.data
+        return base, groups, list(tensors.values())
+
+    def take(self) -> None:
+        base, groups, tensors = self._targets()
+        self._saved = {
+            "base": base,
+            "groups": groups,
+            "tensors": tensors,
+            "tensor_values": [t.detach().to("cpu", copy=True) for t in tensors],
+            "state": {key: {k: _clone(v) for k, v in value.items()} for key, value in base.state.items()},
+            "group_values": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in groups],
+            "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
+        }
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        saved, self._saved = self._saved, None
+        base = saved["base"]
+        for t, value in zip(saved["tensors"], saved["tensor_values"], strict=True):
+            t.copy_(value)
+        for key in list(base.state.keys()):
+            if key not in saved["state"]:
+                del base.state[key]  # state the reverted step created (Adam's first step)
+        for key, values in saved["state"].items():
+            current = base.state[key]
+            for k, v in values.items():
+                if isinstance(v, torch.Tensor) and isinstance(current.get(k), torch.Tensor):
+                    current[k].copy_(v)
+                else:
+                    current[k] = _clone(v)
+        for gs, values in zip(saved["groups"], saved["group_values"], strict=True):
+            for group, hyper in zip(gs, values, strict=True):
+                group.update(hyper)
+        if saved["scheduler"] is not None:
+            self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True) if value.device.type != "cpu" else value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+class StepGuard:
+    def __init__(self, engine, gate: MercyGate | None, max_consecutive: int, clock, log):
+        """`gate`: None when gate.enabled=false (nothing of the gate is built then). `clock`: the
+        trainer's PhaseClock (the snapshot and the gate count as `gate`, the step as `optimizer`)."""
+        self.engine = engine
+        self.gate = gate
+        self.max_consecutive = max_consecutive
+        self.clock = clock
+        self.log = log
+        self.counts = GuardCounts()
+        self.snapshot = StepSnapshot(engine)
+
+    @property
+    def wants_student_valence(self) -> bool:
+        """The proxy gate decides from the student's valence over the step's own forwards."""
+        return self.gate is not None and self.gate.settings.mode == "proxy"
+
+    def start_step(self, step: int) -> None:
+        """Before the step's forwards (collective): the teacher's baseline, when it is due."""
+        gate = self.gate
+        if gate is not None and gate.baseline_due(step):
+            with self.clock("gate"):
+                gate.refresh_baseline(step)
+            self.log.info("mercy gate: the teacher's baseline valence is %.6f (step %d)", gate.state.baseline, step)
+
+    def grad_norm_before_step(self) -> float | None:
+        """DeepSpeed reports the global gradient norm under ZeRO 1-3 but not under ZeRO-0 with a
+        torch optimizer; there the gradients are whole (and already averaged) on every rank."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+
+    def commit(self, step: int, nonfinite: bool, valence_sum: float = 0.0, valence_count: float = 0.0) -> dict:
+        """The optimizer step at the accumulation boundary (collective). `step` counts from 0;
+        `nonfinite`: this rank saw a non-finite loss or gradient norm; `valence_sum`, `valence_count`:
+        this rank's student valence over its valid positions (proxy gate). Returns the `gate/*` metrics."""
+        gate, clock = self.gate, self.clock
+        skip = dist.any_rank(nonfinite)
+        projected, rejected = None, False
+        if not skip and self.wants_student_valence:
+            projected = gate.projected_proxy(valence_sum, valence_count)
+            rejected = gate.rejects(projected)
+        lookahead = not skip and gate is not None and gate.settings.mode == "lookahead"
+        revertible = skip or rejected or lookahead
+        if revertible:
+            with clock("gate"):
+                self.snapshot.take()
+        with clock("optimizer"):
+            self.engine.step()
+        if not (skip or rejected) and self._engine_skipped_step():
+            skip = True
+        if lookahead and not skip:
+            with clock("gate"):
+                projected = gate.projected_lookahead()
+                rejected = gate.rejects(projected)
+        if revertible and (skip or rejected):
+            with clock("gate"):
+                self.snapshot.restore()
+        if skip and dist.is_main():
+            self.log.warning(
+                "step %d: non-finite loss or gradients on at least one rank; step skipped on every rank", step + 1
+            )
+        if rejected and dist.is_main():
+            self.log.warning(
+                "%s (step %d: projected %.6f < %.2f x teacher baseline %.6f)",
+                BLOCKED_MESSAGE,
+                step + 1,
+                projected,
+                gate.settings.ratio,
+                gate.state.baseline,
+            )
+        self._record(step + 1, rejected, skip)
+        metrics = {"gate/rejected": self.counts.rejected, "gate/nonfinite": self.counts.nonfinite}
+        metrics["gate/step_kept"] = int(not (skip or rejected))
+        if gate is not None:
+            metrics["gate/baseline"] = gate.state.baseline
+            if projected is not None:
+                metrics["gate/projected"] = projected
+        return metrics
+
+    def _engine_skipped_step(self) -> bool:
+        """Whether DeepSpeed discarded the step it was just asked for, agreed over ranks. Under ZeRO 1-3
+        and bf16 it checks the global gradient norm and skips the update when it is not finite
+        (deepspeed >= 0.19.8; older releases applied it, which this refuses rather than let pass)."""
+        applied = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        if applied and norm is not None and not math.isfinite(_as_float(norm)):
+            raise VkdError(
+                "DeepSpeed applied an optimizer step whose gradient norm is not finite; vkd-ds needs a "
+                "DeepSpeed that skips such steps (pip install 'deepspeed>=0.19.8')"
+            )
+        return dist.any_rank(not applied)
+
+    def _record(self, step: int, rejected: bool, nonfinite: bool) -> None:
+        c = self.counts
+        c.rejected += int(rejected)
+        c.nonfinite += int(nonfinite)
+        c.consecutive = c.consecutive + 1 if (rejected or nonfinite) else 0
+        limit = self.max_consecutive
+        if limit > 0 and c.consecutive >= limit:
+            raise VkdError(
+                f"step {step}: {c.consecutive} steps in a row were rejected by the mercy gate or skipped for a "
+                f"non-finite loss or gradient (gate.max_consecutive_rejections={limit}); the last complete "
+                "checkpoint is intact"
+            )
+
+    # The checkpoint's "gate" entry: the counts and, with the gate on, its baseline.
+    def state_dict(self) -> dict:
+        state = {"rejected": self.counts.rejected, "nonfinite": self.counts.nonfinite}
+        state["consecutive"] = self.counts.consecutive
+        if self.gate is not None:
+            state.update(baseline=self.gate.state.baseline, baseline_step=self.gate.state.baseline_step)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("rejected", "nonfinite", "consecutive"):
+            setattr(self.counts, key, int(state.get(key, 0)))
+        if self.gate is not None and state.get("baseline") is not None:
+            self.gate.state.baseline = state["baseline"]
+            self.gate.state.baseline_step = state.get("baseline_step")
