@@ -8,7 +8,8 @@ from vkd_ds.config import check_global_batch, compose, validate
 from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
 from vkd_ds.errors import VkdError
 from vkd_ds.launch import strip_local_rank
-from vkd_ds.terms import loss_overrides
+from vkd_ds.settings import Settings
+from vkd_ds.terms import TERM_NAMES, loss_overrides
 
 # Without a teacher valence head file, L_val and the weighting must be off.
 REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0"]
@@ -90,8 +91,12 @@ def test_global_batch_check():
         check_global_batch(cfg, 3)
 
 
+def settings_of(overrides):
+    return Settings.from_config(compose(overrides))
+
+
 def test_deepspeed_json_is_derived_in_one_place():
-    cfg = compose(
+    cfg = settings_of(
         REQUIRED
         + [
             "trainer.micro_batch_size=4",
@@ -116,15 +121,15 @@ def test_deepspeed_json_is_derived_in_one_place():
 def test_bf16_runs_on_cpu_and_reduces_gradients_in_fp32(stage):
     """bf16 is allowed without a GPU (DeepSpeed's CPU accelerator runs it); gradients are reduced in
     fp32, and accumulated in fp32 where DeepSpeed can (ZeRO >= 1)."""
-    cfg = compose(REQUIRED + ["deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}"])
+    cfg = settings_of(REQUIRED + ["deepspeed.precision=bf16", f"deepspeed.zero_stage={stage}"])
     ds = student_ds_config(cfg, 1, on_gpu=False)
     assert ds["bf16"]["enabled"] and ds["communication_data_type"] == "fp32"
     assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage >= 1 else None)
     assert teacher_ds_config(cfg, on_gpu=False)["bf16"]["enabled"]
     # A user's own choice in deepspeed.extra wins, and the stage it sets decides.
-    mine = compose(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.data_types.grad_accum_dtype=bf16"])
+    mine = settings_of(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.data_types.grad_accum_dtype=bf16"])
     assert student_ds_config(mine, 1, on_gpu=False)["data_types"] == {"grad_accum_dtype": "bf16"}
-    to_zero0 = compose(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.zero_optimization.stage=0"])
+    to_zero0 = settings_of(REQUIRED + ["deepspeed.precision=bf16", "+deepspeed.extra.zero_optimization.stage=0"])
     assert "data_types" not in student_ds_config(to_zero0, 1, on_gpu=False)
 
 
@@ -154,3 +159,27 @@ def test_lr_schedule_formula():
     assert lr_factor(1, 0, 10, 0.0) < 1.0 and lr_factor(1, 0, 10, 0.0) > 0.97  # no warmup: near peak
     with pytest.raises(ValueError):
         lr_factor(0, 4, 10, 0.1)
+
+
+def test_settings_are_typed_frozen_and_the_only_config_below_train():
+    """The composed config is checked and converted once; below train.py nothing sees a DictConfig."""
+    import dataclasses
+    from pathlib import Path
+
+    s = settings_of(REQUIRED + ["trainer.lr=1", "feat.layer_map=[[0,1],[1,2]]", "reg.param_patterns=[a*]"])
+    assert s.trainer.lr == 1.0 and isinstance(s.trainer.lr, float)
+    assert s.trainer.betas == (0.9, 0.95) and s.feat.layer_map == ((0, 1), (1, 2)) and s.reg.param_patterns == ("a*",)
+    assert set(s.loss.weights) == set(TERM_NAMES) and s.loss.weights["val"] == 0.0
+    assert isinstance(s.student.config, dict) and s.student.config["model_type"] == "llama"
+    assert isinstance(s.deepspeed.extra, dict) and s.resolved["trainer"]["lr"] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.trainer.lr = 2.0
+    with pytest.raises(VkdError, match="`trainer.lr` must be a number"):
+        settings_of(REQUIRED + ["trainer.lr=fast"])
+    # Keys that did nothing are gone: the teacher is always ZeRO-3.
+    with pytest.raises(VkdError, match="teacher.zero_stage"):
+        settings_of(REQUIRED + ["teacher.zero_stage=3"])
+    entry_points = {"config.py", "settings.py", "train.py", "launch.py", "cli.py", "fit_head.py"}
+    package = Path(__file__).resolve().parent.parent / "vkd_ds"
+    readers = sorted(p.name for p in package.glob("*.py") if "omegaconf" in p.read_text())
+    assert set(readers) <= entry_points, readers

@@ -100,7 +100,6 @@ def validate(cfg: DictConfig) -> None:
     _get(cfg, "data.tokenizer_path")
     _number(cfg, "data.max_seq_len", low=2, integer=True)
 
-    _number(cfg, "teacher.zero_stage", low=3, high=3, integer=True)
     _choice(cfg, "teacher.offload_param", OFFLOAD_DEVICES)
     if _get(cfg, "teacher.offload_param") == "nvme" and not _get(cfg, "teacher.nvme_path"):
         raise VkdError("config key `teacher.nvme_path` is required when teacher.offload_param=nvme")
@@ -171,6 +170,11 @@ def validate(cfg: DictConfig) -> None:
 
     _bool(cfg, "gate.enabled")
     _choice(cfg, "gate.mode", GATE_MODES)
+    if _get(cfg, "gate.enabled") and _get(cfg, "gate.mode") == "proxy" and not _get(cfg, "loss.val") > 0:
+        raise VkdError(
+            "gate.mode=proxy projects the student's valence, and the student has a valence head only "
+            "when loss.val > 0: set loss.val > 0 or gate.mode=lookahead"
+        )
     _number(cfg, "gate.ratio", low=0.0)
     _number(cfg, "gate.proxy_factor", low=0.0)
     steps = _number(cfg, "gate.rollout_steps", low=1, integer=True)
@@ -246,5 +250,5 @@ def check_global_batch(cfg: DictConfig, world_size: int) -> int:
     return derived
 
 
-def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+def to_yaml(cfg: DictConfig | dict) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else OmegaConf.to_yaml(cfg)

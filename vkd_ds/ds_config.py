@@ -1,4 +1,4 @@
-"""The one place where DeepSpeed JSON is derived from the Hydra config.
+"""The one place where DeepSpeed JSON is derived from the settings.
 
 Batch sizes, precision, ZeRO stage, offload and the LR schedule are chosen
 here and nowhere else (DeepSpeed-Chat's habit of patching `train_batch_size`
@@ -7,15 +7,15 @@ in many places is what this avoids).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds.config import check_global_batch
 from vkd_ds.schedule import lr_scheduler_factory
+from vkd_ds.settings import Settings
 
 
-def resolve_precision(cfg: DictConfig, on_gpu: bool) -> str:
+def resolve_precision(cfg: Settings, on_gpu: bool) -> str:
     """`auto` is bf16 on GPUs and fp32 on CPUs (where bf16 runs, DeepSpeed's CPU accelerator supports
     it, but is slower than fp32 on most CPUs); `bf16` and `fp32` are taken as they are."""
     precision = cfg.deepspeed.precision
@@ -43,7 +43,7 @@ def _bf16_numerics(stage: int) -> dict[str, Any]:
     return numerics
 
 
-def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+def student_ds_config(cfg: Settings, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed JSON of the student engine (optimizer included; the LR schedule is student_lr_schedule's)."""
     trainer = cfg.trainer
     global_batch = check_global_batch(cfg, world_size)
@@ -76,7 +76,7 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True)
+    extra = copy.deepcopy(cfg.deepspeed.extra)
     ds = _merge(ds, extra)
     if ds["bf16"].get("enabled"):
         # After the merge: `deepspeed.extra` may set the stage, or these keys itself.
@@ -85,7 +85,7 @@ def student_ds_config(cfg: DictConfig, world_size: int, on_gpu: bool) -> dict[st
     return ds
 
 
-def student_lr_schedule(cfg: DictConfig, ds_config: dict[str, Any]):
+def student_lr_schedule(cfg: Settings, ds_config: dict[str, Any]):
     """The LR schedule to hand `deepspeed.initialize` (vkd_ds/schedule.py), or None when the user's
     `deepspeed.extra` names a DeepSpeed `scheduler` of its own (DeepSpeed then builds that one)."""
     if "scheduler" in ds_config:
@@ -94,7 +94,7 @@ def student_lr_schedule(cfg: DictConfig, ds_config: dict[str, Any]):
     return lr_scheduler_factory(int(trainer.warmup_steps), int(trainer.max_steps), float(trainer.min_lr_ratio))
 
 
-def teacher_ds_config(cfg: DictConfig, on_gpu: bool) -> dict[str, Any]:
+def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed JSON of the frozen teacher: ZeRO-3 inference, params offloaded."""
     precision = resolve_precision(cfg, on_gpu)
     zero: dict[str, Any] = {"stage": 3}

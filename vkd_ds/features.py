@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from omegaconf import ListConfig
 from torch import nn
 
 from vkd_ds.errors import VkdError
@@ -27,12 +26,12 @@ def resolve_layer_map(spec, n_student: int, n_teacher: int, key: str = "feat.lay
     """`uniform`, or an explicit list of [student_layer, teacher_layer] pairs (0-based), checked."""
     if spec == "uniform":
         return uniform_layer_map(n_student, n_teacher)
-    if not isinstance(spec, (list, tuple, ListConfig)) or not spec:
+    if not isinstance(spec, (list, tuple)) or not spec:
         raise VkdError(f"config key `{key}` must be `uniform` or a non-empty list of [student, teacher] pairs")
     pairs = []
     for entry in spec:
         if (
-            not isinstance(entry, (list, tuple, ListConfig))
+            not isinstance(entry, (list, tuple))
             or len(entry) != 2
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in entry)
         ):

@@ -20,43 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 
 from vkd_ds import dist
 from vkd_ds.data import Example
 from vkd_ds.errors import VkdError
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms, sample
+from vkd_ds.settings import GateSettings
 
 GATE_MODES = ("proxy", "lookahead")
 BLOCKED_MESSAGE = "Mercy gate blocked – low projected valence trajectory"
 # Probe draws come from their own stream, apart from sequence KD's (which is seeded by the step).
 PROBE_SEED_OFFSET = 7919
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    enabled: bool
-    mode: str  # proxy | lookahead
-    ratio: float
-    proxy_factor: float
-    rollout_steps: int
-    probe_size: int
-    baseline_every: int
-    max_consecutive_rejections: int
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> GateSettings:
-        g = cfg.gate
-        return cls(
-            bool(g.enabled),
-            str(g.mode),
-            float(g.ratio),
-            float(g.proxy_factor),
-            int(g.rollout_steps),
-            int(g.probe_size),
-            int(g.baseline_every),
-            int(g.max_consecutive_rejections),
-        )
 
 
 @dataclass

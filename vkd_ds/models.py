@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vkd_ds.errors import VkdError
@@ -52,11 +51,11 @@ def load_model_config(path: str, key: str):
         raise VkdError(f"{key}: cannot read {directory / 'config.json'}: {str(err).splitlines()[0]}") from None
 
 
-def student_config_from_dict(spec: DictConfig, vocab_size: int):
+def student_config_from_dict(spec: dict, vocab_size: int):
     """A transformers config from `student.config` (model_type plus keys)."""
     from transformers import AutoConfig
 
-    fields = OmegaConf.to_container(spec, resolve=True)
+    fields = dict(spec)
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise VkdError("student.config needs a `model_type` (e.g. llama, qwen2, gpt2, mistral)")

@@ -10,11 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from omegaconf import DictConfig
 
-from vkd_ds.config import valence_feeds_the_loss
 from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import shift_for_next_token, token_ce
+from vkd_ds.settings import Settings
 from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, Rollout, TermInputs
 from vkd_ds.valence import ValenceHead, saliency
 
@@ -40,8 +39,8 @@ class Objective:
     fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
-        lambdas = {term: float(cfg.loss[term]) for term in TERM_NAMES}
+    def from_settings(cls, cfg: Settings, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
+        lambdas = dict(cfg.loss.weights)
         contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
         captures = lambdas["feat"] > 0 or contrastive > 0
         lam = float(cfg.weighting.lam)
@@ -58,7 +57,7 @@ class Objective:
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
             # The head serves L_val and the weights' saliency (validate() requires it for them);
             # with λ = 0 and L_val off the weights are uniform and no saliency is computed.
-            teacher_valence=valence_feeds_the_loss(cfg),
+            teacher_valence=cfg.valence_feeds_the_loss,
             lam=lam,
             z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
             normalize=bool(cfg.weighting.normalize),

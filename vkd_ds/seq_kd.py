@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
 
 from vkd_ds import dist
 from vkd_ds.data import Example
 from vkd_ds.losses import shift_for_next_token, token_ce
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
+from vkd_ds.settings import Settings
 
 REWARDS = ("teacher_logprob", "reverse_kl")
 BASELINES = ("batch", "ema")
@@ -32,7 +32,7 @@ class SeqKDSettings:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> SeqKDSettings:
+    def from_settings(cls, cfg: Settings) -> SeqKDSettings:
         s = cfg.seq_kd
         sampling = SamplingSettings(
             n_gen=int(s.n_gen),

@@ -13,13 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
-from vkd_ds.config import check_global_batch, to_yaml, validate
+from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import check_same_tokenizer, check_vocab, load_model_config, load_tokenizer, student_config_from_dict
 from vkd_ds.objective import Objective
+from vkd_ds.settings import Settings
 from vkd_ds.valence import load_head
 
 
@@ -32,30 +33,31 @@ class Prepared:
     objective: Objective
     teacher_width: int
     data_notes: list[str]  # skipped empty records, records without a target: logged at start
+    settings: Settings
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Every input check, with no side effects (no process group needed)."""
-    validate(cfg)
-    teacher_config = load_model_config(cfg.teacher.path, "teacher.path")
-    tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    """Every input check, with no side effects (no process group needed); the settings of the run."""
+    s = Settings.from_config(cfg)
+    teacher_config = load_model_config(s.teacher.path, "teacher.path")
+    tokenizer = load_tokenizer(s.data.tokenizer_path)
     vocab = len(tokenizer)
-    check_vocab(vocab, teacher_config.vocab_size, f"teacher ({cfg.teacher.path})")
-    if cfg.student.path is not None:
-        student_config = load_model_config(cfg.student.path, "student.path")
-        check_same_tokenizer(tokenizer, cfg.student.path, "student")
+    check_vocab(vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
+    if s.student.path is not None:
+        student_config = load_model_config(s.student.path, "student.path")
+        check_same_tokenizer(tokenizer, s.student.path, "student")
     else:
-        student_config = student_config_from_dict(cfg.student.config, vocab)
+        student_config = student_config_from_dict(s.student.config, vocab)
     check_vocab(vocab, student_config.vocab_size, "student")
-    max_len = cfg.data.max_seq_len
-    files = [load_data_file(cfg.data.train_path, tokenizer, max_len)]
-    if cfg.data.valid_path:
-        files.append(load_data_file(cfg.data.valid_path, tokenizer, max_len))
+    max_len = s.data.max_seq_len
+    files = [load_data_file(s.data.train_path, tokenizer, max_len)]
+    if s.data.valid_path:
+        files.append(load_data_file(s.data.valid_path, tokenizer, max_len))
     train_data, valid_data = files[0].examples, files[1].examples if len(files) > 1 else []
-    layer_map = resolve_layer_map(cfg.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
-    objective = Objective.from_config(cfg, layer_map, vocab)
+    layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
+    objective = Objective.from_settings(s, layer_map, vocab)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
-    if objective.layer_map and teacher_width != student_width and not cfg.feat.projectors:
+    if objective.layer_map and teacher_width != student_width and not s.feat.projectors:
         raise VkdError(
             f"feat.projectors=false but the student's width ({student_width}) differs from the teacher's "
             f"({teacher_width}): feature KD needs projectors (feat.projectors=true) or equal widths"
@@ -67,51 +69,46 @@ def prepare(cfg: DictConfig) -> Prepared:
                     f"loss.fused_head=true: the student's config sets {key}, so its logits are not "
                     "hidden @ W.T and the fused LM head would compute the wrong loss; set loss.fused_head=false"
                 )
-    if cfg.gate.enabled and cfg.gate.mode == "proxy" and objective.valence_k is None:
-        raise VkdError(
-            "gate.mode=proxy projects the student's valence, and the student has a valence head only "
-            "when loss.val > 0: set loss.val > 0 or gate.mode=lookahead"
-        )
-    if cfg.valence.teacher_head:
-        load_head(cfg.valence.teacher_head, int(cfg.valence.k), teacher_width)
+    if s.valence.teacher_head:
+        load_head(s.valence.teacher_head, int(s.valence.k), teacher_width)
     notes = [note for file in files for note in file.notes()]
-    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes)
+    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes, s)
 
 
-def build_student(cfg: DictConfig, prepared: Prepared, ds_config: dict, seed: int):
+def build_student(s: Settings, prepared: Prepared, ds_config: dict, seed: int):
     """The student module of this config: LM, projectors, valence head, regularized parameters."""
     from vkd_ds import engines
 
     objective = prepared.objective
     return engines.build_student_model(
-        cfg.student.path,
+        s.student.path,
         prepared.student_config,
         ds_config,
         seed,
         eager_attention=objective.attention > 0,
         feat_layers=objective.student_layers,
         teacher_width=prepared.teacher_width,
-        projectors=bool(cfg.feat.projectors),
+        projectors=bool(s.feat.projectors),
         valence_k=objective.valence_k,
-        reg_patterns=list(cfg.reg.param_patterns),
+        reg_patterns=list(s.reg.param_patterns),
         fused_head=objective.fused_head,
     )
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> Path | None:
-    if cfg.resume == "never":
+def _resume_point(s: Settings, run_dir: Path) -> Path | None:
+    if s.resume == "never":
         if checkpoint.complete_checkpoints(run_dir):
             raise VkdError(f"resume=never but {run_dir} already holds checkpoints; pick another run.dir or resume=auto")
         return None
-    if cfg.resume == "auto":
+    if s.resume == "auto":
         return checkpoint.latest_checkpoint(run_dir)
-    return Path(cfg.resume)
+    return Path(s.resume)
 
 
-def _write_run_files(cfg: DictConfig, run_dir: Path, prepared: Prepared) -> None:
+def _write_run_files(s: Settings, run_dir: Path, prepared: Prepared) -> None:
     """Rank 0: the resolved config, and what export needs (student config, tokenizer)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "config.yaml").write_text(to_yaml(s.resolved))
     student_dir = run_dir / "student"
     if student_dir.exists():
         shutil.rmtree(student_dir)
@@ -125,37 +122,38 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from vkd_ds import engines
     from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
-    from vkd_ds.gate import GateSettings, MercyGate
+    from vkd_ds.gate import MercyGate
     from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
     from vkd_ds.seq_kd import SeqKDSettings, SequenceKD
     from vkd_ds.trainer import Trainer
 
     prepared = prepare(cfg)
+    s = prepared.settings
     dist.init()
-    if cfg.trainer.keep_freed_memory and not dist.on_gpu():
+    if s.trainer.keep_freed_memory and not dist.on_gpu():
         from vkd_ds.malloc import keep_freed_memory
 
         keep_freed_memory()
     world = dist.world_size()
-    check_global_batch(cfg, world)
-    run_dir = Path(cfg.run.dir).resolve()
-    resume_from = _resume_point(cfg, run_dir)
-    torch.manual_seed(cfg.trainer.seed)
+    check_global_batch(s, world)
+    run_dir = Path(s.run.dir).resolve()
+    resume_from = _resume_point(s, run_dir)
+    torch.manual_seed(s.trainer.seed)
 
     objective = prepared.objective
     eager = objective.attention > 0
-    gate_settings = GateSettings.from_config(cfg)
+    gate_settings = s.gate
     teacher = teacher_engine = None
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
     if objective.needs_teacher or gate_settings.enabled:
-        teacher_engine = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, dist.on_gpu()), eager)
+        teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds_config(s, dist.on_gpu()), eager)
         head = None
         if objective.teacher_valence or gate_settings.enabled:
-            head = load_head(cfg.valence.teacher_head, int(cfg.valence.k), prepared.teacher_width).to(dist.device())
+            head = load_head(s.valence.teacher_head, int(s.valence.k), prepared.teacher_width).to(dist.device())
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
-    ds_config = student_ds_config(cfg, world, dist.on_gpu())
+    ds_config = student_ds_config(s, world, dist.on_gpu())
     # Read (and its files checked) once, before any engine state is touched.
     meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
     if meta is not None and checkpoint.needs_universal(
@@ -163,19 +161,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         meta,
         world,
         int(ds_config["zero_optimization"]["stage"]),  # deepspeed.extra may override deepspeed.zero_stage
-        None if cfg.eval_only else check_global_batch(cfg, world),
+        None if s.eval_only else check_global_batch(s, world),
         nvme_optimizer=ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "nvme",
     ):
         # Written by another number of ranks: DeepSpeed re-partitions a universal checkpoint.
         checkpoint.make_universal(resume_from)
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    student = build_student(cfg, prepared, ds_config, cfg.trainer.seed)
-    engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(cfg, ds_config))
+    student = build_student(s, prepared, ds_config, s.trainer.seed)
+    engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(s, ds_config))
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
     sampler, gate = None, None
-    training = not cfg.eval_only
+    training = not s.eval_only
     if training and (objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead")):
-        sampler = StudentSampler(engine, cfg.rollout.gather_student)
+        sampler = StudentSampler(engine, s.rollout.gather_student)
     if training and gate_settings.enabled:
         gate = MercyGate(
             gate_settings,
@@ -183,20 +181,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             teacher,
             prepared.tokenizer,
             prepared.valid_data or prepared.train_data,
-            int(cfg.trainer.seed),
+            int(s.trainer.seed),
             sampler,
-            int(cfg.data.max_seq_len),
+            int(s.data.max_seq_len),
         )
 
     # The checkpoint is read before anything is written: a damaged one leaves the run directory as it was.
     client_state = None
     if meta is not None:
-        client_state = checkpoint.load(engine, resume_from, meta, int(cfg.trainer.seed))
-    if cfg.eval_only:
-        return _evaluate_only(cfg, engine, teacher, prepared, run_dir, resume_from, client_state)
+        client_state = checkpoint.load(engine, resume_from, meta, int(s.trainer.seed))
+    if s.eval_only:
+        return _evaluate_only(s, engine, teacher, prepared, run_dir, resume_from, client_state)
     # All checks passed and both engines exist: only now is the run directory written.
     if dist.is_main():
-        _write_run_files(cfg, run_dir, prepared)
+        _write_run_files(s, run_dir, prepared)
     dist.barrier()
     log = setup_logging(run_dir, dist.is_main())
     log.info(
@@ -205,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         dist.device_description(),
         "bf16" if ds_config["bf16"]["enabled"] else "fp32",
         int(ds_config["zero_optimization"]["stage"]),
-        check_global_batch(cfg, world),
+        check_global_batch(s, world),
         run_dir,
     )
     for note in prepared.data_notes:
@@ -216,19 +214,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
             total / 1e6,
             local / 1e6,
-            cfg.teacher.offload_param,
+            s.teacher.offload_param,
         )
 
     log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
     seq_kd = None
     if objective.lambdas["seq"] > 0:
         seq_kd = SequenceKD(
-            SeqKDSettings.from_config(cfg), sampler, teacher, prepared.tokenizer, objective.chunk_tokens
+            SeqKDSettings.from_settings(s), sampler, teacher, prepared.tokenizer, objective.chunk_tokens
         )
         log.info(
             "sequence KD: %d tokens per rollout every %d step(s), student %s",
-            cfg.seq_kd.n_gen,
-            cfg.seq_kd.every_n_steps,
+            s.seq_kd.n_gen,
+            s.seq_kd.every_n_steps,
             sampler.mode,
         )
     if gate_settings.enabled:
@@ -238,7 +236,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             gate_settings.ratio,
         )
     trainer = Trainer(
-        cfg,
+        s,
         engine,
         teacher,
         objective,
@@ -253,12 +251,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.restore(client_state)
         log.info("resumed from %s at step %d", resume_from, trainer.step)
     result = trainer.fit()
-    if trainer.step >= cfg.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
+    if trainer.step >= s.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
         log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
 
 
-def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, client_state) -> dict:
+def _evaluate_only(s: Settings, engine, teacher, prepared: Prepared, run_dir: Path, resume_from, client_state) -> dict:
     """`vkd-ds eval`: the held-out evaluation of a run's checkpoint (or of student.path), nothing trained.
     Writes RUN_DIR/eval/step_XXXXXXX.json for a checkpoint and prints the figures."""
     import json
@@ -267,11 +265,11 @@ def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resu
     from vkd_ds.evaluation import evaluate
 
     log = setup_logging(None, dist.is_main())
-    if resume_from is None and cfg.student.path is None:
+    if resume_from is None and s.student.path is None:
         raise VkdError(f"eval: {run_dir} holds no complete checkpoint and student.path is not set: nothing to evaluate")
     if not prepared.valid_data:
         raise VkdError("eval: data.valid_path is not set: nothing to evaluate on")
-    step, source = 0, str(cfg.student.path)
+    step, source = 0, str(s.student.path)
     if client_state is not None:
         step, source = int(client_state["step"]), str(resume_from)
     figures = evaluate(
@@ -280,8 +278,8 @@ def _evaluate_only(cfg, engine, teacher, prepared: Prepared, run_dir: Path, resu
         prepared.objective,
         prepared.valid_data,
         prepared.tokenizer.pad_token_id,
-        int(cfg.trainer.micro_batch_size),
-        cfg.trainer.eval_max_batches,
+        int(s.trainer.micro_batch_size),
+        s.trainer.eval_max_batches,
     )
     result = {"step": step, "source": source, **figures}
     if dist.is_main():

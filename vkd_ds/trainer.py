@@ -15,7 +15,6 @@ from pathlib import Path
 
 import psutil
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.data import Example, GlobalBatchSampler, collate, global_batch_order, rank_rows
@@ -25,6 +24,7 @@ from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_lo
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.seq_kd import SequenceKD
+from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import Rollout
 from vkd_ds.valence import effective_sample_size, valence_weights
@@ -55,7 +55,7 @@ class StepSums:
 class Trainer:
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: Settings,
         engine,
         teacher: Teacher | None,
         objective: Objective,
@@ -67,7 +67,8 @@ class Trainer:
         seq_kd: SequenceKD | None = None,
     ):
         """`gate`: None with gate.enabled=false."""
-        self.cfg = cfg
+        self.settings = settings
+        t = settings.trainer
         self.seq_kd = seq_kd
         self.engine = engine
         self.teacher = teacher
@@ -81,15 +82,13 @@ class Trainer:
         self.rank = dist.rank()
         self.device = dist.device()
         self.on_gpu = dist.on_gpu()
-        self.sampler = GlobalBatchSampler(
-            len(train_data), cfg.trainer.micro_batch_size, cfg.trainer.grad_accum, self.world, cfg.trainer.seed
-        )
+        self.sampler = GlobalBatchSampler(len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed)
         self.step = 0
         self.log = get_logger()
         self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
         self.nan_grad_faults = _faults("VKD_FAULT_NAN_GRAD")
-        self.clock = PhaseClock(bool(cfg.trainer.time_phases), dist.on_gpu())
-        self.guard = StepGuard(engine, gate, int(cfg.gate.max_consecutive_rejections), self.clock, self.log)
+        self.clock = PhaseClock(t.time_phases, dist.on_gpu())
+        self.guard = StepGuard(engine, gate, settings.gate.max_consecutive_rejections, self.clock, self.log)
         # The latest step's metrics row goes into its checkpoint: a kill after the checkpoint but
         # before the row reached metrics.csv (during the eval that follows it) loses nothing.
         self.last_metrics: dict[str, float] | None = None
@@ -104,7 +103,7 @@ class Trainer:
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
         self.clock.reset()
-        step, accum = self.step, self.cfg.trainer.grad_accum
+        step, accum = self.step, self.settings.trainer.grad_accum
         examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
         micro_batches = [self._batch(ex) for ex in examples]
         stats: dict[str, float] = {}
@@ -136,7 +135,7 @@ class Trainer:
         (the baseline is a statistic of the whole global batch); [None] * accum off rollout steps."""
         if self.seq_kd is None or not self.seq_kd.due(step):
             return [None] * len(examples)
-        micro = self.cfg.trainer.micro_batch_size
+        micro = self.settings.trainer.micro_batch_size
         with self.clock("rollout"):
             samples = [
                 self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
@@ -272,7 +271,7 @@ class Trainer:
 
     # ---- held-out evaluation ------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        t = self.cfg.trainer
+        t = self.settings.trainer
         return evaluate(
             self.engine,
             self.teacher,
@@ -304,14 +303,14 @@ class Trainer:
         self.resumed_metrics = client_state.get("metrics")
 
     def _due(self, every: int) -> bool:
-        return (every > 0 and self.step % every == 0) or self.step == self.cfg.trainer.max_steps
+        return (every > 0 and self.step % every == 0) or self.step == self.settings.trainer.max_steps
 
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg.trainer
+        cfg = self.settings.trainer
         sinks = None
         if dist.is_main():
-            m = self.cfg.metrics
-            config = OmegaConf.to_container(self.cfg, resolve=True)
+            m = self.settings.metrics
+            config = self.settings.resolved
             sinks = MetricsSinks(self.run_dir, self.step, bool(m.tensorboard), m.wandb_project, config)
         bar = self._progress_bar(cfg.max_steps)
         if self.step >= cfg.max_steps:
@@ -381,7 +380,7 @@ class Trainer:
         row, self.resumed_metrics = dict(self.resumed_metrics), None
         if not dist.any_rank(sinks is not None and not sinks.has_step(self.step)):  # only rank 0 reads the file
             return {}
-        evaluated = self.evaluate() if self._due(self.cfg.trainer.eval_every) else {}
+        evaluated = self.evaluate() if self._due(self.settings.trainer.eval_every) else {}
         row.update(evaluated)
         if sinks is not None:
             sinks.write(row)
@@ -389,7 +388,7 @@ class Trainer:
         return evaluated
 
     def _progress_bar(self, total: int):
-        wanted = self.cfg.trainer.progress_bar
+        wanted = self.settings.trainer.progress_bar
         if not dist.is_main() or wanted is False or (wanted == "auto" and not sys.stderr.isatty()):
             return None
         from tqdm import tqdm
@@ -400,12 +399,12 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if metrics["step"] % self.cfg.trainer.log_every == 0 or "eval/ce" in metrics:
+        if metrics["step"] % self.settings.trainer.log_every == 0 or "eval/ce" in metrics:
             shown = {k: v for k, v in metrics.items() if k.startswith(("loss", "eval/")) or k in ("lr", "tokens_per_s")}
             self.log.info(
                 "step %d/%d %s",
                 metrics["step"],
-                self.cfg.trainer.max_steps,
+                self.settings.trainer.max_steps,
                 " ".join(f"{k}={_short(v)}" for k, v in shown.items()),
             )
 

@@ -15,8 +15,8 @@ from vkd_ds.ds_config import student_ds_config, student_lr_schedule  # noqa: E40
 from vkd_ds.train import build_student, prepare  # noqa: E402
 
 out_file = Path(args[0])
-cfg = compose(args[1:])
-prepared = prepare(cfg)
+prepared = prepare(compose(args[1:]))
+cfg = prepared.settings
 dist.init()
 ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
 student = build_student(cfg, prepared, ds_config, seed=999)

@@ -6,11 +6,11 @@ import json
 from student_setup import student_engine  # the script's directory is on sys.path
 
 from vkd_ds import dist
-from vkd_ds.gate import GateSettings, MercyGate
+from vkd_ds.gate import MercyGate
 
-out_dir, cfg, prepared, engine = student_engine(seed=7)
+out_dir, settings, prepared, engine = student_engine(seed=7)
 rank = dist.rank()
-gate = MercyGate(GateSettings.from_config(cfg), engine, None, prepared.tokenizer, prepared.train_data, 1, None, 48)
+gate = MercyGate(settings.gate, engine, None, prepared.tokenizer, prepared.train_data, 1, None, 48)
 gate.state.baseline = 0.5
 decisions = []
 # (sum of student valence, positions) on each rank: rank 0 alone would accept, rank 1 alone reject.

@@ -8,18 +8,18 @@ from vkd_ds.launch import strip_local_rank
 
 
 def student_engine(seed: int):
-    """(output path, config, prepared inputs, student engine) of this rank."""
+    """(output path, settings, prepared inputs, student engine) of this rank."""
     args = strip_local_rank(sys.argv[1:])
     from vkd_ds import dist, engines
     from vkd_ds.config import compose
     from vkd_ds.ds_config import student_ds_config, student_lr_schedule
     from vkd_ds.train import build_student, prepare
 
-    cfg = compose(args[1:])
-    prepared = prepare(cfg)
+    prepared = prepare(compose(args[1:]))
+    settings = prepared.settings
     dist.init()
-    ds_config = student_ds_config(cfg, dist.world_size(), on_gpu=False)
+    ds_config = student_ds_config(settings, dist.world_size(), on_gpu=False)
     engine, _, _ = engines.build_student_engine(
-        build_student(cfg, prepared, ds_config, seed=seed), ds_config, student_lr_schedule(cfg, ds_config)
+        build_student(settings, prepared, ds_config, seed=seed), ds_config, student_lr_schedule(settings, ds_config)
     )
-    return Path(args[0]), cfg, prepared, engine
+    return Path(args[0]), settings, prepared, engine

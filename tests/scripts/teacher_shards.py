@@ -10,9 +10,10 @@ args = strip_local_rank(sys.argv[1:])
 from vkd_ds import dist, engines  # noqa: E402
 from vkd_ds.config import compose  # noqa: E402
 from vkd_ds.ds_config import teacher_ds_config  # noqa: E402
+from vkd_ds.settings import Settings  # noqa: E402
 
 out_dir = Path(args[0])
-cfg = compose(args[1:])
+cfg = Settings.from_config(compose(args[1:]))
 dist.init()
 teacher = engines.build_teacher_engine(cfg.teacher.path, teacher_ds_config(cfg, on_gpu=False))
 local, total = engines.local_param_count(teacher)
