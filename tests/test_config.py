@@ -31,6 +31,7 @@ def test_defaults_are_the_spec_defaults():
         "seq": 0.3,
         "val": 0.6,
         "reg": 1e-5,
+        "divergence": "forward_kl",
         "temperature": 4.0,
         "chunk_tokens": 256,
         "fused_head": False,

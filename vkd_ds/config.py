@@ -112,6 +112,9 @@ def validate(cfg: DictConfig) -> None:
         _number(cfg, f"loss.{term}", low=0.0)
     if sum(_get(cfg, f"loss.{term}") for term in TERM_NAMES) <= 0:
         raise VkdError("config keys `loss.*`: every loss weight is 0, there is nothing to train")
+    from vkd_ds.losses import DIVERGENCES
+
+    _choice(cfg, "loss.divergence", tuple(DIVERGENCES))
     _number(cfg, "loss.temperature", low=1e-3)
     _number(cfg, "loss.chunk_tokens", low=1, integer=True)
     _bool(cfg, "loss.fused_head")

@@ -76,7 +76,9 @@ def evaluate(
         counts = mask.sum(1)
         teacher_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher is not None else None
         # KL to the teacher at T = 1, whatever the training temperature.
-        inputs = objective.fused_inputs(batch, teacher_out, True, teacher_out is not None, temperature=1.0)
+        inputs = objective.fused_inputs(
+            batch, teacher_out, True, teacher_out is not None, temperature=1.0, divergence="forward_kl"
+        )
         student_out = engine(batch["input_ids"], batch["attention_mask"], **inputs)
         if inputs:
             ce, kl = student_out["ce"], student_out["soft"]
@@ -84,7 +86,7 @@ def evaluate(
             logits = student_out["logits"]
             ce = token_ce(logits, targets, mask, vocab, chunk)
             if teacher_out is not None:
-                kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, vocab, chunk)
+                kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, vocab, chunk, divergence="forward_kl")
         sums.add_weighted("student_nats", ce, counts)
         sums.add("tokens", counts)
         if teacher_out is not None:

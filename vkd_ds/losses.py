@@ -13,6 +13,8 @@ chunk, and keep their gradient in the logits' dtype, so no fp32
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,7 +29,7 @@ def chunk_rows(chunk_tokens: int, vocab_size: int) -> int:
     return max(1, min(int(chunk_tokens), CHUNK_BYTES // (4 * int(vocab_size))))
 
 
-def _soft_kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+def _forward_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
     """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits.
 
     `student` and `teacher` are fp32 copies this function may overwrite. In place where
@@ -46,6 +48,22 @@ def _soft_kd_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: fl
     return loss, grad
 
 
+# The token-level KD term's divergences (`loss.divergence`), by name. Each maps fp32 [chunk, vocab]
+# student and teacher logits (copies it may overwrite) and the temperature T to (T²·D per token,
+# d(T²·D)/d(student logits)); the chunking, the masks, the fused LM head and the config's choices
+# all come from here, so a new divergence is one function and one entry.
+DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]] = {
+    "forward_kl": _forward_kl_chunk,
+}
+
+
+def _divergence(name: str):
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(f"unknown divergence {name!r}; one of {', '.join(DIVERGENCES)}") from None
+
+
 def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
     log_p = F.log_softmax(student, dim=-1)
     loss = -log_p.gather(-1, targets[:, None]).squeeze(-1)
@@ -62,7 +80,9 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, flat_index, other, temperature, vocab_size, chunk_tokens):
+    def forward(ctx, logits, flat_index, other, divergence, temperature, vocab_size, chunk_tokens):
+        """`divergence` None: CE against the target ids `other`; else a DIVERGENCES name, `other`
+        the teacher's logits."""
         flat_logits = logits.flatten(0, 1)
         num_tokens = flat_index.numel()
         chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
@@ -73,11 +93,11 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_tokens):
             sel = flat_index[start : start + chunk_tokens]
             student = flat_logits[sel, :vocab_size].float()  # advanced indexing: a copy, ours to overwrite
-            if temperature is None:
+            if divergence is None:
                 loss, grad = _cross_entropy_chunk(student, other[sel])
             else:
                 teacher = other.flatten(0, 1)[sel, :vocab_size].float()
-                loss, grad = _soft_kd_chunk(student, teacher, temperature)
+                loss, grad = DIVERGENCES[divergence](student, teacher, temperature)
             del student
             losses[start : start + chunk_tokens] = loss
             if grads is not None:
@@ -106,12 +126,12 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 for start in range(0, flat_index.numel(), chunk):
                     rows = slice(start, start + chunk)
                     grads[rows] = _scaled(grads[rows], scale[rows])
-            return grads.view(shape), None, None, None, None, None
+            return grads.view(shape), None, None, None, None, None, None
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
         for start in range(0, flat_index.numel(), chunk):
             rows = slice(start, start + chunk)
             grad_logits[flat_index[rows], : ctx.vocab_size] = _scaled(grads[rows], scale[rows])
-        return grad_logits.view(shape), None, None, None, None, None
+        return grad_logits.view(shape), None, None, None, None, None, None
 
 
 def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
@@ -137,18 +157,21 @@ def soft_kd(
     temperature: float,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    divergence: str = "forward_kl",
 ) -> torch.Tensor:
-    """Hinton soft KD per sequence: mean over valid positions of KL(softmax(z_T/T) || softmax(z_S/T))·T².
+    """Token-level KD per sequence: mean over valid positions of T²·D(softmax(z_T/T), softmax(z_S/T)),
+    D the `divergence` (DIVERGENCES; forward_kl: KL(p_T‖p_S), Hinton's soft KD).
 
     student_logits [B,S,Vs], teacher_logits [B,S,Vt], mask [B,S] bool -> [B] fp32.
     Only the first `vocab_size` logits are compared (default: the smaller
     width), so embeddings padded past the tokenizer do not matter.
     """
+    _divergence(divergence)
     batch, seq_len = mask.shape
     vocab = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     flat_index = _selected(mask)
     per_token = _ChunkedTokenLoss.apply(
-        student_logits, flat_index, teacher_logits.detach(), float(temperature), vocab, chunk_tokens
+        student_logits, flat_index, teacher_logits.detach(), divergence, float(temperature), vocab, chunk_tokens
     )
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
@@ -167,7 +190,7 @@ def token_ce(
     batch, seq_len = mask.shape
     vocab = vocab_size or student_logits.shape[-1]
     flat_index = _selected(mask)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, vocab, chunk_tokens)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, None, vocab, chunk_tokens)
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
 
@@ -282,7 +305,7 @@ class _FusedHeadLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher, temperature, vocab_size, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, teacher, divergence, temperature, vocab_size, chunk_tokens):
         num_tokens = hidden.shape[0]
         ce = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         soft = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
@@ -291,12 +314,13 @@ class _FusedHeadLosses(torch.autograd.Function):
             if targets is not None:
                 ce[rows] = _cross_entropy_chunk(logits, targets[rows])[0]
             if teacher is not None:
-                # _soft_kd_chunk overwrites its inputs: after CE, the chunk's logits are spent,
+                # A divergence overwrites its inputs: after CE, the chunk's logits are spent,
                 # but the saved teacher rows must stay intact for backward, so copy them.
                 teacher_rows = teacher[rows, :vocab_size].to(torch.float32, copy=True)
-                soft[rows] = _soft_kd_chunk(logits, teacher_rows, temperature)[0]
+                soft[rows] = DIVERGENCES[divergence](logits, teacher_rows, temperature)[0]
         ctx.save_for_backward(hidden, weight, bias, targets, teacher)
-        ctx.temperature, ctx.vocab_size, ctx.chunk_tokens = temperature, vocab_size, chunk_tokens
+        ctx.divergence, ctx.temperature = divergence, temperature
+        ctx.vocab_size, ctx.chunk_tokens = vocab_size, chunk_tokens
         return ce, soft
 
     @staticmethod
@@ -314,7 +338,7 @@ class _FusedHeadLosses(torch.autograd.Function):
                 grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
             if teacher is not None:
                 teacher_rows = teacher[rows, :vocab].to(torch.float32, copy=True)
-                grad = _soft_kd_chunk(logits, teacher_rows, ctx.temperature)[1]
+                grad = DIVERGENCES[ctx.divergence](logits, teacher_rows, ctx.temperature)[1]
                 grad_logits += grad * grad_soft[rows, None]
             h = hidden[rows].float()
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
@@ -322,7 +346,7 @@ class _FusedHeadLosses(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None, None
 
 
 def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
@@ -345,17 +369,27 @@ def fused_head_losses(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    divergence: str = "forward_kl",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(CE [B], soft KD [B]) per sequence, as `token_ce` and `soft_kd` on logits = hidden @ weight.T + bias,
     without building those logits. hidden [B,S,H] (the LM head's input), weight [V,H], mask [B,S];
     CE needs `targets` [B,S], soft KD `teacher_logits` [B,S,Vt]; each is None when its input is."""
+    _divergence(divergence)
     batch, seq_len = mask.shape
     vocab = vocab_size or weight.shape[0]
     index = _selected(mask)
     sel_targets = targets.flatten()[index] if targets is not None else None
     sel_teacher = teacher_logits.detach().flatten(0, 1)[index] if teacher_logits is not None else None
     ce, soft = _FusedHeadLosses.apply(
-        hidden.flatten(0, 1)[index], weight, bias, sel_targets, sel_teacher, float(temperature), vocab, chunk_tokens
+        hidden.flatten(0, 1)[index],
+        weight,
+        bias,
+        sel_targets,
+        sel_teacher,
+        divergence,
+        float(temperature),
+        vocab,
+        chunk_tokens,
     )
     ce = _per_sequence_mean(ce, index, batch, seq_len) if targets is not None else None
     soft = _per_sequence_mean(soft, index, batch, seq_len) if teacher_logits is not None else None

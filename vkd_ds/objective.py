@@ -37,6 +37,7 @@ class Objective:
     alphas: tuple[float, ...] = (0.55, 0.20, 0.15, 0.10)
     eps: float = 1e-6
     fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
+    divergence: str = "forward_kl"  # the soft term's divergence (losses.DIVERGENCES)
 
     @classmethod
     def from_settings(cls, cfg: Settings, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
@@ -64,6 +65,7 @@ class Objective:
             alphas=tuple(float(a) for a in cfg.weighting.alphas),
             eps=float(cfg.weighting.eps),
             fused_head=bool(cfg.loss.fused_head),
+            divergence=cfg.loss.divergence,
         )
 
     @property
@@ -93,9 +95,16 @@ class Objective:
         )
 
     def fused_inputs(
-        self, batch: dict, teacher_out: dict | None, ce: bool, soft: bool, temperature: float | None = None
+        self,
+        batch: dict,
+        teacher_out: dict | None,
+        ce: bool,
+        soft: bool,
+        temperature: float | None = None,
+        divergence: str | None = None,
     ) -> dict:
-        """The student forward's `fused` argument (empty without the fused LM head)."""
+        """The student forward's `fused` argument (empty without the fused LM head); `temperature` and
+        `divergence` default to the training objective's (eval measures forward KL at T = 1)."""
         if not self.fused_head:
             return {}
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
@@ -104,6 +113,7 @@ class Objective:
             "targets": targets if ce else None,
             "teacher_logits": teacher_out["logits"] if soft else None,
             "temperature": self.temperature if temperature is None else temperature,
+            "divergence": self.divergence if divergence is None else divergence,
             "vocab_size": self.vocab_size,
             "chunk_tokens": self.chunk_tokens,
         }

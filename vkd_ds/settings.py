@@ -42,6 +42,7 @@ class DataSettings:
 @dataclass(frozen=True)
 class LossSettings:
     weights: dict[str, float]  # λ of every term of vkd_ds.terms.TERMS, keyed by its name (loss.<name>)
+    divergence: str  # the soft term's (losses.DIVERGENCES)
     temperature: float
     chunk_tokens: int
     fused_head: bool
@@ -52,6 +53,7 @@ class LossSettings:
 
         return cls(
             weights={name: float(node[name]) for name in TERM_NAMES},
+            divergence=str(node.divergence),
             temperature=float(node.temperature),
             chunk_tokens=int(node.chunk_tokens),
             fused_head=bool(node.fused_head),

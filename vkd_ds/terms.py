@@ -84,7 +84,15 @@ def _soft(x: TermInputs) -> torch.Tensor:
     if x.objective.fused_head:
         return x.student["soft"]
     obj = x.objective
-    return soft_kd(x.student["logits"], x.teacher["logits"], x.mask, obj.temperature, obj.vocab_size, obj.chunk_tokens)
+    return soft_kd(
+        x.student["logits"],
+        x.teacher["logits"],
+        x.mask,
+        obj.temperature,
+        obj.vocab_size,
+        obj.chunk_tokens,
+        divergence=obj.divergence,
+    )
 
 
 def _standardize(hidden: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,7 @@ def _reg(x: TermInputs) -> torch.Tensor:
 
 _DECLARED = (
     Term("ce", _ce, fused=True, summary="cross-entropy on the data's next tokens"),
-    Term("soft", _soft, (TEACHER_LOGITS,), fused=True, summary="token-level KD: T²·KL(p_T‖p_S) at loss.temperature"),
+    Term("soft", _soft, (TEACHER_LOGITS,), fused=True, summary="token-level KD: T²·D(p_T, p_S), D = loss.divergence"),
     Term("feat", _feat, (TEACHER_HIDDENS,), summary="MSE of mapped hidden states (and attention maps)"),
     Term("seq", _seq, (ROLLOUTS,), summary="sequence KD: REINFORCE on the teacher's score of student samples"),
     Term("val", _val, (VALENCE_HEADS,), summary="MSE of the student's valence trajectory to the teacher's"),
