@@ -9,6 +9,9 @@ import pytest
 from tests.conftest import base_overrides, deepspeed_launch, train_job, vkd_cli
 from vkd_ds import checkpoint
 
+# Every test here starts a process (the vkd-ds CLI, and some a training job).
+pytestmark = pytest.mark.distributed
+
 
 def assert_clean_failure(result, message, run_dir):
     assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
