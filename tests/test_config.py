@@ -184,3 +184,19 @@ def test_settings_are_typed_frozen_and_the_only_config_below_train():
     package = Path(__file__).resolve().parent.parent / "vkd_ds"
     readers = sorted(p.name for p in package.glob("*.py") if "omegaconf" in p.read_text())
     assert set(readers) <= entry_points, readers
+
+
+def test_a_run_written_before_a_key_was_removed_still_reads(tmp_path):
+    """`vkd-ds eval RUN_DIR` on a run whose config.yaml has teacher.zero_stage (removed: it did nothing)."""
+    from omegaconf import OmegaConf
+
+    from vkd_ds.launch import config_from_file
+
+    saved = OmegaConf.to_container(compose(REQUIRED), resolve=True)
+    saved["teacher"]["zero_stage"] = 3
+    saved["loss"].pop("divergence")  # older than the key, too: today's default fills it
+    path = tmp_path / "config.yaml"
+    OmegaConf.save(OmegaConf.create(saved), path)
+    cfg = config_from_file(str(path), ["eval_only=true"])
+    assert "zero_stage" not in cfg.teacher and cfg.loss.divergence == "forward_kl" and cfg.eval_only
+    Settings.from_config(cfg)

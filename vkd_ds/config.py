@@ -15,6 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 from vkd_ds.errors import VkdError
 
 CONFIG_NAME = "config"
+# Keys older releases wrote into a run's config.yaml that no longer exist: dropped when such a run
+# is read back (`vkd-ds eval RUN_DIR`). teacher.zero_stage: the teacher is always ZeRO-3.
+REMOVED_KEYS = ("teacher.zero_stage",)
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 

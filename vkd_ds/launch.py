@@ -149,14 +149,19 @@ CONFIG_FILE_FLAG = "--config-file"
 def config_from_file(path: str, overrides: list[str]):
     """A saved, resolved config (a run's config.yaml) over today's defaults, then `key=value`
     overrides: how `vkd-ds eval RUN_DIR` rebuilds a run's config without its command line."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from vkd_ds.config import compose
+    from vkd_ds.config import REMOVED_KEYS, compose
     from vkd_ds.errors import VkdError
 
     try:
         saved = OmegaConf.load(path)
+        for key in REMOVED_KEYS:  # written by an older vkd-ds: the key did nothing and is gone
+            group, _, name = key.rpartition(".")
+            node = OmegaConf.select(saved, group) if group else saved
+            if isinstance(node, DictConfig) and name in node:
+                node.pop(name)
         return OmegaConf.merge(compose([]), saved, OmegaConf.from_dotlist(overrides))
     except (OSError, OmegaConfBaseException) as err:
         raise VkdError(f"cannot use the config {path} with {overrides}: {str(err).splitlines()[0]}") from None
