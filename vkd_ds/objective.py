@@ -14,7 +14,7 @@ import torch
 from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import shift_for_next_token, token_ce
 from vkd_ds.settings import Settings
-from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, Rollout, TermInputs
+from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
 from vkd_ds.valence import ValenceHead, saliency
 
 
@@ -137,7 +137,7 @@ class Objective:
         inputs = TermInputs(self, student_out, teacher_out, targets, mask)
         return {name: TERMS[name].compute(inputs) for name in self.active_at(rollout_step=False)}, mask
 
-    def rollout_terms(self, rollout: Rollout, mask: torch.Tensor) -> dict:
+    def rollout_terms(self, rollout: SampleScores, mask: torch.Tensor) -> dict:
         """Per-sequence values [B] of the active terms on the student's samples (L_seq)."""
         inputs = TermInputs(self, {}, None, mask, mask, rollout)
         return {name: TERMS[name].compute(inputs) for name in self.active if ROLLOUTS in TERMS[name].needs}

@@ -41,7 +41,7 @@ NEEDS = (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
 
 
 @dataclass
-class Rollout:
+class SampleScores:
     """The sequence-KD inputs of a micro-batch: −mean log p_S of each sample (differentiable), the
     teacher's mean log-prob of the same tokens and the REINFORCE advantage R − b (constants)."""
 
@@ -57,7 +57,7 @@ class TermInputs:
     teacher: dict | None  # the teacher's (logits, hiddens, attentions, valence)
     targets: torch.Tensor  # [B,S] next-token targets
     mask: torch.Tensor  # [B,S] valid positions
-    rollout: Rollout | None = None
+    rollout: SampleScores | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from vkd_ds.objective import Objective, Teacher
 from vkd_ds.seq_kd import SequenceKD
 from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
-from vkd_ds.terms import Rollout
+from vkd_ds.terms import SampleScores
 from vkd_ds.valence import effective_sample_size, valence_weights
 
 
@@ -130,7 +130,7 @@ class Trainer:
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
 
-    def _rollouts(self, step: int, examples: list[list[Example]], stats: dict) -> list[Rollout | None]:
+    def _rollouts(self, step: int, examples: list[list[Example]], stats: dict) -> list[_PendingRollout | None]:
         """Sequence KD's samples of every micro-batch, scored by the teacher, with their advantages
         (the baseline is a statistic of the whole global batch); [None] * accum off rollout steps."""
         if self.seq_kd is None or not self.seq_kd.due(step):
@@ -193,7 +193,7 @@ class Trainer:
             # A second forward of the student, on its own samples; one backward covers both.
             with clock("student_forward"):
                 nll = obj.student_nll(self.engine, rollout.batch)
-            terms.update(obj.rollout_terms(Rollout(nll, rollout.teacher_logprob, rollout.advantage), mask))
+            terms.update(obj.rollout_terms(SampleScores(nll, rollout.teacher_logprob, rollout.advantage), mask))
         with clock("loss"):
             loss = weighted_batch_loss(combine_terms(terms, obj.lambdas), w, weight_sum)
         if micro_step == 0 and (step + 1, self.rank) in self.nan_faults:
