@@ -78,8 +78,9 @@ def _bool(cfg: DictConfig, key: str) -> bool:
 
 
 def valence_feeds_the_loss(cfg: DictConfig) -> bool:
-    """The teacher's valence enters the loss: L_val's targets, or the saliency of non-uniform weights."""
-    return float(cfg.loss.val) > 0 or float(cfg.weighting.lam) > 0
+    from vkd_ds.settings import valence_feeds_the_loss as feeds
+
+    return feeds(float(cfg.loss.val), float(cfg.weighting.lam))
 
 
 def needs_teacher_valence(cfg: DictConfig) -> bool:

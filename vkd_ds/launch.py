@@ -117,12 +117,12 @@ def run_job(cfg) -> None:
 def leave(code: int) -> NoReturn:
     """End a rank's process once its work is done, without the interpreter's teardown.
 
-    With a gloo process group alive, C++ destructors at interpreter exit ended about one job in a
-    hundred with "terminate called without an active exception" (SIGABRT, a failed job after every
-    file was written); destroying the group first made it more frequent, not less (1 in 12). So the
-    Python exit handlers run (W&B's, TensorBoard's, logging's), the streams are flushed, and the
-    process ends here: every file vkd-ds writes is already closed and renamed into place. Only ranks
-    (a process group exists) leave this way."""
+    With a gloo process group alive, C++ destructors at interpreter exit ended about one job in 60
+    with "terminate called without an active exception" (SIGABRT, a failed job after every file was
+    written; bench/exit_aborts.py); destroying the group first made it more frequent, not less. So
+    the Python exit handlers run (W&B's, TensorBoard's, logging's), the streams are flushed, and the
+    process ends here: every file vkd-ds writes is already closed and renamed into place. Called by
+    ranks only (launch.main, run_job), never by the CLI process."""
     import atexit
     import logging
 

@@ -212,8 +212,12 @@ class Settings:
 
     @property
     def valence_feeds_the_loss(self) -> bool:
-        """The teacher's valence enters the loss: L_val's targets, or the saliency of non-uniform weights."""
-        return self.loss.weights["val"] > 0 or self.weighting.lam > 0
+        return valence_feeds_the_loss(self.loss.weights["val"], self.weighting.lam)
+
+
+def valence_feeds_the_loss(val_weight: float, lam: float) -> bool:
+    """The teacher's valence enters the loss: L_val's targets, or the saliency of non-uniform weights."""
+    return val_weight > 0 or lam > 0
 
 
 def _build(cls, node: DictConfig, given: dict[str, Any] | None = None):

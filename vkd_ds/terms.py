@@ -147,16 +147,18 @@ TERM_NAMES: tuple[str, ...] = tuple(TERMS)
 def loss_overrides(**weights: float) -> list[str]:
     """`loss.<term>=λ` for every term: the given weights, 0 for the rest (e.g. `loss_overrides(ce=1.0)`
     is CE only). An unknown term name is an error, so a list built here can never go stale."""
-    unknown = set(weights) - set(TERMS)
-    if unknown:
-        raise KeyError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERM_NAMES)}")
+    _check_names(weights)
     return [f"loss.{name}={weights.get(name, 0)}" for name in TERM_NAMES]
 
 
 def only_terms(*names: str) -> list[str]:
     """`loss.<term>=0` for every term but `names`, which keep their configured λ (e.g. the demo's
     CE-only baseline: `only_terms("ce")`)."""
+    _check_names(names)
+    return [f"loss.{name}=0" for name in TERM_NAMES if name not in names]
+
+
+def _check_names(names) -> None:
     unknown = set(names) - set(TERMS)
     if unknown:
         raise KeyError(f"unknown loss term(s) {sorted(unknown)}; the terms are {', '.join(TERM_NAMES)}")
-    return [f"loss.{name}=0" for name in TERM_NAMES if name not in names]
