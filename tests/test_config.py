@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vkd_ds.config import check_global_batch, compose, validate
+from vkd_ds.config import check_global_batch, compose
 from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
 from vkd_ds.errors import VkdError
 from vkd_ds.launch import strip_local_rank
@@ -17,7 +17,7 @@ REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weight
 
 def test_defaults_compose_and_validate():
     cfg = compose(REQUIRED)
-    validate(cfg)
+    Settings.from_config(cfg)
     assert cfg.deepspeed.zero_stage == 3 and cfg.teacher.offload_param == "cpu"
     assert cfg.data.tokenizer_path == "/t"
 
@@ -40,7 +40,7 @@ def test_defaults_are_the_spec_defaults():
     assert list(cfg.weighting.alphas) == [0.55, 0.20, 0.15, 0.10] and cfg.valence.k == 8
     assert cfg.feat.layer_map == "uniform"
     with pytest.raises(VkdError, match="`valence.teacher_head` is required"):
-        validate(cfg)  # the defaults need a teacher valence head
+        Settings.from_config(cfg)  # the defaults need a teacher valence head
 
 
 def test_demo_experiment_fills_paths():
@@ -73,11 +73,55 @@ def test_demo_experiment_fills_paths():
         (REQUIRED + ["teacher.offload_param=nvme"], "`teacher.nvme_path` is required when teacher.offload_param=nvme"),
         (REQUIRED + ["deepspeed.offload_optimizer=nvme"], "`deepspeed.nvme_path` is required when"),
         (REQUIRED + ["resume=/no/such/checkpoint"], "`resume` must be auto, never"),
+        (REQUIRED + ["trainer.betas=[0.9,1.5]"], "`trainer.betas` must be a list of 2 numbers in"),
+        (REQUIRED + ["trainer.progress_bar=sometimes"], "`trainer.progress_bar` must be one of"),
+        (REQUIRED + ["valence.fit.labels=guess"], "`valence.fit.labels` must be one of"),
+        (REQUIRED + ["gate.rollout_steps=999"], "`gate.rollout_steps` .999. must be below data.max_seq_len"),
+        (REQUIRED + ["student.config=null"], "set `student.path`"),
     ],
 )
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(VkdError, match=message.replace("(", r"\(")):
-        validate(compose(overrides))
+        Settings.from_config(compose(overrides))
+
+
+def test_every_setting_owns_its_check():
+    """Each leaf field of the typed settings declares its check (nothing is converted unchecked),
+    and every key of the composed config is a field."""
+    import dataclasses
+    import typing
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            kind = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(kind):
+                yield from leaves(kind, f"{prefix}{f.name}.")
+            elif f.name not in ("weights", "resolved"):
+                assert callable(f.metadata.get("check")), f"{prefix}{f.name} has no check"
+                yield f"{prefix}{f.name}"
+
+    fields = set(leaves(Settings))
+    cfg = compose(REQUIRED)
+    from omegaconf import OmegaConf
+
+    def keys(node, prefix=""):
+        for name, value in node.items():
+            if isinstance(value, dict) and name not in ("config", "extra"):
+                yield from keys(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    composed = set(keys(OmegaConf.to_container(cfg))) - {f"loss.{t}" for t in TERM_NAMES} - {"hydra"}
+    composed = {k for k in composed if not k.startswith("hydra.")}
+    assert composed == fields
+
+
+def test_gate_proxy_needs_the_students_valence_head(tmp_path):
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"")
+    with pytest.raises(VkdError, match="gate.mode=proxy projects the student's valence"):
+        settings_of(REQUIRED + ["gate.enabled=true", f"valence.teacher_head={head}"])
+    assert settings_of(REQUIRED + ["gate.enabled=true", "gate.mode=lookahead", f"valence.teacher_head={head}"])
 
 
 def test_unknown_override_is_a_clear_error():

@@ -168,11 +168,12 @@ def test_large_vocabularies_take_smaller_chunks_with_the_same_values():
 
 
 def test_a_divergence_is_one_entry_of_the_registry(monkeypatch):
-    """soft_kd, the fused head and config validation all read losses.DIVERGENCES: registering a
+    """soft_kd, the fused head and the settings' check all read losses.DIVERGENCES: registering a
     function there is all a new divergence needs (here: a 'half_forward_kl' = ½·forward KL)."""
     from vkd_ds import losses
-    from vkd_ds.config import compose, validate
+    from vkd_ds.config import compose
     from vkd_ds.errors import VkdError
+    from vkd_ds.settings import Settings
 
     def half_forward_kl(student, teacher, temperature):
         loss, grad = losses.DIVERGENCES["forward_kl"](student, teacher, temperature)
@@ -184,11 +185,11 @@ def test_a_divergence_is_one_entry_of_the_registry(monkeypatch):
     mask = torch.rand(2, 5) > 0.3
     required = ["teacher.path=/t", "data.train_path=/d", "loss.val=0", "weighting.lam=0"]
     with pytest.raises(VkdError, match="`loss.divergence` must be one of forward_kl"):
-        validate(compose([*required, "loss.divergence=half_forward_kl"]))
+        Settings.from_config(compose([*required, "loss.divergence=half_forward_kl"]))
     with pytest.raises(ValueError, match="unknown divergence"):
         losses.soft_kd(student, teacher, mask, 2.0, divergence="half_forward_kl")
     monkeypatch.setitem(losses.DIVERGENCES, "half_forward_kl", half_forward_kl)
-    validate(compose([*required, "loss.divergence=half_forward_kl"]))
+    Settings.from_config(compose([*required, "loss.divergence=half_forward_kl"]))
     full = losses.soft_kd(student, teacher, mask, 2.0, chunk_tokens=3)
     half = losses.soft_kd(student, teacher, mask, 2.0, chunk_tokens=3, divergence="half_forward_kl")
     torch.testing.assert_close(half, full * 0.5)

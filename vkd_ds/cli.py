@@ -36,7 +36,7 @@ def cmd_eval(argv: list[str]) -> int:
     select_accelerator()
     from pathlib import Path
 
-    from vkd_ds.config import check_global_batch, compose, validate
+    from vkd_ds.config import check_global_batch, compose
     from vkd_ds.launch import CONFIG_FILE_FLAG, config_from_file
 
     if argv and "=" not in argv[0]:
@@ -51,7 +51,9 @@ def cmd_eval(argv: list[str]) -> int:
         overrides = [*argv, "eval_only=true"]
         cfg = compose(overrides)
         launch_args = overrides
-    validate(cfg)
+    from vkd_ds.settings import Settings
+
+    Settings.from_config(cfg)  # every check, before any process starts
     num_procs = procs_for(cfg)
     check_global_batch(cfg, num_procs)
     return run_launcher(launch_args, num_procs)

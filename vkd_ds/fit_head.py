@@ -79,20 +79,25 @@ def label_records(records: list[tuple[str, dict]], tokenizer, source: str, decay
 
 
 def validate_fit(cfg: DictConfig) -> None:
-    from vkd_ds.config import _choice, _get, _number
+    from vkd_ds.settings import check_keys
 
-    for key in ("teacher.path", "data.train_path", "valence.fit.out"):
-        if not _get(cfg, key):
-            raise VkdError(f"config key `{key}` is required (set it with {key}=...)")
-    _get(cfg, "data.tokenizer_path")
-    _number(cfg, "data.max_seq_len", low=2, integer=True)
-    _number(cfg, "valence.k", low=1, integer=True)
-    _choice(cfg, "valence.fit.labels", LABEL_SOURCES)
-    _number(cfg, "valence.fit.steps", low=1, integer=True)
-    _number(cfg, "valence.fit.batch_size", low=1, integer=True)
-    _number(cfg, "valence.fit.lr", low=0.0)
-    _number(cfg, "valence.fit.lexicon_decay", low=0.0, high=0.999)
-    _number(cfg, "trainer.seed", integer=True)
+    check_keys(
+        cfg,
+        (
+            "teacher.path",
+            "data.train_path",
+            "valence.fit.out",
+            "data.tokenizer_path",
+            "data.max_seq_len",
+            "valence.k",
+            "valence.fit.labels",
+            "valence.fit.steps",
+            "valence.fit.batch_size",
+            "valence.fit.lr",
+            "valence.fit.lexicon_decay",
+            "trainer.seed",
+        ),
+    )
 
 
 def _examples(path: str, tokenizer, cfg: DictConfig):

@@ -56,7 +56,7 @@ class Objective:
             contrastive=contrastive,
             contrastive_temperature=float(cfg.reg.contrastive_temperature),
             valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
-            # The head serves L_val and the weights' saliency (validate() requires it for them);
+            # The head serves L_val and the weights' saliency (the settings require it for them);
             # with λ = 0 and L_val off the weights are uniform and no saliency is computed.
             teacher_valence=cfg.valence_feeds_the_loss,
             lam=lam,
