@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from vkd_ds.data import collate, future_trajectory, load_examples
 from vkd_ds.errors import VkdError
 from vkd_ds.features import HiddenCapture, resolve_layer_map, uniform_layer_map
-from vkd_ds.losses import attention_kd, info_nce, sequence_features, soft_kd, token_ce
+from vkd_ds.losses import Divergence, attention_kd, info_nce, sequence_features, token_ce, token_divergence
 from vkd_ds.valence import ValenceHead, load_head, save_head
 
 
@@ -113,7 +113,7 @@ def test_chunked_losses_with_every_position_valid(fn):
     mask = torch.ones(2, 5, dtype=torch.bool)
     weights = torch.tensor([0.3, 1.7])
     if fn == "soft":
-        got = soft_kd(student, teacher, mask, 2.0, chunk_tokens=3)
+        got = token_divergence(student, teacher, mask, temperature=2.0, chunk_tokens=3)
         log_s, log_t = F.log_softmax(student / 2, -1), F.log_softmax(teacher / 2, -1)
         want = (log_t.exp() * (log_t - log_s)).sum(-1).mean(1) * 4
     else:
@@ -180,10 +180,10 @@ def test_fused_head_equals_dense_logits(with_bias):
     mask = torch.rand(batch, seq) > 0.3
     mask[2] = False
     weights = torch.tensor([0.5, 1.5, 1.0])
-    ce, soft = fused_head_losses(hidden, weight, bias, mask, targets, teacher, 2.0, vocab, chunk_tokens=4)
+    ce, soft = fused_head_losses(hidden, weight, bias, mask, targets, teacher, Divergence(temperature=2.0), vocab, 4)
     logits = hidden @ weight.T + (bias if bias is not None else 0)
     want_ce = token_ce(logits, targets, mask, vocab)
-    want_soft = soft_kd(logits, teacher, mask, 2.0, vocab)
+    want_soft = token_divergence(logits, teacher, mask, temperature=2.0, vocab_size=vocab)
     torch.testing.assert_close(ce, want_ce, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(soft, want_soft, atol=1e-5, rtol=1e-5)
     params = [hidden, weight] + ([bias] if bias is not None else [])
@@ -237,7 +237,14 @@ def test_every_loss_term_is_declared_once():
 
     repo = Path(__file__).resolve().parent.parent
     loss_keys = OmegaConf.load(repo / "configs" / "loss" / "default.yaml")
-    settings = {"divergence", "temperature", "chunk_tokens", "fused_head"}  # how the token-level terms run
+    settings = {
+        "divergence",
+        "beta",
+        "alpha",
+        "temperature",
+        "chunk_tokens",
+        "fused_head",
+    }  # how the token-level terms run
     assert set(loss_keys) - settings == set(TERM_NAMES)
     for term in TERMS.values():
         assert set(term.needs) <= set(NEEDS), term.name

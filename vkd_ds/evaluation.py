@@ -8,7 +8,7 @@ import torch
 
 from vkd_ds import dist
 from vkd_ds.data import Example, collate, eval_shards
-from vkd_ds.losses import shift_for_next_token, soft_kd, token_ce, valence_mse
+from vkd_ds.losses import FORWARD_KL_T1, divergence_per_sequence, shift_for_next_token, token_ce, valence_mse
 from vkd_ds.objective import Objective, Teacher
 
 
@@ -75,23 +75,32 @@ def evaluate(
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         counts = mask.sum(1)
         teacher_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher is not None else None
-        # KL to the teacher at T = 1, whatever the training temperature.
-        inputs = objective.fused_inputs(
-            batch, teacher_out, True, teacher_out is not None, temperature=1.0, divergence="forward_kl"
-        )
+        # KL to the teacher at T = 1, whatever the training divergence and temperature; and the
+        # training divergence itself (the same number when it is forward KL at T = 1).
+        inputs = objective.fused_inputs(batch, teacher_out, True, teacher_out is not None, FORWARD_KL_T1)
         student_out = engine(batch["input_ids"], batch["attention_mask"], **inputs)
+        trained = objective.divergence
         if inputs:
             ce, kl = student_out["ce"], student_out["soft"]
+            if teacher_out is not None and trained != FORWARD_KL_T1:
+                # The fused head computes one divergence per forward: a second one for this.
+                again = objective.fused_inputs(batch, teacher_out, False, True, trained)
+                divergence = engine(batch["input_ids"], batch["attention_mask"], **again)["soft"]
         else:
             logits = student_out["logits"]
             ce = token_ce(logits, targets, mask, vocab, chunk)
             if teacher_out is not None:
-                kl = soft_kd(logits, teacher_out["logits"], mask, 1.0, vocab, chunk, divergence="forward_kl")
+                kl = divergence_per_sequence(logits, teacher_out["logits"], mask, FORWARD_KL_T1, vocab, chunk)
+                if trained != FORWARD_KL_T1:
+                    divergence = divergence_per_sequence(logits, teacher_out["logits"], mask, trained, vocab, chunk)
+        if teacher_out is not None and trained == FORWARD_KL_T1:
+            divergence = kl
         sums.add_weighted("student_nats", ce, counts)
         sums.add("tokens", counts)
         if teacher_out is not None:
             t_logits = teacher_out["logits"]
             sums.add_weighted("kl_nats", kl, counts)
+            sums.add_weighted("divergence", divergence, counts)
             sums.add_weighted("teacher_nats", token_ce(t_logits, targets, mask, vocab, chunk), counts)
             if "valence" in student_out and "valence" in teacher_out:
                 mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
@@ -107,6 +116,7 @@ def evaluate(
     result["eval/ppl"] = math.exp(min(result["eval/ce"], 50.0))
     if teacher is not None:
         result["eval/kl_teacher"] = total["kl_nats"] / tokens
+        result["eval/divergence"] = total["divergence"] / tokens  # loss.divergence at loss.temperature, ×T²
         result["eval/teacher_ce"] = total["teacher_nats"] / tokens
         result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))
         if not objective.fused_head:

@@ -13,7 +13,9 @@ chunk, and keep their gradient in the logits' dtype, so no fp32
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,39 +31,144 @@ def chunk_rows(chunk_tokens: int, vocab_size: int) -> int:
     return max(1, min(int(chunk_tokens), CHUNK_BYTES // (4 * int(vocab_size))))
 
 
-def _forward_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
-    """KL(p_T || p_S) at temperature T, times T², per token; and its gradient w.r.t. the student logits.
+@dataclass(frozen=True)
+class Divergence:
+    """The token-level divergence D(p, q) of the soft term (`loss.divergence`) with its parameters:
+    p = softmax(z_T/T), q = softmax(z_S/T), and every kind is multiplied by T²."""
 
-    `student` and `teacher` are fp32 copies this function may overwrite. In place where
-    possible: at its peak a chunk holds three [chunk, vocab] fp32 buffers."""
-    log_p_student = F.log_softmax(student.div_(temperature), dim=-1)
-    del student
-    log_p_teacher = F.log_softmax(teacher.div_(temperature), dim=-1)
-    del teacher
-    p_teacher = log_p_teacher.exp()
-    log_ratio = log_p_teacher.sub_(log_p_student)
-    # Row-wise dot product without a [chunk, vocab] product buffer.
-    loss = torch.bmm(p_teacher.unsqueeze(1), log_ratio.unsqueeze(2)).view(-1) * temperature**2
+    kind: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd: m = β·p + (1−β)·q
+    alpha: float = 0.1  # skew_*: the other distribution's share of the mixture
+
+    def __post_init__(self):
+        if self.kind not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.kind!r}; one of {', '.join(DIVERGENCES)}")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(f"jsd's beta must be in (0, 1), got {self.beta}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"the skew divergences' alpha must be in [0, 1), got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"the temperature must be positive, got {self.temperature}")
+
+
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float):
+    """(log q, log p) at temperature T, computed in place of the (overwritable) fp32 logit copies."""
+    return F.log_softmax(student.div_(temperature), dim=-1), F.log_softmax(teacher.div_(temperature), dim=-1)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a·b per row, without a [chunk, vocab] product buffer."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _through_softmax(q: torch.Tensor, g: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d(T²·D)/dz_S from g = ∂D/∂q (up to a per-row constant): T·q·(g − Σ_v q·g), in place of `g`."""
+    return g.sub_(_row_dot(q, g)[:, None]).mul_(q).mul_(temperature)
+
+
+def _mixture_log(log_a: torch.Tensor, share_a: float, log_b: torch.Tensor) -> torch.Tensor:
+    """log(share_a·a + (1 − share_a)·b) from log a and log b (share_a may be 0)."""
+    if share_a == 0.0:
+        return log_b.clone()
+    return torch.logaddexp(log_a + math.log(share_a), log_b + math.log1p(-share_a))
+
+
+def _forward_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """KL(p || q); at its peak a chunk holds three [chunk, vocab] fp32 buffers."""
+    t = d.temperature
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    p = log_p.exp()
+    log_ratio = log_p.sub_(log_q)
+    loss = _row_dot(p, log_ratio) * t**2
     del log_ratio
-    # d/dz_S [T² KL] = T² (p_S - p_T) / T
-    grad = log_p_student.exp_().sub_(p_teacher).mul_(temperature)
+    # d/dz_S [T² KL] = T² (q - p) / T
+    grad = log_q.exp_().sub_(p).mul_(t)
     return loss, grad
 
 
+def _reverse_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """KL(q || p): ∂/∂q_v = log q_v − log p_v (+1, which the softmax's Jacobian removes)."""
+    t = d.temperature
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    q = log_q.exp()
+    g = log_q.sub_(log_p)
+    del log_p
+    loss = _row_dot(q, g) * t**2
+    return loss, _through_softmax(q, g, t)
+
+
+def _jsd_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """β·KL(p || m) + (1−β)·KL(q || m), m = β·p + (1−β)·q: ∂/∂q_v = (1−β)·(log q_v − log m_v)."""
+    t, beta = d.temperature, d.beta
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    log_m = _mixture_log(log_p, beta, log_q)
+    p, q = log_p.exp(), log_q.exp()
+    to_p, to_q = log_p.sub_(log_m), log_q.sub_(log_m)
+    del log_m
+    loss = (beta * _row_dot(p, to_p) + (1 - beta) * _row_dot(q, to_q)) * t**2
+    del p, to_p
+    return loss, _through_softmax(q, to_q.mul_(1 - beta), t)
+
+
+def _tvd_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """½·Σ|p − q|: ∂/∂q_v = ½·sign(q_v − p_v) (0 where they are equal, as autograd's abs)."""
+    t = d.temperature
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    q = log_q.exp_()
+    diff = log_p.exp_().neg_().add_(q)  # q − p
+    loss = diff.abs().sum(-1).mul_(0.5 * t**2)
+    return loss, _through_softmax(q, diff.sign_().mul_(0.5), t)
+
+
+def _skew_forward_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """KL(p || m), m = α·p + (1−α)·q (DistiLLM's skew KL): ∂/∂q_v = −(1−α)·p_v / m_v."""
+    t, alpha = d.temperature, d.alpha
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    log_m = _mixture_log(log_p, alpha, log_q)
+    q = log_q.exp_()
+    p = log_p.exp()
+    log_ratio = log_p.sub_(log_m)  # log p − log m
+    loss = _row_dot(p, log_ratio) * t**2
+    del p, log_m
+    g = log_ratio.exp_().mul_(-(1 - alpha))  # −(1−α)·p/m
+    return loss, _through_softmax(q, g, t)
+
+
+def _skew_reverse_kl_chunk(student: torch.Tensor, teacher: torch.Tensor, d: Divergence):
+    """KL(q || m), m = (1−α)·p + α·q: ∂/∂q_v = log q_v − log m_v − α·q_v / m_v (+1)."""
+    t, alpha = d.temperature, d.alpha
+    log_q, log_p = _log_probs(student, teacher, t)
+    del student, teacher
+    log_m = _mixture_log(log_q, alpha, log_p)
+    del log_p
+    q = log_q.exp()
+    to_m = log_q.sub_(log_m)  # log q − log m
+    del log_m
+    loss = _row_dot(q, to_m) * t**2
+    g = to_m.exp().mul_(-alpha).add_(to_m) if alpha > 0 else to_m  # log q − log m − α·q/m
+    return loss, _through_softmax(q, g, t)
+
+
 # The token-level KD term's divergences (`loss.divergence`), by name. Each maps fp32 [chunk, vocab]
-# student and teacher logits (copies it may overwrite) and the temperature T to (T²·D per token,
+# student and teacher logits (copies it may overwrite) and the Divergence to (T²·D per token,
 # d(T²·D)/d(student logits)); the chunking, the masks, the fused LM head and the config's choices
 # all come from here, so a new divergence is one function and one entry.
-DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]] = {
+DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor, Divergence], tuple[torch.Tensor, torch.Tensor]]] = {
     "forward_kl": _forward_kl_chunk,
+    "reverse_kl": _reverse_kl_chunk,
+    "jsd": _jsd_chunk,
+    "tvd": _tvd_chunk,
+    "skew_forward_kl": _skew_forward_kl_chunk,
+    "skew_reverse_kl": _skew_reverse_kl_chunk,
 }
 
-
-def _divergence(name: str):
-    try:
-        return DIVERGENCES[name]
-    except KeyError:
-        raise ValueError(f"unknown divergence {name!r}; one of {', '.join(DIVERGENCES)}") from None
+FORWARD_KL_T1 = Divergence()  # what eval's kl_teacher measures
 
 
 def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
@@ -80,9 +187,9 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, flat_index, other, divergence, temperature, vocab_size, chunk_tokens):
-        """`divergence` None: CE against the target ids `other`; else a DIVERGENCES name, `other`
-        the teacher's logits."""
+    def forward(ctx, logits, flat_index, other, divergence, vocab_size, chunk_tokens):
+        """`divergence` None: CE against the target ids `other`; else a Divergence, `other` the
+        teacher's logits."""
         flat_logits = logits.flatten(0, 1)
         num_tokens = flat_index.numel()
         chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
@@ -97,7 +204,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 loss, grad = _cross_entropy_chunk(student, other[sel])
             else:
                 teacher = other.flatten(0, 1)[sel, :vocab_size].float()
-                loss, grad = DIVERGENCES[divergence](student, teacher, temperature)
+                loss, grad = DIVERGENCES[divergence.kind](student, teacher, divergence)
             del student
             losses[start : start + chunk_tokens] = loss
             if grads is not None:
@@ -126,12 +233,12 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 for start in range(0, flat_index.numel(), chunk):
                     rows = slice(start, start + chunk)
                     grads[rows] = _scaled(grads[rows], scale[rows])
-            return grads.view(shape), None, None, None, None, None, None
+            return grads.view(shape), None, None, None, None, None
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
         for start in range(0, flat_index.numel(), chunk):
             rows = slice(start, start + chunk)
             grad_logits[flat_index[rows], : ctx.vocab_size] = _scaled(grads[rows], scale[rows])
-        return grad_logits.view(shape), None, None, None, None, None, None
+        return grad_logits.view(shape), None, None, None, None, None
 
 
 def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
@@ -150,28 +257,43 @@ def _selected(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten().nonzero(as_tuple=True)[0]
 
 
-def soft_kd(
+def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     mask: torch.Tensor,
-    temperature: float,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
-    divergence: str = "forward_kl",
 ) -> torch.Tensor:
     """Token-level KD per sequence: mean over valid positions of T²·D(softmax(z_T/T), softmax(z_S/T)),
-    D the `divergence` (DIVERGENCES; forward_kl: KL(p_T‖p_S), Hinton's soft KD).
+    D the divergence `kind` (DIVERGENCES; forward_kl: KL(p_T‖p_S), Hinton's soft KD), `beta` jsd's
+    and `alpha` the skew divergences' parameter.
 
-    student_logits [B,S,Vs], teacher_logits [B,S,Vt], mask [B,S] bool -> [B] fp32.
-    Only the first `vocab_size` logits are compared (default: the smaller
+    student_logits [B,S,Vs], teacher_logits [B,S,Vt], mask [B,S] bool -> [B] fp32 (0 for a sequence
+    with no valid position). Only the first `vocab_size` logits are compared (default: the smaller
     width), so embeddings padded past the tokenizer do not matter.
     """
-    _divergence(divergence)
+    divergence = Divergence(kind, float(temperature), float(beta), float(alpha))
+    return divergence_per_sequence(student_logits, teacher_logits, mask, divergence, vocab_size, chunk_tokens)
+
+
+def divergence_per_sequence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: Divergence,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """`token_divergence` with the divergence given as a Divergence."""
     batch, seq_len = mask.shape
     vocab = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     flat_index = _selected(mask)
     per_token = _ChunkedTokenLoss.apply(
-        student_logits, flat_index, teacher_logits.detach(), divergence, float(temperature), vocab, chunk_tokens
+        student_logits, flat_index, teacher_logits.detach(), divergence, vocab, chunk_tokens
     )
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
@@ -190,7 +312,7 @@ def token_ce(
     batch, seq_len = mask.shape
     vocab = vocab_size or student_logits.shape[-1]
     flat_index = _selected(mask)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, None, vocab, chunk_tokens)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, vocab, chunk_tokens)
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
 
@@ -305,7 +427,7 @@ class _FusedHeadLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher, divergence, temperature, vocab_size, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, teacher, divergence, vocab_size, chunk_tokens):
         num_tokens = hidden.shape[0]
         ce = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         soft = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
@@ -317,9 +439,9 @@ class _FusedHeadLosses(torch.autograd.Function):
                 # A divergence overwrites its inputs: after CE, the chunk's logits are spent,
                 # but the saved teacher rows must stay intact for backward, so copy them.
                 teacher_rows = teacher[rows, :vocab_size].to(torch.float32, copy=True)
-                soft[rows] = DIVERGENCES[divergence](logits, teacher_rows, temperature)[0]
+                soft[rows] = DIVERGENCES[divergence.kind](logits, teacher_rows, divergence)[0]
         ctx.save_for_backward(hidden, weight, bias, targets, teacher)
-        ctx.divergence, ctx.temperature = divergence, temperature
+        ctx.divergence = divergence
         ctx.vocab_size, ctx.chunk_tokens = vocab_size, chunk_tokens
         return ce, soft
 
@@ -338,7 +460,7 @@ class _FusedHeadLosses(torch.autograd.Function):
                 grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
             if teacher is not None:
                 teacher_rows = teacher[rows, :vocab].to(torch.float32, copy=True)
-                grad = DIVERGENCES[ctx.divergence](logits, teacher_rows, ctx.temperature)[1]
+                grad = DIVERGENCES[ctx.divergence.kind](logits, teacher_rows, ctx.divergence)[1]
                 grad_logits += grad * grad_soft[rows, None]
             h = hidden[rows].float()
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
@@ -346,7 +468,7 @@ class _FusedHeadLosses(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
 
 
 def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
@@ -366,15 +488,14 @@ def fused_head_losses(
     mask: torch.Tensor,
     targets: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
+    divergence: Divergence = FORWARD_KL_T1,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
-    divergence: str = "forward_kl",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(CE [B], soft KD [B]) per sequence, as `token_ce` and `soft_kd` on logits = hidden @ weight.T + bias,
-    without building those logits. hidden [B,S,H] (the LM head's input), weight [V,H], mask [B,S];
-    CE needs `targets` [B,S], soft KD `teacher_logits` [B,S,Vt]; each is None when its input is."""
-    _divergence(divergence)
+    """(CE [B], token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence` on
+    logits = hidden @ weight.T + bias, without building those logits. hidden [B,S,H] (the LM head's
+    input), weight [V,H], mask [B,S]; CE needs `targets` [B,S], the divergence `teacher_logits`
+    [B,S,Vt]; each is None when its input is."""
     batch, seq_len = mask.shape
     vocab = vocab_size or weight.shape[0]
     index = _selected(mask)
@@ -387,7 +508,6 @@ def fused_head_losses(
         sel_targets,
         sel_teacher,
         divergence,
-        float(temperature),
         vocab,
         chunk_tokens,
     )

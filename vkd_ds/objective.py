@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vkd_ds.features import HiddenCapture
-from vkd_ds.losses import shift_for_next_token, token_ce
+from vkd_ds.losses import Divergence, shift_for_next_token, token_ce
 from vkd_ds.settings import Settings
 from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
 from vkd_ds.valence import ValenceHead, saliency
@@ -21,7 +21,7 @@ from vkd_ds.valence import ValenceHead, saliency
 @dataclass(frozen=True)
 class Objective:
     lambdas: dict[str, float]
-    temperature: float
+    divergence: Divergence  # the soft term's D, its temperature and parameters (loss.divergence, ...)
     chunk_tokens: int
     vocab_size: int
     layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
@@ -37,7 +37,6 @@ class Objective:
     alphas: tuple[float, ...] = (0.55, 0.20, 0.15, 0.10)
     eps: float = 1e-6
     fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
-    divergence: str = "forward_kl"  # the soft term's divergence (losses.DIVERGENCES)
 
     @classmethod
     def from_settings(cls, cfg: Settings, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
@@ -47,7 +46,9 @@ class Objective:
         lam = float(cfg.weighting.lam)
         return cls(
             lambdas=lambdas,
-            temperature=float(cfg.loss.temperature),
+            divergence=Divergence(
+                cfg.loss.divergence, float(cfg.loss.temperature), float(cfg.loss.beta), float(cfg.loss.alpha)
+            ),
             chunk_tokens=int(cfg.loss.chunk_tokens),
             vocab_size=vocab_size,
             layer_map=list(layer_map) if captures else [],
@@ -65,7 +66,6 @@ class Objective:
             alphas=tuple(float(a) for a in cfg.weighting.alphas),
             eps=float(cfg.weighting.eps),
             fused_head=bool(cfg.loss.fused_head),
-            divergence=cfg.loss.divergence,
         )
 
     @property
@@ -100,11 +100,10 @@ class Objective:
         teacher_out: dict | None,
         ce: bool,
         soft: bool,
-        temperature: float | None = None,
-        divergence: str | None = None,
+        divergence: Divergence | None = None,
     ) -> dict:
-        """The student forward's `fused` argument (empty without the fused LM head); `temperature` and
-        `divergence` default to the training objective's (eval measures forward KL at T = 1)."""
+        """The student forward's `fused` argument (empty without the fused LM head); `divergence`
+        defaults to the training objective's (eval also measures forward KL at T = 1)."""
         if not self.fused_head:
             return {}
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
@@ -112,7 +111,6 @@ class Objective:
             "mask": mask,
             "targets": targets if ce else None,
             "teacher_logits": teacher_out["logits"] if soft else None,
-            "temperature": self.temperature if temperature is None else temperature,
             "divergence": self.divergence if divergence is None else divergence,
             "vocab_size": self.vocab_size,
             "chunk_tokens": self.chunk_tokens,

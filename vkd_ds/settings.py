@@ -99,6 +99,19 @@ def numbers(count: int, low=None, high=None):
     return check
 
 
+def fraction(*, low_open=False, high_open=False):
+    """A number in the interval from 0 to 1, each end open or closed."""
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+    def check(key, value):
+        number()(key, value)
+        if value < 0 or value > 1 or (low_open and value == 0) or (high_open and value == 1):
+            raise VkdError(f"config key `{key}` must be in {interval}, got {value}")
+        return value
+
+    return check
+
+
 def _existing_file(key, value):
     if value and not Path(value).is_file():
         raise VkdError(f"config key `{key}`: file not found: {value}")
@@ -200,6 +213,8 @@ class DataSettings:
 class LossSettings:
     weights: dict[str, float]  # λ of every term of vkd_ds.terms.TERMS, keyed by its name (loss.<name>)
     divergence: str = _checked(choice(_lazy("vkd_ds.losses", "DIVERGENCES")))  # the soft term's
+    beta: float = _checked(fraction(low_open=True, high_open=True))  # jsd's mixture weight of the teacher
+    alpha: float = _checked(fraction(high_open=True))  # the skew divergences' mixture weight
     temperature: float = _checked(number(low=1e-3))
     chunk_tokens: int = _checked(number(low=1, integer=True))
     fused_head: bool = _checked(flag)

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from vkd_ds.losses import (
     attention_kd,
+    divergence_per_sequence,
     feature_kd,
     info_nce,
     sequence_features,
     sequence_kd,
-    soft_kd,
     token_ce,
     valence_mse,
 )
@@ -84,14 +84,8 @@ def _soft(x: TermInputs) -> torch.Tensor:
     if x.objective.fused_head:
         return x.student["soft"]
     obj = x.objective
-    return soft_kd(
-        x.student["logits"],
-        x.teacher["logits"],
-        x.mask,
-        obj.temperature,
-        obj.vocab_size,
-        obj.chunk_tokens,
-        divergence=obj.divergence,
+    return divergence_per_sequence(
+        x.student["logits"], x.teacher["logits"], x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens
     )
 
 
