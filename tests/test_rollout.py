@@ -111,13 +111,77 @@ def test_prompts_come_from_the_prompt_or_a_prefix_of_the_text(tiny_assets):
 
 def test_sequence_kd_value_and_reinforce_gradient():
     torch.manual_seed(1)
-    logp_student = torch.randn(4, requires_grad=True)  # mean log p_S of each sample
+    weighted_nll = torch.randn(4, requires_grad=True)  # Σ_t A_t·(−log p_S(y_t)) of each sample
     teacher_logprob = torch.randn(4)
-    reward = teacher_logprob
-    advantage = reward - reward.mean()
-    value = sequence_kd(-logp_student, teacher_logprob, advantage)
+    value = sequence_kd(weighted_nll, teacher_logprob)
     torch.testing.assert_close(value, -teacher_logprob)  # the value is L_seq itself
     value.sum().backward()
-    # ∇ = −(R − b) ∇ mean log p_S
-    torch.testing.assert_close(logp_student.grad, -advantage)
-    assert torch.isclose(advantage.sum(), torch.tensor(0.0), atol=1e-6)
+    torch.testing.assert_close(weighted_nll.grad, torch.ones(4))  # the gradient is the surrogate's
+
+
+def _toy_policy_sequences(vocab=3, eos=0, n_gen=3):
+    """Every continuation of a one-token prompt: up to n_gen tokens, ending at EOS or at n_gen."""
+    import itertools
+
+    out = []
+    for length in range(1, n_gen + 1):
+        for body in itertools.product(range(vocab), repeat=length):
+            if eos in body[:-1] or (length < n_gen and body[-1] != eos):
+                continue
+            out.append(list(body))
+    return out
+
+
+@pytest.mark.parametrize("reward", ["teacher_logprob", "per_token"])
+def test_reinforce_estimators_on_an_enumerated_toy_policy(reward):
+    """A toy student (a logit table per position) with every sample y enumerated with its exact
+    probability: the expected gradient of sequence_kd's surrogate, Σ_y p_S(y)·∇surrogate(y), against
+    the exact gradient of the expected objective.
+    - teacher_logprob (the SPEC's estimator, summed log-probability): exactly ∇E[L_seq]; the
+      length-normalized estimator is not.
+    - per_token (A_t = r_t, zero discount): the exact gradient of the samples' reverse KL
+      E[Σ_t −r_t] credits token t with its reward-to-go Σ_{u≥t} r_u; with those weights the
+      machinery is exact, and per_token's own credit (r_t alone) is the documented biased,
+      lower-variance estimator of on-policy distillation."""
+    from vkd_ds.losses import shift_for_next_token, token_ce
+
+    torch.manual_seed(0)
+    vocab, n_gen = 3, 3
+    theta = torch.randn(n_gen + 1, vocab, requires_grad=True)  # student logits at each position
+    teacher = torch.randn(n_gen + 1, vocab)  # teacher logits at each position
+    seqs = _toy_policy_sequences(vocab, 0, n_gen)
+    ids = torch.tensor([[1, *y] + [0] * (n_gen - len(y)) for y in seqs])
+    loss_mask = torch.tensor([[0] + [1] * len(y) + [0] * (n_gen - len(y)) for y in seqs], dtype=torch.bool)
+    targets, mask = shift_for_next_token(ids, loss_mask)
+    logits_s = theta[None].expand(len(seqs), -1, -1)
+    lp_s = torch.log_softmax(logits_s, -1).gather(-1, targets[..., None]).squeeze(-1) * mask
+    lp_t = torch.log_softmax(teacher, -1)[None].expand(len(seqs), -1, -1).gather(-1, targets[..., None]).squeeze(-1)
+    lp_t = lp_t * mask
+    prob = lp_s.sum(1).exp()  # p_S(y), differentiable
+    assert torch.isclose(prob.sum(), torch.tensor(1.0))
+    lengths = mask.sum(1).float()
+    if reward == "teacher_logprob":
+        objective = -(lp_t.sum(1) / lengths)  # L_seq = −R
+        r = (lp_t.sum(1) / lengths).detach()
+        advantage = (r - 0.37)[:, None] * mask  # any constant baseline
+    else:
+        objective = -(lp_t - lp_s).sum(1)  # the sample's reverse KL to the teacher, Σ_t −r_t
+        advantage = (lp_t - lp_s).detach() * mask
+    (true_grad,) = torch.autograd.grad((prob * objective).sum(), theta)
+
+    def expected_estimate(weights):
+        surrogate = token_ce(logits_s, targets, mask, token_weights=weights)
+        value = sequence_kd(surrogate, (lp_t.sum(1) / lengths).detach())
+        (grad,) = torch.autograd.grad((prob.detach() * value).sum(), theta)
+        return grad
+
+    if reward == "teacher_logprob":
+        torch.testing.assert_close(expected_estimate(advantage), true_grad, atol=1e-6, rtol=1e-5)
+        biased = expected_estimate(advantage / lengths[:, None])
+        assert (biased - true_grad).abs().max() > 1e-2
+    else:
+        future = torch.zeros_like(advantage)  # Σ_{u>t} r_u
+        for t in range(advantage.shape[1] - 2, -1, -1):
+            future[:, t] = future[:, t + 1] + advantage[:, t + 1]
+        assert (expected_estimate(advantage) - true_grad).abs().max() > 1e-2
+        torch.testing.assert_close(expected_estimate(advantage + future), true_grad, atol=1e-6, rtol=1e-5)

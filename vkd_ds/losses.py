@@ -304,8 +304,10 @@ def token_ce(
     mask: torch.Tensor,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy per sequence: mean over valid positions of -log p_S(targets[b,t]).
+    """Next-token cross-entropy per sequence: mean over valid positions of -log p_S(targets[b,t]);
+    with `token_weights` [B,S] the weighted sum Σ_t w[b,t]·(−log p_S(targets[b,t])) instead (no mean).
 
     student_logits [B,S,V], targets [B,S] (the token following each position), mask [B,S] -> [B] fp32.
     """
@@ -313,7 +315,28 @@ def token_ce(
     vocab = vocab_size or student_logits.shape[-1]
     flat_index = _selected(mask)
     per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, vocab, chunk_tokens)
-    return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+    return _reduce_per_sequence(per_token, flat_index, batch, seq_len, token_weights)
+
+
+def _reduce_per_sequence(per_token, flat_index, batch, seq_len, token_weights=None):
+    if token_weights is None:
+        return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+    weighted = per_token * token_weights.detach().flatten()[flat_index].to(per_token.dtype)
+    seq_of = torch.div(flat_index, seq_len, rounding_mode="floor")
+    return torch.zeros(batch, dtype=per_token.dtype, device=per_token.device).index_add(0, seq_of, weighted)
+
+
+@torch.no_grad()
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, vocab_size: int | None = None, chunk_tokens=1024
+) -> torch.Tensor:
+    """log p(targets[b,t]) at every valid position, 0 elsewhere: [B,S] fp32 (no gradient)."""
+    vocab = vocab_size or logits.shape[-1]
+    flat_index = _selected(mask)
+    nll = _ChunkedTokenLoss.apply(logits.detach(), flat_index, targets.flatten(), None, vocab, chunk_tokens)
+    out = torch.zeros(mask.numel(), dtype=torch.float32, device=logits.device)
+    out[flat_index] = -nll
+    return out.view(mask.shape)
 
 
 def shift_for_next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -325,14 +348,14 @@ def shift_for_next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor):
     return targets, mask
 
 
-def sequence_kd(student_nll: torch.Tensor, teacher_logprob: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+def sequence_kd(weighted_nll: torch.Tensor, teacher_logprob: torch.Tensor) -> torch.Tensor:
     """L_seq per sequence for samples y of the student: value −(1/|y|) Σ_t log p_T(y_t | y_<t, x), gradient
-    the REINFORCE estimator −(R − b) ∇ (1/|y|) Σ_t log p_S(y_t | y_<t, x).
+    that of the REINFORCE surrogate Σ_t A_t·(−log p_S(y_t | y_<t, x)).
 
-    student_nll [B]: −mean log p_S of each sample's tokens, differentiable; teacher_logprob [B]: mean
-    log p_T of the same tokens; advantage [B]: R − b. The teacher and the advantage are constants."""
-    surrogate = advantage.detach().to(student_nll.dtype) * student_nll
-    return (-teacher_logprob).detach().to(student_nll.dtype) + surrogate - surrogate.detach()
+    weighted_nll [B]: that surrogate, differentiable (`token_ce` with the advantages A_t as token
+    weights: A_t = R − b for a sequence reward, which gives SPEC §2's −(R − b)·∇ log p_S(y|x));
+    teacher_logprob [B]: mean log p_T of the sample's tokens, a constant."""
+    return (-teacher_logprob).detach().to(weighted_nll.dtype) + weighted_nll - weighted_nll.detach()
 
 
 def combine_terms(terms: dict[str, torch.Tensor], lambdas: dict[str, float]) -> torch.Tensor:
@@ -491,11 +514,12 @@ def fused_head_losses(
     divergence: Divergence = FORWARD_KL_T1,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(CE [B], token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence` on
     logits = hidden @ weight.T + bias, without building those logits. hidden [B,S,H] (the LM head's
     input), weight [V,H], mask [B,S]; CE needs `targets` [B,S], the divergence `teacher_logits`
-    [B,S,Vt]; each is None when its input is."""
+    [B,S,Vt]; each is None when its input is. `token_weights` [B,S]: CE as `token_ce` with them."""
     batch, seq_len = mask.shape
     vocab = vocab_size or weight.shape[0]
     index = _selected(mask)
@@ -511,6 +535,6 @@ def fused_head_losses(
         vocab,
         chunk_tokens,
     )
-    ce = _per_sequence_mean(ce, index, batch, seq_len) if targets is not None else None
+    ce = _reduce_per_sequence(ce, index, batch, seq_len, token_weights) if targets is not None else None
     soft = _per_sequence_mean(soft, index, batch, seq_len) if teacher_logits is not None else None
     return ce, soft

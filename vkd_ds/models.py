@@ -155,8 +155,9 @@ class StudentModule(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: dict | None = None
     ) -> dict[str, torch.Tensor]:
-        """`fused` (with the fused LM head): mask, and targets and/or teacher_logits, temperature,
-        vocab_size, chunk_tokens; then `ce` and `soft` per sequence replace `logits` in the output."""
+        """`fused` (with the fused LM head): the arguments of `losses.fused_head_losses` but the head's
+        (mask, targets and/or teacher_logits, divergence, vocab_size, chunk_tokens, token_weights);
+        then `ce` and `soft` per sequence replace `logits` in the output."""
         if self.fused_head and fused is not None:
             hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             last = hidden.last_hidden_state

@@ -120,13 +120,18 @@ class Objective:
     def train_inputs(self, batch: dict, teacher_out: dict | None) -> dict:
         return self.fused_inputs(batch, teacher_out, self.lambdas["ce"] > 0, self.lambdas["soft"] > 0)
 
-    def student_nll(self, engine, batch: dict) -> torch.Tensor:
-        """[B] −mean log p_S of each sequence's target tokens, differentiable (one student forward)."""
-        out = engine(batch["input_ids"], batch["attention_mask"], **self.fused_inputs(batch, None, True, False))
+    def student_nll(self, engine, batch: dict, token_weights: torch.Tensor) -> torch.Tensor:
+        """[B] Σ_t token_weights[b,t]·(−log p_S) of each sequence's target tokens, differentiable (one
+        student forward); with the advantages as weights, the REINFORCE surrogate of L_seq."""
+        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+        token_weights = token_weights.to(mask.device)
+        fused = self.fused_inputs(batch, None, True, False)
+        if fused:
+            fused["fused"]["token_weights"] = token_weights
+        out = engine(batch["input_ids"], batch["attention_mask"], **fused)
         if self.fused_head:
             return out["ce"]
-        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens)
+        return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens, token_weights)
 
     def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
         """Per-sequence values [B] of the active terms on the batch (not those on the student's

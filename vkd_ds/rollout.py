@@ -84,8 +84,13 @@ def _pick(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_
 class Samples:
     prompts: list[list[int]]
     tokens: list[list[int]]  # generated tokens of each row (ending at EOS when it was sampled)
-    student_logprob: torch.Tensor  # [B] mean log p_S (T = 1) of each row's generated tokens
+    token_logprobs: list[list[float]]  # log p_S (T = 1) of each generated token
     seconds: float
+
+    @property
+    def student_logprob(self) -> torch.Tensor:
+        """[B] mean log p_S (T = 1) of each row's generated tokens."""
+        return torch.tensor([sum(lp) / max(len(lp), 1) for lp in self.token_logprobs], dtype=torch.float32)
 
     @property
     def lengths(self) -> list[int]:
@@ -118,8 +123,8 @@ def sample(
     ids, attention = ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp_(min=0)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    logprob = torch.zeros(batch, dtype=torch.float64, device=device)
     tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     cache_key, extra = _forward_kwargs(lm)
     past = None
     step_ids, step_positions = ids, positions
@@ -139,18 +144,18 @@ def sample(
         logits = out.logits[:, -1, :vocab_size].float()
         picked = _pick(logits, uniforms[:, t], settings.temperature, settings.top_p)
         active = ~done
-        logprob += torch.where(active, F.log_softmax(logits, -1).gather(-1, picked[:, None]).squeeze(-1), 0.0)
+        picked_logprob = F.log_softmax(logits, -1).gather(-1, picked[:, None]).squeeze(-1).tolist()
         for row, (token, live) in enumerate(zip(picked.tolist(), active.tolist(), strict=True)):
             if live:
                 tokens[row].append(token)
+                logprobs[row].append(picked_logprob[row])
         if eos_id is not None:
             done |= active & (picked == eos_id)
         step_ids = torch.where(active, picked, pad_id)[:, None]
         # Finished rows keep stepping on padding that nothing attends to.
         attention = torch.cat([attention, active.long()[:, None]], dim=1)
         step_positions = step_positions[:, -1:] + 1
-    lengths = torch.tensor([max(len(t), 1) for t in tokens], dtype=torch.float64, device=device)
-    return Samples(prompts, tokens, (logprob / lengths).float().cpu(), time.perf_counter() - started)
+    return Samples(prompts, tokens, logprobs, time.perf_counter() - started)
 
 
 def _forward_kwargs(lm) -> tuple[str, dict]:

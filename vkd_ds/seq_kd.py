@@ -1,9 +1,14 @@
 """Sequence-level KD (SPEC §2, L_seq): rollouts from the batch's prompts, teacher rewards, the baseline.
 
 Sequence i of the global batch gets one sample y_i of the student from its own prompt. Its
-L_seq term is the teacher's mean negative log-prob of y_i, with the REINFORCE gradient
-−(R_i − b)∇ mean log p_S(y_i) (`losses.sequence_kd`); L_seq joins L_base with λ = `loss.seq` and
-the sequence's weight w_i like every other term.
+L_seq term is the teacher's mean negative log-prob of y_i. Its gradient is REINFORCE's,
+Σ_t A_t·∇(−log p_S(y_t | y_<t, x)) (`losses.sequence_kd`), with advantages A_t that are
+- R_i − b for every token of y_i with a sequence reward R_i (teacher_logprob, reverse_kl): SPEC
+  §2's −(R − b)·∇ log p_S(y|x), an unbiased estimate of ∇E[L_seq] for R = −L_seq;
+- r_t − b with the per-token reward r_t = log p_T(y_t) − log p_S(y_t) (per_token): each sampled
+  token's reverse-KL signal, credited to that token alone (on-policy distillation's estimator);
+- divided by |y_i| with seq_kd.length_normalized=true (biased: long samples count less).
+L_seq joins L_base with λ = `loss.seq` and the sequence's weight w_i like every other term.
 """
 
 from __future__ import annotations
@@ -14,20 +19,21 @@ import torch
 
 from vkd_ds import dist
 from vkd_ds.data import Example
-from vkd_ds.losses import shift_for_next_token, token_ce
+from vkd_ds.losses import shift_for_next_token, token_logprobs
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
 from vkd_ds.settings import Settings
 
-REWARDS = ("teacher_logprob", "reverse_kl")
+REWARDS = ("teacher_logprob", "reverse_kl", "per_token")
 BASELINES = ("batch", "ema")
 
 
 @dataclass(frozen=True)
 class SeqKDSettings:
     every_n_steps: int
-    reward: str  # teacher_logprob: R = mean log p_T(y); reverse_kl: R = mean (log p_T − log p_S)(y)
-    baseline: str  # batch: mean R of the global batch; ema: moving average over rollout steps
+    reward: str  # teacher_logprob: R = mean log p_T(y); reverse_kl: R = mean (log p_T − log p_S)(y); per_token
+    baseline: str  # batch: mean R (per_token: mean r_t) of the global batch; ema: moving average over rollout steps
     baseline_decay: float
+    length_normalized: bool  # advantages divided by the sample's length (biased; the estimator before #15)
     sampling: SamplingSettings
     seed: int
 
@@ -46,6 +52,7 @@ class SeqKDSettings:
             str(s.reward),
             str(s.baseline),
             float(s.baseline_decay),
+            bool(s.length_normalized),
             sampling,
             int(cfg.trainer.seed),
         )
@@ -54,11 +61,28 @@ class SeqKDSettings:
 @dataclass
 class Rollout:
     batch: dict[str, torch.Tensor]  # prompt + sample of each sequence, loss mask on the sample
-    teacher_logprob: torch.Tensor  # [B] mean log p_T of each sample's tokens
-    student_logprob: torch.Tensor  # [B] mean log p_S, at sampling time
-    reward: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B,S] the sampled tokens' positions (next-token aligned), on the CPU
+    teacher_token_logprob: torch.Tensor  # [B,S] log p_T of each sampled token, 0 elsewhere
+    student_token_logprob: torch.Tensor  # [B,S] log p_S at sampling time (T = 1), 0 elsewhere
     lengths: list[int]
     seconds: float
+
+    @property
+    def teacher_logprob(self) -> torch.Tensor:
+        """[B] mean log p_T of each sample's tokens."""
+        return self.teacher_token_logprob.sum(1) / self.mask.sum(1).clamp(min=1)
+
+    @property
+    def student_logprob(self) -> torch.Tensor:
+        return self.student_token_logprob.sum(1) / self.mask.sum(1).clamp(min=1)
+
+    def rewards(self, kind: str) -> torch.Tensor:
+        """[B] sequence rewards, or [B,S] per-token rewards (0 off the samples) for per_token."""
+        if kind == "teacher_logprob":
+            return self.teacher_logprob
+        if kind == "reverse_kl":
+            return self.teacher_logprob - self.student_logprob
+        return (self.teacher_token_logprob - self.student_token_logprob) * self.mask
 
 
 class SequenceKD:
@@ -86,45 +110,58 @@ class SequenceKD:
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         # One teacher forward scores every continuation of the micro-batch.
         logits = self.teacher(batch["input_ids"], batch["attention_mask"])["logits"]
-        teacher_logprob = -token_ce(logits, targets, mask, self.vocab_size, self.chunk_tokens).cpu()
+        teacher_lp = token_logprobs(logits, targets, mask, self.vocab_size, self.chunk_tokens).cpu()
         del logits
-        reward = teacher_logprob
-        if s.reward == "reverse_kl":
-            reward = teacher_logprob - samples.student_logprob
-        return Rollout(batch, teacher_logprob, samples.student_logprob, reward, samples.lengths, samples.seconds)
+        mask = mask.cpu()
+        # The sampled tokens' positions, in order, are the mask's: place the sampler's log-probs there.
+        student_lp = torch.zeros_like(teacher_lp)
+        student_lp[mask] = torch.tensor([lp for row in samples.token_logprobs for lp in row], dtype=torch.float32)
+        return Rollout(batch, mask, teacher_lp, student_lp, samples.lengths, samples.seconds)
 
     def advantages(self, rollouts: list[Rollout]) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """R − b for each micro-batch's rows, b from the whole global batch (one all-reduce), and the
-        step's rollout metrics."""
+        """The advantage of every sampled token [B,S] (0 elsewhere) for each micro-batch, b from the
+        whole global batch (one all-reduce), and the step's rollout metrics."""
+        s = self.settings
+        per_token = s.reward == "per_token"
         local = torch.zeros(6, dtype=torch.float64)
         for r in rollouts:
-            local[0] += r.reward.double().sum()
-            local[1] += r.reward.numel()
+            reward = r.rewards(s.reward)
+            local[0] += reward.double().sum()
+            local[1] += float(r.mask.sum()) if per_token else reward.numel()  # what the baseline averages over
             local[2] += r.teacher_logprob.double().sum()
             local[3] += r.student_logprob.double().sum()
             local[4] += sum(r.lengths)
+            local[5] += len(r.lengths)
         seconds = sum(r.seconds for r in rollouts)
         total = dist.all_reduce_sum(local)
         longest = dist.all_reduce_max(torch.tensor([float(max(max(r.lengths) for r in rollouts)), seconds]))
-        count = float(total[1])
-        batch_mean = float(total[0]) / count
-        if self.settings.baseline == "batch":
+        sequences = float(total[5])
+        batch_mean = float(total[0]) / max(float(total[1]), 1.0)
+        if s.baseline == "batch":
             baseline = batch_mean
         else:
             baseline = batch_mean if self.ema is None else self.ema
-            decay = self.settings.baseline_decay
+            decay = s.baseline_decay
             self.ema = batch_mean if self.ema is None else decay * self.ema + (1 - decay) * batch_mean
+        advantages = []
+        for r in rollouts:
+            reward = r.rewards(s.reward)
+            advantage = (reward if per_token else reward[:, None]) - baseline
+            advantage = advantage * r.mask
+            if s.length_normalized:
+                advantage = advantage / r.mask.sum(1, keepdim=True).clamp(min=1)
+            advantages.append(advantage)
         stats = {
-            "seq/teacher_logprob": float(total[2]) / count,
-            "seq/student_logprob": float(total[3]) / count,
+            "seq/teacher_logprob": float(total[2]) / sequences,
+            "seq/student_logprob": float(total[3]) / sequences,
             "seq/reward": batch_mean,
             "seq/baseline": baseline,
-            "seq/gen_len_mean": float(total[4]) / count,
+            "seq/gen_len_mean": float(total[4]) / sequences,
             "seq/gen_len_max": float(longest[0]),
             # Generated tokens of all ranks over the slowest rank's sampling time.
             "seq/rollout_tokens_per_s": float(total[4]) / max(float(longest[1]), 1e-9),
         }
-        return [r.reward - baseline for r in rollouts], stats
+        return advantages, stats
 
     def state_dict(self) -> dict:
         return {"ema_baseline": self.ema}

@@ -283,6 +283,7 @@ class SeqKDConfig:
     reward: str = _checked(choice(_lazy("vkd_ds.seq_kd", "REWARDS")))
     baseline: str = _checked(choice(_lazy("vkd_ds.seq_kd", "BASELINES")))
     baseline_decay: float = _checked(number(low=0.0, high=1.0))
+    length_normalized: bool = _checked(flag)
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,11 @@ NEEDS = (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
 
 @dataclass
 class SampleScores:
-    """The sequence-KD inputs of a micro-batch: −mean log p_S of each sample (differentiable), the
-    teacher's mean log-prob of the same tokens and the REINFORCE advantage R − b (constants)."""
+    """The sequence-KD inputs of a micro-batch: the REINFORCE surrogate Σ_t A_t·(−log p_S(y_t)) of each
+    sample (differentiable; A_t the advantages) and the teacher's mean log-prob of its tokens (a constant)."""
 
-    student_nll: torch.Tensor
+    weighted_nll: torch.Tensor
     teacher_logprob: torch.Tensor
-    advantage: torch.Tensor
 
 
 @dataclass
@@ -108,8 +107,7 @@ def _feat(x: TermInputs) -> torch.Tensor:
 
 def _seq(x: TermInputs) -> torch.Tensor:
     r = x.rollout
-    device = r.student_nll.device
-    return sequence_kd(r.student_nll, r.teacher_logprob.to(device), r.advantage.to(device))
+    return sequence_kd(r.weighted_nll, r.teacher_logprob.to(r.weighted_nll.device))
 
 
 def _val(x: TermInputs) -> torch.Tensor:

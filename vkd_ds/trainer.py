@@ -192,8 +192,8 @@ class Trainer:
         if rollout is not None:
             # A second forward of the student, on its own samples; one backward covers both.
             with clock("student_forward"):
-                nll = obj.student_nll(self.engine, rollout.batch)
-            terms.update(obj.rollout_terms(SampleScores(nll, rollout.teacher_logprob, rollout.advantage), mask))
+                surrogate = obj.student_nll(self.engine, rollout.batch, rollout.token_advantage)
+            terms.update(obj.rollout_terms(SampleScores(surrogate, rollout.teacher_logprob), mask))
         with clock("loss"):
             loss = weighted_batch_loss(combine_terms(terms, obj.lambdas), w, weight_sum)
         if micro_step == 0 and (step + 1, self.rank) in self.nan_faults:
@@ -522,8 +522,9 @@ def _short(value) -> str:
 
 @dataclass
 class _PendingRollout:
-    """A micro-batch's samples (as a batch), the teacher's mean log-prob of them and their advantage."""
+    """A micro-batch's samples (as a batch), the teacher's mean log-prob of them and the advantage of
+    every sampled token."""
 
     batch: dict
-    teacher_logprob: torch.Tensor
-    advantage: torch.Tensor
+    teacher_logprob: torch.Tensor  # [B]
+    token_advantage: torch.Tensor  # [B,S], 0 off the samples
