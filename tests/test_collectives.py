@@ -85,3 +85,77 @@ def test_step_and_eval_sums_reduce_exactly_and_every_rank_agrees():
     for r in results:
         assert r["step"] == results[0]["step"] and r["device"] == device
         assert r["any"] is True and r["all"] is False and r["max"] == 2.0
+
+
+def synthetic_rollout(row: int):
+    """Rollout scores of global-batch row `row`: a sample of 1 + row % 4 tokens after a 2-token prompt."""
+    from vkd_ds.seq_kd import Rollout
+
+    gen = torch.Generator().manual_seed(100 + row)
+    length, width = 1 + row % 4, 8
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, 1 : 1 + length] = True
+    teacher = -torch.rand(1, width, generator=gen) * 3 * mask
+    student = -torch.rand(1, width, generator=gen) * 3 * mask
+    return Rollout({}, mask, teacher, student, [length], 0.0)
+
+
+def advantages_on_this_rank(settings, steps: int, micro: int) -> list[dict]:
+    """What the trainer does at `steps` rollout steps: this rank's micro-batches of the global batch
+    (ordered micro-step, rank, row), their advantages from SequenceKD's baseline."""
+    from vkd_ds.seq_kd import Advantages, Rollout
+
+    world, rank = dist.world_size(), dist.rank()
+    if isinstance(settings, list):
+        return [advantages_on_this_rank(one, steps, micro) for one in settings]
+    advantages = Advantages(settings)
+    out = []
+    for step in range(steps):
+        micro_batches = []
+        for a in range(ACCUM):
+            first = (a * world + rank) * micro
+            rows = [synthetic_rollout(first + i + 100 * step) for i in range(micro)]
+            micro_batches.append(
+                Rollout(
+                    {},
+                    torch.cat([r.mask for r in rows]),
+                    torch.cat([r.teacher_token_logprob for r in rows]),
+                    torch.cat([r.student_token_logprob for r in rows]),
+                    [n for r in rows for n in r.lengths],
+                    0.0,
+                )
+            )
+        got, stats = advantages(micro_batches)
+        by_row = {}
+        for a, adv in enumerate(got):
+            first = (a * world + rank) * micro
+            by_row.update({first + i: adv[i].tolist() for i in range(micro)})
+        out.append({"rows": by_row, "baseline": stats["seq/baseline"], "reward": stats["seq/reward"]})
+    return out
+
+
+@pytest.mark.parametrize("reward", ["teacher_logprob", "reverse_kl", "per_token"])
+def test_every_reward_gives_each_sample_the_advantage_one_rank_gives_it(reward):
+    """L_seq's advantages (and the baseline, a global-batch statistic) on 2 ranks equal those of one
+    rank holding the concatenated batch, for each reward and both baselines (the moving one over two
+    rollout steps), length-normalized or not."""
+    from vkd_ds.rollout import SamplingSettings
+    from vkd_ds.seq_kd import SeqKDSettings
+
+    settings = [
+        SeqKDSettings(1, reward, baseline, 0.9, normalized, SamplingSettings(n_gen=4), seed=0)
+        for baseline, normalized in (("batch", False), ("ema", True))
+    ]
+    ones = run_ranks(advantages_on_this_rank, 1, settings, 2, MICRO * 2)[0]
+    twos = run_ranks(advantages_on_this_rank, 2, settings, 2, MICRO)
+    for case, one in enumerate(ones):
+        two = [rank[case] for rank in twos]
+        for step in range(2):
+            rows = {**two[0][step]["rows"], **two[1][step]["rows"]}
+            assert rows.keys() == one[step]["rows"].keys()
+            for row, adv in rows.items():
+                want = torch.tensor(one[step]["rows"][row])
+                torch.testing.assert_close(torch.tensor(adv), want, rtol=1e-6, atol=1e-7)
+            for r in two:
+                assert r[step]["baseline"] == pytest.approx(one[step]["baseline"], rel=1e-9)
+        assert any(abs(a) > 1e-3 for adv in one[1]["rows"].values() for a in adv)

@@ -34,7 +34,8 @@ def six_step_run(tiny_assets, tmp_path_factory):
 
 
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
-    """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients.
+    """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients,
+    with an on-policy step (step 1 of 3 at onpolicy.fraction=0.5 and seed 1234) among them.
 
     The student starts from a saved model: a fresh init under zero.Init draws differently from a
     plain one, and the comparison across stages needs the same starting point."""
@@ -45,6 +46,7 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_pat
         "trainer.eval_every=0",
         f"student.path={student}",
         *FULL_OBJECTIVE,
+        "onpolicy.fraction=0.5",
     ]
     two = tmp_path / "two"
     one = tmp_path / "one"
@@ -58,10 +60,16 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_pat
         assert abs(a - b) < 1e-5, (loss_two, loss_one)
     assert loss_two[-1] != loss_two[0]  # it trained
     rows_two, rows_one = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    assert [r["onpolicy"] for r in rows_two] == [r["onpolicy"] for r in rows_one] == ["1", "0", "0"]
+    assert rows_two[0]["loss/ce"] == ""  # no CE on the student's own samples
     columns = ("loss/ce", "loss/soft", "loss/feat", "loss/seq", "loss/val", "loss/reg", "seq/teacher_logprob")
     for column in (*columns, "seq/student_logprob", "ess", "weight_max", "saliency_mean"):
         torch.testing.assert_close(
-            [float(r[column]) for r in rows_two], [float(r[column]) for r in rows_one], rtol=1e-5, atol=1e-7
+            [float(r[column] or "nan") for r in rows_two],
+            [float(r[column] or "nan") for r in rows_one],
+            rtol=1e-5,
+            atol=1e-7,
+            equal_nan=True,
         )
     assert min(float(r["ess"]) for r in rows_two) < 0.9  # the weights are far from uniform
     # Adam hides a constant gradient scale from the weights; the gradient norm does not.

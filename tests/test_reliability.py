@@ -23,8 +23,10 @@ from vkd_ds.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
-# About 17 s of start-up, then 200 short steps with a save every 5: kills land in all phases.
+# About 17 s of start-up, then 200 short steps with a save every 5: kills land in all phases; a
+# quarter of the steps on the student's own samples (on-policy), which resume must choose alike.
 COMMON = ["trainer.max_steps=200", "trainer.save_every=5", "trainer.micro_batch_size=2", "trainer.eval_every=50"]
+COMMON += ["onpolicy.fraction=0.25", "seq_kd.n_gen=8"]
 
 
 def steps_logged(run_dir) -> int:
@@ -79,8 +81,9 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_exactly(tiny_as
 
     rows_killed, rows_straight = read_metrics(killed / "metrics.csv"), read_metrics(straight / "metrics.csv")
     assert [r["step"] for r in rows_killed] == [str(s) for s in range(1, 201)]  # each step once
-    for column in ("loss", "loss/ce", "loss/soft", "eval/ppl"):
+    for column in ("loss", "loss/ce", "loss/soft", "onpolicy", "eval/ppl"):
         assert [r[column] for r in rows_killed] == [r[column] for r in rows_straight], column
+    assert 20 < sum(r["onpolicy"] == "1" for r in rows_straight) < 80
     assert (killed / "eval.json").read_text() == (straight / "eval.json").read_text()
     # Only complete checkpoints remain in the end (the partial one was replaced).
     for path in (killed / "checkpoints").iterdir():

@@ -18,7 +18,7 @@ class DeviceSums:
     (bf16 batches) or device add up without a host-side accumulator that CUDA tensors cannot be
     added into in place. Only arithmetic on the values themselves, no tensor factory."""
 
-    NAMES = ("student_nats", "kl_nats", "teacher_nats", "tokens", "valence_se", "top1_agree")
+    NAMES = ("student_nats", "kl_nats", "divergence", "teacher_nats", "tokens", "valence_se", "top1_agree")
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}

@@ -72,9 +72,14 @@ class Objective:
     def active(self) -> list[str]:
         return [t for t in TERM_NAMES if self.lambdas[t] > 0]
 
-    def active_at(self, rollout_step: bool) -> list[str]:
-        """The terms computed at a step: terms on the student's samples only on rollout steps."""
-        return [t for t in self.active if rollout_step or ROLLOUTS not in TERMS[t].needs]
+    def active_at(self, rollout_step: bool, on_policy: bool = False) -> list[str]:
+        """The terms computed at a step: terms on the student's samples only on rollout steps; on an
+        on-policy step only those that apply to the student's samples (not CE)."""
+        return [
+            t
+            for t in self.active
+            if (rollout_step or ROLLOUTS not in TERMS[t].needs) and (not on_policy or TERMS[t].on_samples)
+        ]
 
     @property
     def needs_teacher(self) -> bool:
@@ -117,8 +122,9 @@ class Objective:
         }
         return {"fused": fused}
 
-    def train_inputs(self, batch: dict, teacher_out: dict | None) -> dict:
-        return self.fused_inputs(batch, teacher_out, self.lambdas["ce"] > 0, self.lambdas["soft"] > 0)
+    def train_inputs(self, batch: dict, teacher_out: dict | None, on_policy: bool = False) -> dict:
+        active = self.active_at(rollout_step=False, on_policy=on_policy)
+        return self.fused_inputs(batch, teacher_out, "ce" in active, "soft" in active)
 
     def student_nll(self, engine, batch: dict, token_weights: torch.Tensor) -> torch.Tensor:
         """[B] Σ_t token_weights[b,t]·(−log p_S) of each sequence's target tokens, differentiable (one
@@ -133,12 +139,16 @@ class Objective:
             return out["ce"]
         return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens, token_weights)
 
-    def terms(self, student_out: dict, teacher_out: dict | None, batch: dict) -> tuple[dict, torch.Tensor]:
-        """Per-sequence values [B] of the active terms on the batch (not those on the student's
-        samples: rollout_terms), and the valid-position mask [B,S]."""
+    def terms(
+        self, student_out: dict, teacher_out: dict | None, batch: dict, on_policy: bool = False
+    ) -> tuple[dict, torch.Tensor]:
+        """Per-sequence values [B] of the active terms on the batch (not those on sequence KD's
+        rollouts: rollout_terms), and the valid-position mask [B,S]. `on_policy`: the batch is the
+        student's own samples."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         inputs = TermInputs(self, student_out, teacher_out, targets, mask)
-        return {name: TERMS[name].compute(inputs) for name in self.active_at(rollout_step=False)}, mask
+        names = self.active_at(rollout_step=False, on_policy=on_policy)
+        return {name: TERMS[name].compute(inputs) for name in names}, mask
 
     def rollout_terms(self, rollout: SampleScores, mask: torch.Tensor) -> dict:
         """Per-sequence values [B] of the active terms on the student's samples (L_seq)."""

@@ -13,6 +13,7 @@ L_seq joins L_base with λ = `loss.seq` and the sequence's weight w_i like every
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,19 @@ import torch
 from vkd_ds import dist
 from vkd_ds.data import Example
 from vkd_ds.losses import shift_for_next_token, token_logprobs
-from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
+from vkd_ds.rollout import Samples, SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
 from vkd_ds.settings import Settings
+
+
+def is_on_policy_step(seed: int, step: int, fraction: float) -> bool:
+    """Whether optimizer step `step` (from 0) runs on the student's own samples (`onpolicy.fraction`):
+    a function of (seed, step) only, so every rank and every resume agrees."""
+    if fraction <= 0.0:
+        return False
+    if fraction >= 1.0:
+        return True
+    return random.Random(f"onpolicy:{seed}:{step}").random() < fraction
+
 
 REWARDS = ("teacher_logprob", "reverse_kl", "per_token")
 BASELINES = ("batch", "ema")
@@ -85,40 +97,15 @@ class Rollout:
         return (self.teacher_token_logprob - self.student_token_logprob) * self.mask
 
 
-class SequenceKD:
-    def __init__(self, settings: SeqKDSettings, sampler: StudentSampler, teacher, tokenizer, chunk_tokens: int):
+class Advantages:
+    """REINFORCE's advantages of a step's samples, with the baseline of the whole global batch (and,
+    for seq_kd.baseline=ema, its moving average: the state a checkpoint keeps)."""
+
+    def __init__(self, settings: SeqKDSettings):
         self.settings = settings
-        self.sampler = sampler
-        self.teacher = teacher
-        self.vocab_size = len(tokenizer)
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id
-        self.chunk_tokens = chunk_tokens
-        self.ema: float | None = None  # the moving-average baseline (checkpointed)
+        self.ema: float | None = None
 
-    def due(self, step: int) -> bool:
-        return step % self.settings.every_n_steps == 0
-
-    def rollout(self, examples: list[Example], step: int, first_row: int) -> Rollout:
-        """Samples for `examples`, rows first_row.. of the global batch (which seeds each row's draws)."""
-        s = self.settings
-        prompts = [prompt_of(ex, s.sampling) for ex in examples]
-        rows = list(range(first_row, first_row + len(examples)))
-        uniforms = row_uniforms(s.seed, step, rows, s.sampling.n_gen)
-        samples = self.sampler(prompts, uniforms, s.sampling, self.vocab_size, self.eos_id, self.pad_id)
-        batch = {k: v.to(dist.device()) for k, v in rollout_batch(samples, self.pad_id).items()}
-        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        # One teacher forward scores every continuation of the micro-batch.
-        logits = self.teacher(batch["input_ids"], batch["attention_mask"])["logits"]
-        teacher_lp = token_logprobs(logits, targets, mask, self.vocab_size, self.chunk_tokens).cpu()
-        del logits
-        mask = mask.cpu()
-        # The sampled tokens' positions, in order, are the mask's: place the sampler's log-probs there.
-        student_lp = torch.zeros_like(teacher_lp)
-        student_lp[mask] = torch.tensor([lp for row in samples.token_logprobs for lp in row], dtype=torch.float32)
-        return Rollout(batch, mask, teacher_lp, student_lp, samples.lengths, samples.seconds)
-
-    def advantages(self, rollouts: list[Rollout]) -> tuple[list[torch.Tensor], dict[str, float]]:
+    def __call__(self, rollouts: list[Rollout]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """The advantage of every sampled token [B,S] (0 elsewhere) for each micro-batch, b from the
         whole global batch (one all-reduce), and the step's rollout metrics."""
         s = self.settings
@@ -163,8 +150,64 @@ class SequenceKD:
         }
         return advantages, stats
 
+
+class SequenceKD:
+    """The student's samples of a step (for L_seq, and for on-policy steps) and L_seq's advantages.
+    `seq_term`: L_seq is in the objective (else this only samples, for on-policy steps)."""
+
+    def __init__(
+        self,
+        settings: SeqKDSettings,
+        sampler: StudentSampler,
+        teacher,
+        tokenizer,
+        chunk_tokens: int,
+        seq_term: bool = True,
+    ):
+        self.settings = settings
+        self.seq_term = seq_term
+        self.sampler = sampler
+        self.teacher = teacher
+        self.vocab_size = len(tokenizer)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.chunk_tokens = chunk_tokens
+        self.baseline = Advantages(settings)
+
+    def due(self, step: int) -> bool:
+        """L_seq's rollouts are due at this step."""
+        return self.seq_term and step % self.settings.every_n_steps == 0
+
+    def sample_batch(self, examples: list[Example], step: int, first_row: int) -> tuple[dict, Samples]:
+        """The student's samples for `examples`, rows first_row.. of the global batch (which seeds each
+        row's draws), as a batch on the device: prompt + sample, the loss mask on the sample."""
+        s = self.settings
+        prompts = [prompt_of(ex, s.sampling) for ex in examples]
+        rows = list(range(first_row, first_row + len(examples)))
+        uniforms = row_uniforms(s.seed, step, rows, s.sampling.n_gen)
+        samples = self.sampler(prompts, uniforms, s.sampling, self.vocab_size, self.eos_id, self.pad_id)
+        batch = {k: v.to(dist.device()) for k, v in rollout_batch(samples, self.pad_id).items()}
+        return batch, samples
+
+    def score(self, batch: dict, samples: Samples, teacher_logits: torch.Tensor) -> Rollout:
+        """The samples' rewards from the teacher's logits on `batch` (one teacher forward)."""
+        targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+        teacher_lp = token_logprobs(teacher_logits, targets, mask, self.vocab_size, self.chunk_tokens).cpu()
+        mask = mask.cpu()
+        # The sampled tokens' positions, in order, are the mask's: place the sampler's log-probs there.
+        student_lp = torch.zeros_like(teacher_lp)
+        student_lp[mask] = torch.tensor([lp for row in samples.token_logprobs for lp in row], dtype=torch.float32)
+        return Rollout(batch, mask, teacher_lp, student_lp, samples.lengths, samples.seconds)
+
+    def rollout(self, examples: list[Example], step: int, first_row: int) -> Rollout:
+        batch, samples = self.sample_batch(examples, step, first_row)
+        return self.score(batch, samples, self.teacher(batch["input_ids"], batch["attention_mask"])["logits"])
+
+    def advantages(self, rollouts: list[Rollout]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        return self.baseline(rollouts)
+
     def state_dict(self) -> dict:
-        return {"ema_baseline": self.ema}
+        return {"ema_baseline": self.baseline.ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ema = state.get("ema_baseline")
+        self.baseline.ema = state.get("ema_baseline")

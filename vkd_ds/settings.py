@@ -287,6 +287,11 @@ class SeqKDConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicySettings:
+    fraction: float = _checked(fraction())  # of optimizer steps on the student's own samples
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     gather_student: str = _checked(choice(_lazy("vkd_ds.rollout", "GATHER_MODES")))
 
@@ -366,6 +371,7 @@ class Settings:
     reg: RegSettings
     valence: ValenceSettings
     seq_kd: SeqKDConfig
+    onpolicy: OnPolicySettings
     rollout: RolloutSettings
     gate: GateSettings
     metrics: MetricsSettings
@@ -406,6 +412,15 @@ class Settings:
                 "gate.mode=proxy projects the student's valence, and the student has a valence head only "
                 "when loss.val > 0: set loss.val > 0 or gate.mode=lookahead"
             )
+        if self.onpolicy.fraction > 0:
+            from vkd_ds.terms import ROLLOUTS, TERMS
+
+            eligible = [n for n, t in TERMS.items() if t.on_samples and ROLLOUTS not in t.needs]
+            if not any(self.loss.weights[n] > 0 for n in eligible):
+                raise VkdError(
+                    "onpolicy.fraction > 0 but no term with a weight applies on the student's samples "
+                    f"({', '.join(eligible)}): set loss.soft > 0"
+                )
         if self.gate.rollout_steps >= max_len:
             steps = self.gate.rollout_steps
             raise VkdError(f"config key `gate.rollout_steps` ({steps}) must be below data.max_seq_len")

@@ -65,6 +65,7 @@ class Term:
     compute: Callable[[TermInputs], torch.Tensor]
     needs: tuple[str, ...] = field(default_factory=tuple)
     fused: bool = False  # computed inside the student module when loss.fused_head=true
+    on_samples: bool = True  # applies on on-policy steps, to the student's own samples (CE does not)
     summary: str = ""
 
     @property
@@ -125,7 +126,7 @@ def _reg(x: TermInputs) -> torch.Tensor:
 
 
 _DECLARED = (
-    Term("ce", _ce, fused=True, summary="cross-entropy on the data's next tokens"),
+    Term("ce", _ce, fused=True, on_samples=False, summary="cross-entropy on the data's next tokens"),
     Term("soft", _soft, (TEACHER_LOGITS,), fused=True, summary="token-level KD: T²·D(p_T, p_S), D = loss.divergence"),
     Term("feat", _feat, (TEACHER_HIDDENS,), summary="MSE of mapped hidden states (and attention maps)"),
     Term("seq", _seq, (ROLLOUTS,), summary="sequence KD: REINFORCE on the teacher's score of student samples"),

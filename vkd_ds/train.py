@@ -54,6 +54,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     if s.data.valid_path:
         files.append(load_data_file(s.data.valid_path, tokenizer, max_len))
     train_data, valid_data = files[0].examples, files[1].examples if len(files) > 1 else []
+    _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
     objective = Objective.from_settings(s, layer_map, vocab)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
@@ -73,6 +74,22 @@ def prepare(cfg: DictConfig) -> Prepared:
         load_head(s.valence.teacher_head, int(s.valence.k), teacher_width)
     notes = [note for file in files for note in file.notes()]
     return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes, s)
+
+
+def _check_prompts(s: Settings, train_data: list[Example]) -> None:
+    """The student samples from prompts (L_seq, on-policy steps): a record without a prompt takes its
+    first seq_kd.prompt_tokens tokens, which must leave room for a completion in data.max_seq_len."""
+    samples = s.loss.weights["seq"] > 0 or s.onpolicy.fraction > 0
+    if not samples or s.seq_kd.prompt_tokens < s.data.max_seq_len:
+        return
+    textual = sum(1 for ex in train_data if not ex.prompt_len)
+    if textual:
+        user = "onpolicy.fraction > 0" if s.onpolicy.fraction > 0 else "loss.seq > 0"
+        raise VkdError(
+            f"{user} samples from prompts, and {textual} record(s) of {s.data.train_path} have none: their "
+            f"prompt is their first seq_kd.prompt_tokens ({s.seq_kd.prompt_tokens}) tokens, which leaves no room "
+            f"in data.max_seq_len ({s.data.max_seq_len}); lower seq_kd.prompt_tokens"
+        )
 
 
 def build_student(s: Settings, prepared: Prepared, ds_config: dict, seed: int):
@@ -172,7 +189,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
     sampler, gate = None, None
     training = not s.eval_only
-    if training and (objective.lambdas["seq"] > 0 or (gate_settings.enabled and gate_settings.mode == "lookahead")):
+    samples_needed = objective.lambdas["seq"] > 0 or s.onpolicy.fraction > 0
+    if training and (samples_needed or (gate_settings.enabled and gate_settings.mode == "lookahead")):
         sampler = StudentSampler(engine, s.rollout.gather_student)
     if training and gate_settings.enabled:
         gate = MercyGate(
@@ -219,15 +237,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
     seq_kd = None
-    if objective.lambdas["seq"] > 0:
+    if samples_needed:
         seq_kd = SequenceKD(
-            SeqKDSettings.from_settings(s), sampler, teacher, prepared.tokenizer, objective.chunk_tokens
+            SeqKDSettings.from_settings(s),
+            sampler,
+            teacher,
+            prepared.tokenizer,
+            objective.chunk_tokens,
+            seq_term=objective.lambdas["seq"] > 0,
         )
+    if objective.lambdas["seq"] > 0:
         log.info(
             "sequence KD: %d tokens per rollout every %d step(s), student %s",
             s.seq_kd.n_gen,
             s.seq_kd.every_n_steps,
             sampler.mode,
+        )
+    if s.onpolicy.fraction > 0:
+        log.info(
+            "on-policy distillation: %g of the steps on the student's own samples (%d tokens, student %s); "
+            "terms there: %s",
+            s.onpolicy.fraction,
+            s.seq_kd.n_gen,
+            sampler.mode,
+            " ".join(objective.active_at(rollout_step=False, on_policy=True)),
         )
     if gate_settings.enabled:
         log.info(

@@ -23,7 +23,8 @@ from vkd_ds.gate import MercyGate
 from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
-from vkd_ds.seq_kd import SequenceKD
+from vkd_ds.rollout import Samples
+from vkd_ds.seq_kd import SequenceKD, is_on_policy_step
 from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import SampleScores
@@ -66,10 +67,12 @@ class Trainer:
         gate: MercyGate | None,
         seq_kd: SequenceKD | None = None,
     ):
-        """`gate`: None with gate.enabled=false."""
+        """`gate`: None with gate.enabled=false. `seq_kd`: the student's sampling, for L_seq and for
+        on-policy steps (None when neither is on)."""
         self.settings = settings
         t = settings.trainer
         self.seq_kd = seq_kd
+        self.onpolicy_fraction = settings.onpolicy.fraction
         self.engine = engine
         self.teacher = teacher
         self.objective = objective
@@ -105,17 +108,23 @@ class Trainer:
         self.clock.reset()
         step, accum = self.step, self.settings.trainer.grad_accum
         examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
-        micro_batches = [self._batch(ex) for ex in examples]
         stats: dict[str, float] = {}
-        rollouts = self._rollouts(step, examples, stats)
+        on_policy = is_on_policy_step(self.settings.trainer.seed, step, self.onpolicy_fraction)
+        if self.onpolicy_fraction > 0:
+            stats["onpolicy"] = float(on_policy)
+        samples = self._on_policy_samples(step, examples) if on_policy else None
+        micro_batches = [b for b, _ in samples] if on_policy else [self._batch(ex) for ex in examples]
         teacher_outs = self._teacher_passes(micro_batches)
+        rollouts = self._rollouts(step, examples, stats, samples, teacher_outs)
         weights, weight_sum = self._sequence_weights(micro_batches, teacher_outs, stats)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         self.guard.start_step(step)
-        sums = StepSums.zeros(self.objective.active_at(rollout_step=rollouts[0] is not None))
+        sums = StepSums.zeros(self.objective.active_at(rollout_step=rollouts[0] is not None, on_policy=on_policy))
         nonfinite = False
         for a, batch in enumerate(micro_batches):
-            loss = self._forward_backward(step, a, batch, teacher_outs[a], rollouts[a], weights[a], weight_sum, sums)
+            loss = self._forward_backward(
+                step, a, batch, teacher_outs[a], rollouts[a], weights[a], weight_sum, sums, on_policy
+            )
             teacher_outs[a] = rollouts[a] = None
             nonfinite |= not bool(torch.isfinite(loss))
             if a < accum - 1:
@@ -130,16 +139,37 @@ class Trainer:
     def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
 
-    def _rollouts(self, step: int, examples: list[list[Example]], stats: dict) -> list[_PendingRollout | None]:
+    def _first_row(self, micro_step: int) -> int:
+        """The global-batch index of this rank's first sequence of a micro-step (it seeds the draws)."""
+        return (micro_step * self.world + self.rank) * self.settings.trainer.micro_batch_size
+
+    def _on_policy_samples(self, step: int, examples: list[list[Example]]) -> list[tuple[dict, Samples]]:
+        """On an on-policy step: every micro-batch's sequences replaced by the student's samples from
+        their prompts (as batches, the loss mask on the samples)."""
+        with self.clock("rollout"):
+            return [self.seq_kd.sample_batch(ex, step, self._first_row(a)) for a, ex in enumerate(examples)]
+
+    def _rollouts(
+        self,
+        step: int,
+        examples: list[list[Example]],
+        stats: dict,
+        on_policy: list[tuple[dict, Samples]] | None,
+        teacher_outs: list[dict | None],
+    ) -> list[_PendingRollout | None]:
         """Sequence KD's samples of every micro-batch, scored by the teacher, with their advantages
-        (the baseline is a statistic of the whole global batch); [None] * accum off rollout steps."""
+        (the baseline is a statistic of the whole global batch); [None] * accum off rollout steps.
+        On an on-policy step they are that step's samples (the same draws), scored by its teacher pass."""
         if self.seq_kd is None or not self.seq_kd.due(step):
             return [None] * len(examples)
-        micro = self.settings.trainer.micro_batch_size
         with self.clock("rollout"):
-            samples = [
-                self.seq_kd.rollout(ex, step, (a * self.world + self.rank) * micro) for a, ex in enumerate(examples)
-            ]
+            if on_policy is not None:
+                samples = [
+                    self.seq_kd.score(batch, drawn, out["logits"])
+                    for (batch, drawn), out in zip(on_policy, teacher_outs, strict=True)
+                ]
+            else:
+                samples = [self.seq_kd.rollout(ex, step, self._first_row(a)) for a, ex in enumerate(examples)]
             advantages, seq_stats = self.seq_kd.advantages(samples)
         stats.update(seq_stats)
         # The student's log-prob of its samples comes later, with the micro-batch's forward.
@@ -179,16 +209,17 @@ class Trainer:
         w: torch.Tensor,
         weight_sum: torch.Tensor,
         sums: StepSums,
+        on_policy: bool,
     ) -> torch.Tensor:
         """One micro-batch: the student's forwards, the terms, this rank's share of L, backward; its
         contributions added to `sums`. Returns the (detached) loss."""
         obj, clock = self.objective, self.clock
         with clock("student_forward"):
             student_out = self.engine(
-                batch["input_ids"], batch["attention_mask"], **obj.train_inputs(batch, teacher_out)
+                batch["input_ids"], batch["attention_mask"], **obj.train_inputs(batch, teacher_out, on_policy)
             )
         with clock("loss"):
-            terms, mask = obj.terms(student_out, teacher_out, batch)
+            terms, mask = obj.terms(student_out, teacher_out, batch, on_policy)
         if rollout is not None:
             # A second forward of the student, on its own samples; one backward covers both.
             with clock("student_forward"):
