@@ -66,6 +66,21 @@ def vkd_cli(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     )
 
 
+def vkd_cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`vkd-ds ARGS` in this process, for the commands that fail before starting any process (bad
+    input): `vkd_ds.cli.main`'s exit status and what it printed. The same code path as the command,
+    without the seconds of importing torch, transformers and DeepSpeed in a fresh interpreter."""
+    import contextlib
+    import io
+
+    from vkd_ds.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(["vkd-ds", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> Path:
     """A BPE tokenizer, a tiny random Llama teacher, its valence head and JSONL data, built here."""

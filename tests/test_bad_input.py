@@ -1,5 +1,9 @@
 """Bad input: one clear message naming the problem and where, exit status 2, no traceback,
-and no run directory written."""
+and no run directory written.
+
+Checks that fail before any process starts run `vkd_ds.cli.main` in this process (the command's own
+code path); a few run the real command, and the checks that only ranks can make (a checkpoint's
+files) run through the deepspeed launcher."""
 
 import json
 import shutil
@@ -7,10 +11,8 @@ import shutil
 import pytest
 
 from tests.conftest import base_overrides, deepspeed_launch, train_job, vkd_cli
+from tests.conftest import vkd_cli_in_process as cli
 from vkd_ds import checkpoint
-
-# Every test here starts a process (the vkd-ds CLI, and some a training job).
-pytestmark = pytest.mark.distributed
 
 
 def assert_clean_failure(result, message, run_dir):
@@ -34,16 +36,17 @@ def malformed_data(tiny_assets, tmp_path):
 @pytest.mark.parametrize("key", ["teacher.path", "student.path", "data.tokenizer_path"])
 def test_missing_model_or_tokenizer_directory(key, tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"{key}={tmp_path / 'nothing_here'}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"{key}={tmp_path / 'nothing_here'}"])
     assert_clean_failure(result, f"{key}: directory not found: {tmp_path / 'nothing_here'}", run_dir)
 
 
 def test_malformed_jsonl_line(tiny_assets, tmp_path, malformed_data):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={malformed_data}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={malformed_data}"])
     assert_clean_failure(result, f"{malformed_data}:3: malformed JSON", run_dir)
 
 
+@pytest.mark.distributed
 def test_malformed_jsonl_through_the_deepspeed_launcher(tiny_assets, tmp_path, malformed_data):
     """The same check on the `deepspeed launcher/train.py` path: rank 0 reports, once."""
     run_dir = tmp_path / "run"
@@ -65,7 +68,7 @@ def test_vocabulary_mismatch(tiny_assets, tmp_path):
     small = tmp_path / "small_teacher"
     AutoModelForCausalLM.from_config(llama_config(100, 16, 1)).save_pretrained(small)
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"teacher.path={small}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"teacher.path={small}"])
     assert_clean_failure(result, "vocabulary mismatch: the tokenizer has 384 tokens but the teacher", run_dir)
 
 
@@ -80,13 +83,13 @@ def test_student_with_a_different_tokenizer(tiny_assets, tmp_path):
     other.save_pretrained(student)
     assert len(AutoTokenizer.from_pretrained(student)) != 384
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"student.path={student}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"student.path={student}"])
     assert_clean_failure(result, "vocabulary mismatch: the student at", run_dir)
 
 
 def test_global_batch_inconsistent_with_world_size(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = vkd_cli(
+    result = cli(
         [
             "train",
             *base_overrides(tiny_assets, run_dir),
@@ -104,6 +107,7 @@ def test_global_batch_inconsistent_with_world_size(tiny_assets, tmp_path):
     )
 
 
+@pytest.mark.distributed
 def test_unknown_key(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), "trainer.max_stpes=3"])
@@ -111,10 +115,11 @@ def test_unknown_key(tiny_assets, tmp_path):
 
 
 def test_export_of_a_directory_without_checkpoints(tmp_path):
-    result = vkd_cli(["export", str(tmp_path), str(tmp_path / "out")])
+    result = cli(["export", str(tmp_path), str(tmp_path / "out")])
     assert_clean_failure(result, "holds no complete checkpoint", tmp_path / "out")
 
 
+@pytest.mark.distributed
 def test_cfg_job_prints_the_resolved_config(tiny_assets, tmp_path):
     result = vkd_cli(["train", "--cfg", "job", *base_overrides(tiny_assets, tmp_path / "run")])
     assert result.returncode == 0, result.stderr
@@ -126,7 +131,7 @@ def test_non_utf8_or_binary_data_is_reported(tiny_assets, tmp_path):
     path = tmp_path / "binary.jsonl"
     path.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n\xff\xfe\x00garbage\n")
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={path}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={path}"])
     assert_clean_failure(result, f"{path}:2: ", run_dir)
 
 
@@ -152,7 +157,7 @@ def _data_with(tiny_assets, tmp_path, line_no: int, record: dict):
 )
 def test_impossible_feature_settings(tiny_assets, tmp_path, extra, message):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
     assert_clean_failure(result, message, run_dir)
 
 
@@ -177,7 +182,7 @@ def test_bad_valence_labels(tiny_assets, tmp_path, valence, message):
     record["valence"] = value
     data = _data_with(tiny_assets, tmp_path, 3, record)
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={data}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"data.train_path={data}"])
     assert_clean_failure(result, f"{data}{message}", run_dir)
 
 
@@ -186,17 +191,17 @@ def test_teacher_valence_head_of_the_wrong_shape(tiny_assets, tmp_path):
 
     head = save_head(ValenceHead(48, 4), tmp_path / "k4.safetensors")
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={head}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={head}"])
     assert_clean_failure(result, "predicts k=4 steps but valence.k=8", run_dir)
     not_a_head = tmp_path / "junk.safetensors"
     not_a_head.write_bytes(b"not safetensors at all")
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={not_a_head}"])
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"valence.teacher_head={not_a_head}"])
     assert_clean_failure(result, "is not a safetensors file", run_dir)
 
 
 def test_fit_valence_head_with_unlabelled_data_and_labels_data(tiny_assets, tmp_path):
     out = tmp_path / "head.safetensors"
-    result = vkd_cli(
+    result = cli(
         [
             "fit-valence-head",
             f"teacher.path={tiny_assets / 'teacher'}",
@@ -209,22 +214,23 @@ def test_fit_valence_head_with_unlabelled_data_and_labels_data(tiny_assets, tmp_
     assert_clean_failure(result, f"{tiny_assets / 'train.jsonl'}:1: valence.fit.labels=data but this record", out)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["gate.enabled=true", "gate.mode=proxy", "loss.val=0"], "gate.mode=proxy projects the student's valence"),
-        (["gate.enabled=true", "gate.probe_size=1"], "`gate.probe_size` (1) must be at least the world size (2)"),
-    ],
-)
-def test_impossible_gate_settings(tiny_assets, tmp_path, extra, message):
+def test_impossible_gate_settings(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
-    assert_clean_failure(result, message, run_dir)
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), "gate.enabled=true", "gate.mode=proxy", "loss.val=0"])
+    assert_clean_failure(result, "gate.mode=proxy projects the student's valence", run_dir)
+
+
+@pytest.mark.distributed
+def test_a_gate_probe_smaller_than_the_world_is_refused_by_the_ranks(tiny_assets, tmp_path):
+    """The world size is the launcher's: the ranks refuse it, before anything is written."""
+    run_dir = tmp_path / "run"
+    result = vkd_cli(["train", *base_overrides(tiny_assets, run_dir), "gate.enabled=true", "gate.probe_size=1"])
+    assert_clean_failure(result, "`gate.probe_size` (1) must be at least the world size (2)", run_dir)
 
 
 def test_eval_and_report_of_a_directory_that_is_not_a_run(tmp_path):
     for command, message in (("eval", "has no config.yaml"), ("report", "has no metrics.csv")):
-        result = vkd_cli([command, str(tmp_path)])
+        result = cli([command, str(tmp_path)])
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
 
@@ -241,6 +247,7 @@ def tree(path):
     return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) for f in path.rglob("*") if f.is_file()}
 
 
+@pytest.mark.distributed
 def test_bad_checkpoints_are_refused_before_anything_is_written(trained_run, tmp_path):
     run_dir, overrides = trained_run
     step = run_dir / "checkpoints" / "step_0000002"
