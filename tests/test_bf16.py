@@ -84,13 +84,14 @@ def test_bf16_two_ranks_match_one_rank(tiny_assets, tmp_path):
         a = torch.tensor([float(r[column]) for r in rows_two], dtype=torch.float64)
         b = torch.tensor([float(r[column]) for r in rows_one], dtype=torch.float64)
         torch.testing.assert_close(a, b, rtol=rtol, atol=0, msg=column)
-    # Adam's first update is about lr_1·sign(g) per entry: an entry whose bf16 gradient is near 0 can
-    # get opposite signs in the two layouts and the entries part by up to 2·lr_1 (since step 1 applies
-    # the first warmup LR, not 0). Measured: 1 of 12288 embedding entries 2.5e-3 apart with
-    # lr_1 = 1e-3, every other entry of every tensor within 2e-3.
-    lr_1 = float(rows_one[0]["lr"])
+    # Adam's update of an entry is about lr_t·sign(g) while its moments are young: an entry whose bf16
+    # gradient is near 0 can get opposite signs in the two layouts at a step and the entries part by
+    # up to 2·lr_t there, so by at most 2·Σ_t lr_t in all. Measured: 1 of 12288 embedding entries
+    # 2.5e-3 apart (Σ lr_t = 4.3e-3), and 4.4e-3 once sequence KD's gradient became the SPEC's summed
+    # log-probability (issue #10); every other entry of every tensor within 2e-3.
+    lr_sum = sum(float(r["lr"]) for r in rows_one)
     w_two, w_one = final_weights(two), final_weights(one)
     for name in w_two:
         diff = (w_two[name].float() - w_one[name].float()).abs()
-        assert float(diff.max()) <= 2 * lr_1 + 2e-3, (name, float(diff.max()))
+        assert float(diff.max()) <= 2 * lr_sum, (name, float(diff.max()))
         assert float((diff > 2e-3).float().mean()) <= 1e-3, (name, int((diff > 2e-3).sum()))

@@ -10,9 +10,11 @@ pytestmark = pytest.mark.distributed
 
 
 def test_quick_demo_with_sequence_kd_distilled_student_beats_ce_only(tmp_path):
-    """The demo with every term on: sequence KD is off in its config (README) and turned on here."""
+    """The demo with every term on: sequence KD is off in its config (README) and turned on here, at
+    λ = 0.01: its gradient sums the log-probability over a sample's 32 tokens (SPEC §2), so 0.01 is
+    about the push 0.3 gave when it averaged them (at 0.3 the distilled student lost: README)."""
     out = tmp_path / "demo"
-    result = vkd_cli(["demo", "--quick", "--out", str(out), "loss.seq=0.3"], timeout=900)
+    result = vkd_cli(["demo", "--quick", "--out", str(out), "loss.seq=0.01"], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distilled_student_ppl"] < summary["ce_only_student_ppl"], summary

@@ -30,10 +30,11 @@ def test_on_policy_steps_run_every_term_but_ce():
 
     settings = Settings.from_config(compose(REQUIRED + ["loss.seq=0.3", "onpolicy.fraction=0.5"]))
     objective = Objective.from_settings(settings, [(0, 0)], 384)
-    assert objective.active_at(rollout_step=False) == ["ce", "soft", "feat", "reg"]
-    assert objective.active_at(rollout_step=False, on_policy=True) == ["soft", "feat", "reg"]
-    assert objective.active_at(rollout_step=True, on_policy=True) == ["soft", "feat", "seq", "reg"]
-    assert [name for name, term in TERMS.items() if not term.on_samples] == ["ce"]
+    off_policy = objective.active_at(rollout_step=False)
+    on_policy = objective.active_at(rollout_step=False, on_policy=True)
+    assert "ce" in off_policy and set(off_policy) - set(on_policy) == {"ce"}
+    assert set(objective.active_at(rollout_step=True, on_policy=True)) - set(on_policy) == {"seq"}
+    assert {name for name, term in TERMS.items() if not term.on_samples} == {"ce"}
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ class SeqKDSettings:
     reward: str  # teacher_logprob: R = mean log p_T(y); reverse_kl: R = mean (log p_T − log p_S)(y); per_token
     baseline: str  # batch: mean R (per_token: mean r_t) of the global batch; ema: moving average over rollout steps
     baseline_decay: float
-    length_normalized: bool  # advantages divided by the sample's length (biased; the estimator before #15)
+    length_normalized: bool  # advantages divided by the sample's length (biased; the estimator before issue #10)
     sampling: SamplingSettings
     seed: int
 
