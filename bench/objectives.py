@@ -19,6 +19,7 @@ State the allocator (GLIBC_TUNABLES) with any time figure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -134,10 +135,12 @@ def main() -> int:
     args.steps = args.steps or demo.distill_steps
     out = work_dir(args.out, "objectives")
     assets = Path(args.assets) if args.assets else out / "assets"
-    if not args.assets:
-        build_assets(assets, demo)
     env = bench_env(args.procs)
-    runs = [one_run(arm, seed, args, assets, out, env) for arm in args.arms for seed in args.seeds]
+    # Standard output is the JSON document: the assets' and export's progress lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        if not args.assets:
+            build_assets(assets, demo)
+        runs = [one_run(arm, seed, args, assets, out, env) for arm in args.arms for seed in args.seeds]
     table = {}
     for arm in args.arms:
         mine = [r for r in runs if r["arm"] == arm]
