@@ -10,6 +10,7 @@ from vkd_ds import checkpoint
 from vkd_ds.export import consolidated_state_dict
 from vkd_ds.metrics import read_metrics
 from vkd_ds.schedule import lr_factor
+from vkd_ds.seq_kd import REWARDS
 
 pytestmark = pytest.mark.distributed
 
@@ -33,9 +34,11 @@ def six_step_run(tiny_assets, tmp_path_factory):
     return run_dir, result
 
 
-def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_path):
+@pytest.mark.parametrize("reward", REWARDS)
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(reward, tiny_assets, tmp_path):
     """2 ranks x ZeRO-3 x micro 2 against 1 rank x ZeRO-0 x micro 4: same weights, loss, gradients,
-    with an on-policy step (step 1 of 3 at onpolicy.fraction=0.5 and seed 1234) among them.
+    with an on-policy step (step 1 of 3 at onpolicy.fraction=0.5 and seed 1234) among them, for each
+    of sequence KD's rewards.
 
     The student starts from a saved model: a fresh init under zero.Init draws differently from a
     plain one, and the comparison across stages needs the same starting point."""
@@ -47,6 +50,7 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(tiny_assets, tmp_pat
         f"student.path={student}",
         *FULL_OBJECTIVE,
         "onpolicy.fraction=0.5",
+        f"seq_kd.reward={reward}",
     ]
     two = tmp_path / "two"
     one = tmp_path / "one"

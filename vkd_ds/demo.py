@@ -4,7 +4,7 @@
    (single process), and the teacher's valence head fitted on VADER lexicon labels
    (`fit-valence-head`);
 2. distillation of a 2-layer student with 2 processes on ZeRO-3 (`vkd-ds train`), every
-   term of the objective on but sequence KD (`vkd-ds demo loss.seq=0.3` adds it), valence-weighted sequences;
+   term of the objective on but sequence KD (`vkd-ds demo loss.seq=0.01` adds it), valence-weighted sequences;
 3. the same student trained with cross-entropy only, same steps and data;
 4. a summary: held-out perplexity of teacher, distilled student, CE-only student.
 """
