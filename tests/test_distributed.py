@@ -206,16 +206,19 @@ def test_export_from_other_zero_stages(stage, tiny_assets, tmp_path):
 
 def test_fused_lm_head_trains_like_the_logits_path(tiny_assets, tmp_path):
     """loss.fused_head=true (no student logits at all) under ZeRO-3 on 2 ranks: same losses, same eval
-    and same weights as the logits path."""
+    and same weights as the logits path, with another divergence than forward KL (eval then also runs
+    the training divergence) and an on-policy step (no CE there)."""
     common = ["trainer.max_steps=3", "trainer.eval_every=3", "trainer.micro_batch_size=2", *FULL_OBJECTIVE]
+    common += ["loss.divergence=jsd", "loss.beta=0.3", "onpolicy.fraction=0.5"]
     plain, fused = tmp_path / "plain", tmp_path / "fused"
     train_job(base_overrides(tiny_assets, plain) + common)
     train_job(base_overrides(tiny_assets, fused) + common + ["loss.fused_head=true"])
     torch.testing.assert_close(losses(fused), losses(plain), rtol=1e-5, atol=1e-6)
     eval_plain = json.loads((plain / "eval.json").read_text())
     eval_fused = json.loads((fused / "eval.json").read_text())
-    for key in ("eval/ce", "eval/kl_teacher", "eval/valence_mse"):
+    for key in ("eval/ce", "eval/kl_teacher", "eval/divergence", "eval/valence_mse"):
         assert eval_fused[key] == pytest.approx(eval_plain[key], rel=1e-5), key
+    assert eval_plain["eval/divergence"] != pytest.approx(eval_plain["eval/kl_teacher"], rel=1e-3)
     w_plain, w_fused = final_weights(plain), final_weights(fused)
     for name in w_plain:
         torch.testing.assert_close(w_fused[name], w_plain[name], atol=1e-5, rtol=0, msg=name)
