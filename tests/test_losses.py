@@ -9,16 +9,7 @@ from vkd_ds.losses import combine_terms, shift_for_next_token, token_ce, token_d
 
 def dense_soft_kd(student, teacher, mask, temperature, vocab):
     """SPEC §2: per token KL(softmax(z_T/T) || softmax(z_S/T))·T², averaged over a sequence's valid tokens."""
-    out = []
-    for b in range(mask.shape[0]):
-        m = mask[b]
-        if not m.any():
-            out.append(student.sum() * 0)
-            continue
-        log_p_s = F.log_softmax(student[b, m, :vocab].double() / temperature, -1)
-        log_p_t = F.log_softmax(teacher[b, m, :vocab].double() / temperature, -1)
-        out.append((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * temperature**2)
-    return torch.stack(out)
+    return dense_token_divergence(student, teacher, mask, "forward_kl", temperature, vocab)
 
 
 def dense_ce(student, targets, mask, vocab):
