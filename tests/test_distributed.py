@@ -64,6 +64,10 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(reward, tiny_assets,
         assert abs(a - b) < 1e-5, (loss_two, loss_one)
     assert loss_two[-1] != loss_two[0]  # it trained
     rows_two, rows_one = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    # per_token weighs each sampled token's gradient by its own log p_S at sampling time, from a KV-cached
+    # forward whose batch (and left padding) differs between the layouts: float noise of ~1e-6 per
+    # token reaches the step-2 terms directly, not averaged (measured 2.3e-5 relative on one value).
+    rtol = 1e-4 if reward == "per_token" else 1e-5
     assert [r["onpolicy"] for r in rows_two] == [r["onpolicy"] for r in rows_one] == ["1", "0", "0"]
     assert rows_two[0]["loss/ce"] == ""  # no CE on the student's own samples
     columns = ("loss/ce", "loss/soft", "loss/feat", "loss/seq", "loss/val", "loss/reg", "seq/teacher_logprob")
@@ -71,9 +75,10 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(reward, tiny_assets,
         torch.testing.assert_close(
             [float(r[column] or "nan") for r in rows_two],
             [float(r[column] or "nan") for r in rows_one],
-            rtol=1e-5,
+            rtol=rtol,
             atol=1e-7,
             equal_nan=True,
+            msg=column,
         )
     assert min(float(r["ess"]) for r in rows_two) < 0.9  # the weights are far from uniform
     # Adam hides a constant gradient scale from the weights; the gradient norm does not.
