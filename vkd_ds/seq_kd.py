@@ -111,8 +111,8 @@ class Advantages:
         s = self.settings
         per_token = s.reward == "per_token"
         local = torch.zeros(6, dtype=torch.float64)
-        for r in rollouts:
-            reward = r.rewards(s.reward)
+        rewards = [r.rewards(s.reward) for r in rollouts]
+        for r, reward in zip(rollouts, rewards, strict=True):
             local[0] += reward.double().sum()
             local[1] += float(r.mask.sum()) if per_token else reward.numel()  # what the baseline averages over
             local[2] += r.teacher_logprob.double().sum()
@@ -131,8 +131,7 @@ class Advantages:
             decay = s.baseline_decay
             self.ema = batch_mean if self.ema is None else decay * self.ema + (1 - decay) * batch_mean
         advantages = []
-        for r in rollouts:
-            reward = r.rewards(s.reward)
+        for r, reward in zip(rollouts, rewards, strict=True):
             advantage = (reward if per_token else reward[:, None]) - baseline
             advantage = advantage * r.mask
             if s.length_normalized:
@@ -172,7 +171,7 @@ class SequenceKD:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.chunk_tokens = chunk_tokens
-        self.baseline = Advantages(settings)
+        self._advantages = Advantages(settings)  # holds the moving baseline (checkpointed)
 
     def due(self, step: int) -> bool:
         """L_seq's rollouts are due at this step."""
@@ -204,10 +203,10 @@ class SequenceKD:
         return self.score(batch, samples, self.teacher(batch["input_ids"], batch["attention_mask"])["logits"])
 
     def advantages(self, rollouts: list[Rollout]) -> tuple[list[torch.Tensor], dict[str, float]]:
-        return self.baseline(rollouts)
+        return self._advantages(rollouts)
 
     def state_dict(self) -> dict:
-        return {"ema_baseline": self.baseline.ema}
+        return {"ema_baseline": self._advantages.ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.baseline.ema = state.get("ema_baseline")
+        self._advantages.ema = state.get("ema_baseline")
