@@ -12,8 +12,9 @@
 4. grad_accum 1 against 2 (micro-batch 8 against 4 x 2) in bf16: the largest relative loss drift;
 5. bench/teacher_offload.py and 6. bench/kd_mfu.py (1.1 B teacher, 141 M student).
 
-One process (one GPU). `--smoke` runs everything at toy size on a machine without a GPU, to check
-that the script itself works (its figures mean nothing there).
+One process (one GPU). The summary so far is written to DIR/summary.json (and stderr) after each
+check, so a run cut short still tells what it saw. `--smoke` runs everything at toy size on a machine
+without a GPU, to check that the script itself works (its figures mean nothing there).
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def max_relative_diff(rows: list[dict], reference: list[dict], column: str = "lo
     return max(abs(float(a[column]) - float(b[column])) / abs(float(b[column])) for a, b in pairs)
 
 
+def save(summary: dict, out: Path) -> None:
+    """The summary so far, to DIR/summary.json and stderr: a check cut short still tells what it saw."""
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / "summary.json")
+    print(json.dumps(summary), file=sys.stderr, flush=True)
+
+
 def last_json(text: str) -> dict:
     return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
 
@@ -48,6 +57,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="toy sizes, any machine")
     args = parser.parse_args()
     out = work_dir(args.out, "gpu-check")
+    out.mkdir(parents=True, exist_ok=True)
     env = bench_env(1)
     summary: dict = {**describe(env, 1), "smoke": args.smoke}
     started = time.time()
@@ -55,6 +65,7 @@ def main() -> int:
     tests = run([sys.executable, "-m", "pytest", "-q", "tests/test_devices.py", "tests/test_losses.py",
                  "tests/test_config.py"], env)  # fmt: skip
     summary["unit_tests"] = {"passed": tests.returncode == 0, "tail": tests.stdout.strip().splitlines()[-1:]}
+    save(summary, out)
 
     from vkd_ds.assets import write_bench_assets
 
@@ -95,6 +106,7 @@ def main() -> int:
         "peak_gpu_gb": max((float(r["mem_gpu_gb"]) for r in straight if r.get("mem_gpu_gb")), default=None),
         "tokens_per_s": float(straight[-1]["tokens_per_s"]),
     }
+    save(summary, out)
 
     nan_env = {**env, "VKD_FAULT_NAN_GRAD": "3:0"}
     nan_rows = train(1, every_term + ["trainer.max_steps=5", "trainer.eval_every=0"], out / "nan", nan_env)
@@ -103,20 +115,24 @@ def main() -> int:
         "nonfinite": [int(r["gate/nonfinite"]) for r in nan_rows],
         "skipped_and_counted": [r["gate/step_kept"] for r in nan_rows] == ["1", "1", "0", "1", "1"],
     }
+    save(summary, out)
 
     base = every_term + ["trainer.max_steps=4", "trainer.eval_every=0", "deepspeed=zero2"]
     accum1 = train(1, base + ["trainer.micro_batch_size=8", "trainer.grad_accum=1"], out / "accum1", env)
     accum2 = train(1, base + ["trainer.micro_batch_size=4", "trainer.grad_accum=2"], out / "accum2", env)
     summary["grad_accum_1_vs_2"] = {"max_relative_loss_drift": max_relative_diff(accum1, accum2)}
+    save(summary, out)
 
     size = ["--size", "tiny"] if args.smoke else []
     offload = run([sys.executable, "bench/teacher_offload.py", "--procs", "1", "--out", str(out / "offload")]
                   + (["--steps", "4", "--skip", "1"] if args.smoke else []), env)  # fmt: skip
     summary["teacher_offload"] = last_json(offload.stdout) if offload.returncode == 0 else offload.stderr[-800:]
+    save(summary, out)
     mfu = run([sys.executable, "bench/kd_mfu.py", "--procs", "1", "--out", str(out / "mfu"), *size]
               + (["--steps", "4", "--skip", "1"] if args.smoke else []), env, timeout=1800)  # fmt: skip
     summary["kd_mfu"] = last_json(mfu.stdout) if mfu.returncode == 0 else mfu.stderr[-800:]
     summary["seconds"] = round(time.time() - started, 1)
+    save(summary, out)
     print(json.dumps(summary))
     return 0
 
