@@ -274,3 +274,57 @@ def test_bad_checkpoints_are_refused_before_anything_is_written(trained_run, tmp
         assert "Traceback" not in result.stderr
         assert tree(where) == before, extra  # nothing written, nothing removed
     assert (step / checkpoint.COMPLETE).is_file()
+
+
+@pytest.fixture
+def teacher_with_bad_sizes(tiny_assets, tmp_path):
+    """The tiny teacher with a config.json whose width is not a multiple of its head count."""
+    teacher = tmp_path / "bad_teacher"
+    shutil.copytree(tiny_assets / "teacher", teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    config.update(hidden_size=50, num_attention_heads=4)
+    (teacher / "config.json").write_text(json.dumps(config))
+    return teacher
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["student.config.hidden_size=130", "student.config.num_attention_heads=4"],
+            "student.config: transformers rejects it: The hidden size (130) is not a multiple of the number of "
+            "attention heads (4)",
+        ),
+        (["student.config.model_type=nosuch"], "student.config.model_type: transformers 5"),
+        (["+student.config.hidden_act=nope"], "student.config: transformers cannot build a causal LM from it: unknown"),
+        (["student.config.model_type=vit"], "cannot build a causal LM from it: Unrecognized configuration class"),
+        (
+            ["+deepspeed.extra.zero_optimization.bogus=1"],
+            "deepspeed.extra: DeepSpeed refuses the student's config: DeepSpeedZeroConfig `bogus`: Extra inputs",
+        ),
+        (["+deepspeed.extra.zero_optimization.stage=7"], "DeepSpeedZeroConfig `stage`: Input should be 0, 1, 2, 3"),
+        (["+deepspeed.extra.bf16.enabled=maybe"], "DeepSpeedBF16Config `enabled`: Input should be a valid boolean"),
+        (
+            ["+deepspeed.extra.gradient_accumulation_steps=3"],
+            "the student's train_batch_size (8) is not train_micro_batch_size_per_gpu (4) x "
+            "gradient_accumulation_steps (3) x world size (2) = 24",
+        ),
+        (["teacher.path=BAD_TEACHER"], "config.json: The hidden size (50) is not a multiple of the number of"),
+    ],
+)
+def test_configs_the_libraries_refuse(tiny_assets, tmp_path, teacher_with_bad_sizes, extra, message):
+    """What transformers or DeepSpeed refuse is found before any process starts: one line naming the
+    key and the library's reason."""
+    run_dir = tmp_path / "run"
+    extra = [e.replace("BAD_TEACHER", str(teacher_with_bad_sizes)) for e in extra]
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), *extra])
+    assert_clean_failure(result, message, run_dir)
+
+
+def test_wandb_project_without_wandb_installed(tiny_assets, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: find_spec finds nothing
+    run_dir = tmp_path / "run"
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), "metrics.wandb_project=vkd"])
+    assert_clean_failure(result, "`metrics.wandb_project` is set but wandb is not installed", run_dir)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
+
 from vkd_ds.config import check_global_batch
+from vkd_ds.errors import VkdError
 from vkd_ds.schedule import lr_scheduler_factory
 from vkd_ds.settings import Settings
 
@@ -109,6 +112,47 @@ def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,
     }
+
+
+def check_deepspeed_configs(cfg: Settings, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's own validation of both engines' JSON (`deepspeed.extra` merged in), before any
+    engine or process exists: a key or value DeepSpeed refuses is one VkdError naming it. Returns the
+    student's JSON."""
+    student = student_ds_config(cfg, world_size, on_gpu)
+    for engine, ds in (("student", student), ("teacher", teacher_ds_config(cfg, on_gpu))):
+        check_deepspeed_config(ds, world_size, engine)
+    return student
+
+
+def check_deepspeed_config(ds: dict[str, Any], world_size: int, engine: str) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    ds = copy.deepcopy(ds)
+    micro, accum = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1)
+    batch = ds.get("train_batch_size")
+    if all(isinstance(v, int) for v in (micro, accum, batch)):
+        if batch != micro * accum * world_size:
+            raise VkdError(
+                f"deepspeed.extra: the {engine}'s train_batch_size ({batch}) is not train_micro_batch_size_per_gpu "
+                f"({micro}) x gradient_accumulation_steps ({accum}) x world size ({world_size}) = "
+                f"{micro * accum * world_size}; set the batch with trainer.* keys, not deepspeed.extra"
+            )
+        if not torch.distributed.is_initialized():
+            # Without a process group DeepSpeed's checks see a world of one rank: the same batch, per rank.
+            ds["train_batch_size"] = micro * accum
+    try:
+        DeepSpeedConfig(ds)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise VkdError(
+            f"deepspeed.extra: DeepSpeed refuses the {engine}'s config: {err.title} `{where}`: {first['msg']}"
+        ) from None
+    except Exception as err:  # DeepSpeed's sanity checks raise AssertionError, ValueError, ...
+        from vkd_ds.models import library_reason
+
+        raise VkdError(f"deepspeed.extra: DeepSpeed refuses the {engine}'s config: {library_reason(err)}") from None
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

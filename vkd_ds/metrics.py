@@ -6,6 +6,7 @@ import csv
 import logging
 import os
 import sys
+import uuid
 from pathlib import Path
 
 LOGGER_NAME = "vkd_ds"
@@ -89,11 +90,11 @@ class MetricsSinks:
         if wandb_project:
             import wandb
 
-            id_file = run_dir / "wandb_id"
-            if not id_file.exists():
-                id_file.write_text(wandb.util.generate_id())
+            # One W&B run per run.dir: a resumed job logs into the run its first invocation started
+            # (resume="allow"). Steps a killed job logged after its checkpoint are logged again with
+            # the same values (resume is exact); W&B keeps the first and ignores the repeat.
             self.wandb = wandb.init(
-                project=wandb_project, dir=str(run_dir), id=id_file.read_text().strip(), resume="allow", config=config
+                project=wandb_project, dir=str(run_dir), id=wandb_run_id(run_dir), resume="allow", config=config
             )
 
     def has_step(self, step: int) -> bool:
@@ -114,6 +115,16 @@ class MetricsSinks:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of `run_dir`: made on first use (12 hex digits) and kept in run_dir/wandb_id."""
+    id_file = run_dir / "wandb_id"
+    if not id_file.exists():
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(uuid.uuid4().hex[:12])
+        tmp.replace(id_file)  # atomic: a kill leaves no empty id behind
+    return id_file.read_text().strip()
 
 
 def _fmt(value):

@@ -47,23 +47,53 @@ def load_model_config(path: str, key: str):
         raise VkdError(f"{key}: {directory} has no config.json (not a Hugging Face model directory)")
     try:
         return AutoConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError) as err:
-        raise VkdError(f"{key}: cannot read {directory / 'config.json'}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # unreadable JSON, an unknown model_type, transformers' validation of the sizes
+        raise VkdError(f"{key}: cannot read {directory / 'config.json'}: {library_reason(err)}") from None
 
 
 def student_config_from_dict(spec: dict, vocab_size: int):
     """A transformers config from `student.config` (model_type plus keys)."""
-    from transformers import AutoConfig
+    import transformers
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     fields = dict(spec)
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise VkdError("student.config needs a `model_type` (e.g. llama, qwen2, gpt2, mistral)")
+    if model_type not in CONFIG_MAPPING:
+        raise VkdError(
+            f"student.config.model_type: transformers {transformers.__version__} has no model type "
+            f"{model_type!r} (e.g. llama, qwen2, gpt2, mistral)"
+        )
     fields.setdefault("vocab_size", vocab_size)
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError, TypeError) as err:
-        raise VkdError(f"student.config: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # transformers' own checks raise several types (ValueError, its strict-dataclass errors)
+        raise VkdError(f"student.config: transformers rejects it: {library_reason(err)}") from None
+
+
+def check_buildable(config, key: str) -> None:
+    """transformers builds a causal LM of `config` on the meta device (no memory, no weights read):
+    its checks of sizes, activations and architecture run here, before any process starts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # whatever transformers raises, one line naming the key
+        raise VkdError(f"{key}: transformers cannot build a causal LM from it: {library_reason(err)}") from None
+
+
+def library_reason(err: BaseException) -> str:
+    """A library's reason for an error, in one line: its cause's first line where it wraps one (as
+    transformers' config validation does), at most 300 characters."""
+    cause = err.__cause__ or err
+    reason = str(cause).strip().splitlines() or [type(cause).__name__]
+    line = reason[0].strip()
+    if isinstance(cause, KeyError):  # its message is the missing name alone
+        line = f"unknown name {line}"
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def check_vocab(tokenizer_len: int, model_vocab: int, who: str) -> None:

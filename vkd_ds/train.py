@@ -18,7 +18,14 @@ from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.metrics import setup_logging
-from vkd_ds.models import check_same_tokenizer, check_vocab, load_model_config, load_tokenizer, student_config_from_dict
+from vkd_ds.models import (
+    check_buildable,
+    check_same_tokenizer,
+    check_vocab,
+    load_model_config,
+    load_tokenizer,
+    student_config_from_dict,
+)
 from vkd_ds.objective import Objective
 from vkd_ds.settings import Settings
 from vkd_ds.valence import load_head
@@ -49,6 +56,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     else:
         student_config = student_config_from_dict(s.student.config, vocab)
     check_vocab(vocab, student_config.vocab_size, "student")
+    check_buildable(teacher_config, "teacher.path")
+    check_buildable(student_config, "student.path" if s.student.path is not None else "student.config")
     max_len = s.data.max_seq_len
     files = [load_data_file(s.data.train_path, tokenizer, max_len)]
     if s.data.valid_path:
@@ -138,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from vkd_ds import engines
-    from vkd_ds.ds_config import student_ds_config, student_lr_schedule, teacher_ds_config
+    from vkd_ds.ds_config import check_deepspeed_configs, student_lr_schedule, teacher_ds_config
     from vkd_ds.gate import MercyGate
     from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
@@ -158,6 +167,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume_from = _resume_point(s, run_dir)
     torch.manual_seed(s.trainer.seed)
 
+    # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
+    ds_config = check_deepspeed_configs(s, world, dist.on_gpu())
     objective = prepared.objective
     eager = objective.attention > 0
     gate_settings = s.gate
@@ -170,7 +181,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             head = load_head(s.valence.teacher_head, int(s.valence.k), prepared.teacher_width).to(dist.device())
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
-    ds_config = student_ds_config(s, world, dist.on_gpu())
     # Read (and its files checked) once, before any engine state is touched.
     meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
     if meta is not None and checkpoint.needs_universal(
