@@ -157,10 +157,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepared = prepare(cfg)
     s = prepared.settings
     dist.init()
+    allocator_tuned = False
     if s.trainer.keep_freed_memory and not dist.on_gpu():
         from vkd_ds.malloc import keep_freed_memory
 
-        keep_freed_memory()
+        allocator_tuned = keep_freed_memory()
     world = dist.world_size()
     check_global_batch(s, world)
     run_dir = Path(s.run.dir).resolve()
@@ -225,12 +226,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _write_run_files(s, run_dir, prepared)
     dist.barrier()
     log = setup_logging(run_dir, dist.is_main())
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
     log.info(
-        "vkd-ds: %d rank(s) on %s, %s, ZeRO-%d student, global batch %d sequences, run dir %s",
+        "vkd-ds: %d rank(s) on %s, %s, ZeRO-%d student%s, global batch %d sequences, run dir %s",
         world,
         dist.device_description(),
         "bf16" if ds_config["bf16"]["enabled"] else "fp32",
         int(ds_config["zero_optimization"]["stage"]),
+        "" if offload == "none" else f" (optimizer offloaded to {offload})",
         check_global_batch(s, world),
         run_dir,
     )
@@ -245,7 +248,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
             s.teacher.offload_param,
         )
 
+    if allocator_tuned:
+        log.info("host allocator: glibc mmap threshold 32 MiB, no trim (trainer.keep_freed_memory)")
+    local, total = engines.local_param_count(engine)
+    log.info(
+        "student: %.2fM parameters, %.2fM held by rank 0 (%s)",
+        total / 1e6,
+        local / 1e6,
+        s.student.path or f"new {prepared.student_config.model_type} from student.config",
+    )
     log.info("objective: %s", " ".join(f"{t}={objective.lambdas[t]:g}" for t in objective.active))
+    if "soft" in objective.active or "ce" in objective.active:
+        d = objective.divergence
+        log.info(
+            "token losses: soft KD %s at T=%g; %s, %d tokens per chunk",
+            d.kind,
+            d.temperature,
+            "from the fused LM head (no logits)" if objective.fused_head else "from the logits",
+            objective.chunk_tokens,
+        )
+    if objective.layer_map:
+        widths = (hidden_width(prepared.student_config), prepared.teacher_width)
+        log.info(
+            "feature KD: student->teacher layers %s, %s",
+            " ".join(f"{st}->{te}" for st, te in objective.layer_map),
+            f"projectors {widths[0]}->{widths[1]}" if widths[0] != widths[1] else "no projectors (equal widths)",
+        )
     seq_kd = None
     if samples_needed:
         seq_kd = SequenceKD(
