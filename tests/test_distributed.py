@@ -254,7 +254,7 @@ def test_tensorboard_events_and_the_report(six_step_run, tmp_path):
 
 def test_eval_of_a_run_and_of_an_exported_model(six_step_run, tiny_assets, tmp_path):
     run_dir, _ = six_step_run
-    result = vkd_cli(["eval", str(run_dir)])
+    result = vkd_cli(["eval", str(run_dir)])  # the run's config with eval_only=true
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((run_dir / "eval" / "step_0000006.json").read_text())
     final = json.loads((run_dir / "eval.json").read_text())

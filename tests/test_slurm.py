@@ -164,7 +164,8 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm, straigh
     wait_for(
         lambda: (run_dir / "metrics.csv").is_file() and len(read_metrics(run_dir / "metrics.csv")) >= 5, 300, "5 steps"
     )
-    # What SLURM sends ahead of the time limit (--signal=USR1@120 in the script).
+    # What SLURM sends ahead of the time limit (--signal=USR1@120 in the script): one of the default
+    # trainer.preempt_signals; the default trainer.requeue=auto requeues the job after its checkpoint.
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     log = run_dir / "train.log"
     wait_for(lambda: log.is_file() and "requeued SLURM job" in log.read_text(), 120, "the requeue")
