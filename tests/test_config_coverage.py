@@ -30,6 +30,7 @@ import pytest
 
 from tests.conftest import REPO, base_overrides, deepspeed_launch, save_tiny_model, vkd_cli
 from tests.conftest import vkd_cli_in_process as cli
+from vkd_ds.terms import TERM_NAMES
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def lambda_used(term: str, weight: float, step: int = 1):
         weights = job.config["loss"]
         row = job.rows[step - 1]
         assert weights[term] == weight
-        total = sum(weights[t] * float(row[f"loss/{t}"]) for t in TERMS if row.get(f"loss/{t}"))
+        total = sum(weights[t] * float(row[f"loss/{t}"]) for t in TERM_NAMES if row.get(f"loss/{t}"))
         assert relative(float(row["loss"]), total) < 1e-4, (row["loss"], total)
         assert float(row[f"loss/{term}"]) > 0
 
@@ -194,8 +195,6 @@ def fitted(name: str):
 
     return check
 
-
-TERMS = ("ce", "soft", "feat", "seq", "val", "reg")
 
 COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     # --- teacher, student, data --------------------------------------------------------------

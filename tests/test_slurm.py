@@ -168,7 +168,7 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm, straigh
     # trainer.preempt_signals; the default trainer.requeue=auto requeues the job after its checkpoint.
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     log = run_dir / "train.log"
-    wait_for(lambda: log.is_file() and "requeued SLURM job" in log.read_text(), 120, "the requeue")
+    wait_for(lambda: log.is_file() and "requeueing SLURM job" in log.read_text(), 120, "the requeue")
     # A requeued job waits about 2 minutes before it may start again; let it start now.
     wait_for(lambda: job_state(slurm, job).get("JobState") == "PENDING", 120, "the job back in the queue")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)

@@ -507,10 +507,10 @@ def _requeue(mode: str, log) -> None:
         return
     import subprocess
 
+    # Logged first: the requeue cancels this job's own tasks, possibly before scontrol returns here.
+    log.info("requeueing SLURM job %s; it resumes from this checkpoint", job)
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode == 0:
-        log.info("requeued SLURM job %s; it resumes from this checkpoint", job)
-    else:
+    if result.returncode != 0:
         log.warning("scontrol requeue %s failed (%s); resubmit to resume", job, result.stderr.strip())
 
 
