@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vkd_ds.config import check_global_batch
-from vkd_ds.errors import VkdError
+from vkd_ds.errors import VkdError, library_reason
 from vkd_ds.schedule import lr_scheduler_factory
 from vkd_ds.settings import Settings
 
@@ -114,14 +114,14 @@ def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
     }
 
 
-def check_deepspeed_configs(cfg: Settings, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed's own validation of both engines' JSON (`deepspeed.extra` merged in), before any
-    engine or process exists: a key or value DeepSpeed refuses is one VkdError naming it. Returns the
-    student's JSON."""
-    student = student_ds_config(cfg, world_size, on_gpu)
-    for engine, ds in (("student", student), ("teacher", teacher_ds_config(cfg, on_gpu))):
+def checked_deepspeed_configs(cfg: Settings, world_size: int, on_gpu: bool) -> tuple[dict, dict]:
+    """Both engines' JSON (student, teacher), validated by DeepSpeed's own config class with
+    `deepspeed.extra` merged in, before any engine or process exists: a key or value DeepSpeed
+    refuses is one VkdError naming it."""
+    student, teacher = student_ds_config(cfg, world_size, on_gpu), teacher_ds_config(cfg, on_gpu)
+    for engine, ds in (("student", student), ("teacher", teacher)):
         check_deepspeed_config(ds, world_size, engine)
-    return student
+    return student, teacher
 
 
 def check_deepspeed_config(ds: dict[str, Any], world_size: int, engine: str) -> None:
@@ -150,8 +150,6 @@ def check_deepspeed_config(ds: dict[str, Any], world_size: int, engine: str) -> 
             f"deepspeed.extra: DeepSpeed refuses the {engine}'s config: {err.title} `{where}`: {first['msg']}"
         ) from None
     except Exception as err:  # DeepSpeed's sanity checks raise AssertionError, ValueError, ...
-        from vkd_ds.models import library_reason
-
         raise VkdError(f"deepspeed.extra: DeepSpeed refuses the {engine}'s config: {library_reason(err)}") from None
 
 

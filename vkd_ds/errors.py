@@ -12,3 +12,14 @@ class VkdError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def library_reason(err: BaseException) -> str:
+    """A library's reason for an error, in one line: its cause's first line where it wraps one (as
+    transformers' config validation does), at most 300 characters."""
+    cause = err.__cause__ or err
+    reason = str(cause).strip().splitlines() or [type(cause).__name__]
+    line = reason[0].strip()
+    if isinstance(cause, KeyError):  # its message is the missing name alone
+        line = f"unknown name {line}"
+    return line if len(line) <= 300 else line[:297] + "..."

@@ -48,14 +48,14 @@ def start_training(overrides: list[str]) -> int:
     ranks (one per GPU, or `num_procs` on a CPU machine). The exit status of the job."""
     select_accelerator()
     from vkd_ds.config import check_global_batch, compose
-    from vkd_ds.ds_config import check_deepspeed_configs
+    from vkd_ds.ds_config import checked_deepspeed_configs
     from vkd_ds.train import prepare
 
     cfg = compose(overrides)
     prepared = prepare(cfg)
     num_procs = procs_for(cfg)
     check_global_batch(cfg, num_procs)
-    check_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
+    checked_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
     return run_launcher(overrides, num_procs)
 
 

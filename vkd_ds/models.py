@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vkd_ds.errors import VkdError
+from vkd_ds.errors import VkdError, library_reason
 from vkd_ds.features import HiddenCapture, hidden_width
 from vkd_ds.losses import fused_head_losses
 from vkd_ds.valence import ValenceHead
@@ -83,17 +83,6 @@ def check_buildable(config, key: str) -> None:
             AutoModelForCausalLM.from_config(config)
     except Exception as err:  # whatever transformers raises, one line naming the key
         raise VkdError(f"{key}: transformers cannot build a causal LM from it: {library_reason(err)}") from None
-
-
-def library_reason(err: BaseException) -> str:
-    """A library's reason for an error, in one line: its cause's first line where it wraps one (as
-    transformers' config validation does), at most 300 characters."""
-    cause = err.__cause__ or err
-    reason = str(cause).strip().splitlines() or [type(cause).__name__]
-    line = reason[0].strip()
-    if isinstance(cause, KeyError):  # its message is the missing name alone
-        line = f"unknown name {line}"
-    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def check_vocab(tokenizer_len: int, model_vocab: int, who: str) -> None:

@@ -147,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from vkd_ds import engines
-    from vkd_ds.ds_config import check_deepspeed_configs, student_lr_schedule, teacher_ds_config
+    from vkd_ds.ds_config import checked_deepspeed_configs, student_lr_schedule
     from vkd_ds.gate import MercyGate
     from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
@@ -169,14 +169,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(s.trainer.seed)
 
     # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
-    ds_config = check_deepspeed_configs(s, world, dist.on_gpu())
+    ds_config, teacher_ds = checked_deepspeed_configs(s, world, dist.on_gpu())
     objective = prepared.objective
     eager = objective.attention > 0
     gate_settings = s.gate
     teacher = teacher_engine = None
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
     if objective.needs_teacher or gate_settings.enabled:
-        teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds_config(s, dist.on_gpu()), eager)
+        teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds, eager)
         head = None
         if objective.teacher_valence or gate_settings.enabled:
             head = load_head(s.valence.teacher_head, int(s.valence.k), prepared.teacher_width).to(dist.device())
