@@ -1,4 +1,4 @@
-"""The `vkd-ds` command: demo, train, eval, fit-valence-head, export, report."""
+"""The `vkd-ds` command: demo, train, eval, cache-teacher, fit-valence-head, export, report."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vkd_ds.errors import EXIT_USER_ERROR, VkdError
-from vkd_ds.launch import procs_for, run_launcher, select_accelerator, start_training
+from vkd_ds.launch import procs_for, run_launcher, select_accelerator, start_cache_teacher, start_training
 
 
 def cmd_train(overrides: list[str]) -> int:
@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="distill with the deepspeed launcher: vkd-ds train [hydra overrides]", add_help=False
     )
     train.add_argument("overrides", nargs=argparse.REMAINDER)
+    sub.add_parser(
+        "cache-teacher",
+        help="store the teacher's top-k log-probs, entropy and valence for training with teacher.cache=DIR: "
+        "vkd-ds cache-teacher cache.dir=DIR [hydra overrides]",
+        add_help=False,
+    )
     fit = sub.add_parser(
         "fit-valence-head",
         help="fit the teacher's valence head (teacher frozen): vkd-ds fit-valence-head [hydra overrides]",
@@ -136,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(argv[1:])
         if argv[:1] == ["eval"]:
             return cmd_eval(argv[1:])
+        if argv[:1] == ["cache-teacher"]:
+            return start_cache_teacher(argv[1:])
         if argv[:1] == ["fit-valence-head"]:
             return cmd_fit_valence_head(argv[1:])
         args = build_parser().parse_args(argv)

@@ -8,7 +8,14 @@ import torch
 
 from vkd_ds import dist
 from vkd_ds.data import Example, collate, eval_shards
-from vkd_ds.losses import FORWARD_KL_T1, divergence_per_sequence, shift_for_next_token, token_ce, valence_mse
+from vkd_ds.losses import (
+    FORWARD_KL_T1,
+    SparseTeacher,
+    divergence_per_sequence,
+    shift_for_next_token,
+    token_ce,
+    valence_mse,
+)
 from vkd_ds.objective import Objective, Teacher
 
 
@@ -62,6 +69,7 @@ def evaluate(
     if not valid_data:
         return {}
     device, vocab, chunk = dist.device(), objective.vocab_size, objective.chunk_tokens
+    kl_measured = False
     was_training = engine.training
     engine.eval()
     sums = DeviceSums()
@@ -74,12 +82,16 @@ def evaluate(
                 batch["loss_mask"][row] = False
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         counts = mask.sum(1)
-        teacher_out = teacher(batch["input_ids"], batch["attention_mask"]) if teacher is not None else None
+        teacher_out = teacher.on_batch(batch) if teacher is not None else None
+        # A teacher cache holds the teacher at its own T: KL at T = 1 only when that T is 1.
+        cached = teacher_out is not None and isinstance(teacher_out["logits"], SparseTeacher)
+        kl_at_t1 = teacher_out is not None and (not cached or teacher_out["logits"].temperature == 1.0)
         # KL to the teacher at T = 1, whatever the training divergence and temperature; and the
         # training divergence itself (the same number when it is forward KL at T = 1).
-        inputs = objective.fused_inputs(batch, teacher_out, True, teacher_out is not None, FORWARD_KL_T1)
+        inputs = objective.fused_inputs(batch, teacher_out, True, kl_at_t1, FORWARD_KL_T1)
         student_out = engine(batch["input_ids"], batch["attention_mask"], **inputs)
         trained = objective.divergence
+        kl = divergence = None
         if inputs:
             ce, kl = student_out["ce"], student_out["soft"]
             if teacher_out is not None and trained != FORWARD_KL_T1:
@@ -89,25 +101,33 @@ def evaluate(
         else:
             logits = student_out["logits"]
             ce = token_ce(logits, targets, mask, vocab, chunk)
-            if teacher_out is not None:
+            if kl_at_t1:
                 kl = divergence_per_sequence(logits, teacher_out["logits"], mask, FORWARD_KL_T1, vocab, chunk)
-                if trained != FORWARD_KL_T1:
-                    divergence = divergence_per_sequence(logits, teacher_out["logits"], mask, trained, vocab, chunk)
+            if teacher_out is not None and trained != FORWARD_KL_T1:
+                divergence = divergence_per_sequence(logits, teacher_out["logits"], mask, trained, vocab, chunk)
         if teacher_out is not None and trained == FORWARD_KL_T1:
             divergence = kl
         sums.add_weighted("student_nats", ce, counts)
         sums.add("tokens", counts)
         if teacher_out is not None:
             t_logits = teacher_out["logits"]
-            sums.add_weighted("kl_nats", kl, counts)
+            if kl is not None:
+                sums.add_weighted("kl_nats", kl, counts)
             sums.add_weighted("divergence", divergence, counts)
-            sums.add_weighted("teacher_nats", token_ce(t_logits, targets, mask, vocab, chunk), counts)
+            if cached:
+                sums.add("teacher_nats", -teacher_out["target_logp"])
+            else:
+                sums.add_weighted("teacher_nats", token_ce(t_logits, targets, mask, vocab, chunk), counts)
             if "valence" in student_out and "valence" in teacher_out:
                 mse = valence_mse(student_out["valence"], teacher_out["valence"], mask)
                 sums.add_weighted("valence_se", mse, counts)
             if not inputs:  # the fused LM head builds no student logits to compare
-                same = logits[..., :vocab].argmax(-1) == t_logits[..., :vocab].argmax(-1)
-                sums.add("top1_agree", same & mask)
+                student_top1 = logits[..., :vocab].argmax(-1)
+                if cached:  # the cache's ids come most probable first
+                    sums.add("top1_agree", student_top1[mask] == t_logits.ids[:, 0])
+                else:
+                    sums.add("top1_agree", (student_top1 == t_logits[..., :vocab].argmax(-1)) & mask)
+        kl_measured = kl_at_t1
     if was_training:
         engine.train()
     total = sums.all_reduced(device)
@@ -115,7 +135,8 @@ def evaluate(
     result = {"eval/ce": total["student_nats"] / tokens}
     result["eval/ppl"] = math.exp(min(result["eval/ce"], 50.0))
     if teacher is not None:
-        result["eval/kl_teacher"] = total["kl_nats"] / tokens
+        if kl_measured:
+            result["eval/kl_teacher"] = total["kl_nats"] / tokens
         result["eval/divergence"] = total["divergence"] / tokens  # loss.divergence at loss.temperature, ×T²
         result["eval/teacher_ce"] = total["teacher_nats"] / tokens
         result["eval/teacher_ppl"] = math.exp(min(result["eval/teacher_ce"], 50.0))

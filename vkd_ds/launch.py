@@ -59,6 +59,21 @@ def start_training(overrides: list[str]) -> int:
     return run_launcher(overrides, num_procs)
 
 
+def start_cache_teacher(overrides: list[str]) -> int:
+    """`vkd-ds cache-teacher [overrides]`: its checks here (settings, teacher, tokenizer, data, cache.*,
+    an existing cache.dir), then the ranks, each writing its share of the shards."""
+    select_accelerator()
+    from vkd_ds.config import compose
+    from vkd_ds.ds_config import check_deepspeed_config, teacher_ds_config
+    from vkd_ds.teacher_cache import prepare_cache
+
+    cfg = compose(overrides)
+    plan = prepare_cache(cfg)
+    num_procs = procs_for(cfg)
+    check_deepspeed_config(teacher_ds_config(plan.settings, num_procs_are_gpus()), num_procs, "teacher")
+    return run_launcher([CACHE_TEACHER_FLAG, *overrides], num_procs)
+
+
 def num_procs_are_gpus() -> bool:
     import torch
 
@@ -107,13 +122,23 @@ def select_accelerator() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+CACHE_TEACHER_FLAG = "--job=cache-teacher"  # the ranks of `vkd-ds cache-teacher` (first argument)
+_job = "train"
+
+
 def run_job(cfg) -> None:
     from vkd_ds import dist
     from vkd_ds.errors import EXIT_USER_ERROR, VkdError
-    from vkd_ds.train import train
 
     try:
-        train(cfg)
+        if _job == "cache-teacher":
+            from vkd_ds.teacher_cache import write_cache
+
+            write_cache(cfg)
+        else:
+            from vkd_ds.train import train
+
+            train(cfg)
     except VkdError as err:
         if dist.rank() == 0:
             print(f"vkd-ds: error: {err}", file=sys.stderr, flush=True)
@@ -181,7 +206,11 @@ def main() -> None:
     # A hard crash of a rank (SIGSEGV, SIGABRT from C++) prints every thread's Python stack.
     faulthandler.enable()
     quiet_warnings()
+    global _job
     sys.argv = [sys.argv[0]] + strip_local_rank(sys.argv[1:])
+    if sys.argv[1:2] == [CACHE_TEACHER_FLAG]:
+        _job = "cache-teacher"
+        del sys.argv[1]
     select_accelerator()
     if sys.argv[1:2] == [CONFIG_FILE_FLAG]:
         from vkd_ds.errors import EXIT_USER_ERROR, VkdError

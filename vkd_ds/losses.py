@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,84 @@ def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
     return loss, grad
 
 
+# A stored log-probability or tail mass at or below this is taken as zero mass: the cache clamps its
+# tail logs here, so that 0·log 0 never meets a -inf (exp(-1e4) is 0 in every float type).
+LOG_ZERO = -1.0e4
+
+
+@dataclass
+class SparseTeacher:
+    """The teacher's distribution at the selected positions (in `mask`'s row-major order), as the teacher
+    cache stores it: its top-k token ids, their log-probabilities under softmax(z_T/T) and the log of
+    the mass outside them (the tail bucket). k = V has no tail: the distribution is whole."""
+
+    ids: torch.Tensor  # [N, k] int64, the teacher's top-k tokens, most probable first
+    logp: torch.Tensor  # [N, k] fp32 at temperature `temperature`
+    log_tail: torch.Tensor  # [N] fp32, log(1 − Σ_k p), LOG_ZERO for no mass
+    temperature: float
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def _sparse_chunk(student: torch.Tensor, teacher: SparseTeacher, rows: slice, d: Divergence):
+    """T²·D between the bucketed distributions — the teacher's top-k tokens one bucket each, every
+    other token in one tail bucket — and its gradient to the student's logits (fp32 [chunk, V], an
+    overwritable copy). D is any of DIVERGENCES, applied to the k+1 buckets at T = 1 (their log-
+    probabilities are already at T). A bucketed divergence is at most the dense one (data
+    processing) and equals it at k = V, where there is no tail bucket.
+
+    Gradient: with g = ∂D/∂u, u the student's bucket log-probabilities (Σ_b g_b = 0, a softmax's
+    Jacobian), ∂(T²·D)/∂z_j = T·g_b(j)·q_j/Q_b(j): g_j itself for a top-k token, g_tail·q_j/q_tail
+    for a tail token."""
+    t = d.temperature
+    if not math.isclose(t, teacher.temperature, rel_tol=1e-6):
+        raise ValueError(f"the cached teacher is at T={teacher.temperature}, the divergence at T={t}")
+    ids = teacher.ids[rows]
+    k, vocab = ids.shape[1], student.shape[1]
+    log_q = F.log_softmax(student.div_(t), dim=-1)
+    del student
+    u_student = log_q.gather(1, ids)
+    u_teacher = teacher.logp[rows].float()
+    tail_share = None
+    if k < vocab:
+        outside = log_q.scatter_(1, ids, float("-inf"))  # log q_j off the top-k, -inf on it
+        log_q_tail = torch.logsumexp(outside, dim=-1).clamp_(min=LOG_ZERO)
+        tail_share = outside.sub_(log_q_tail[:, None]).exp_()  # q_j/q_tail off the top-k, 0 on it
+        u_student = torch.cat([u_student, log_q_tail[:, None]], dim=1)
+        u_teacher = torch.cat([u_teacher, teacher.log_tail[rows].float()[:, None]], dim=1)
+    del log_q
+    loss, g = DIVERGENCES[d.kind](u_student, u_teacher, replace(d, temperature=1.0))
+    if tail_share is None:
+        grad = torch.zeros((ids.shape[0], vocab), dtype=torch.float32, device=ids.device)
+    else:
+        grad = tail_share.mul_(g[:, k : k + 1])
+    grad.scatter_(1, ids, g[:, :k])
+    return loss * t**2, grad.mul_(t)
+
+
+RowsLoss = Callable[[torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _ce_rows(targets: torch.Tensor) -> RowsLoss:
+    """CE of a chunk against the target ids, `targets` indexed by flat position."""
+    return lambda student, rows, sel: _cross_entropy_chunk(student, targets[sel])
+
+
+def _teacher_rows(teacher, divergence: Divergence, vocab_size: int, by_position: bool) -> RowsLoss:
+    """The divergence of a chunk to the teacher: `teacher` a SparseTeacher (rows in selected order), or
+    logits indexed by flat position (`by_position`) or already selected ([N, Vt], rows in order)."""
+    if isinstance(teacher, SparseTeacher):
+        return lambda student, rows, sel: _sparse_chunk(student, teacher, rows, divergence)
+
+    def rows_loss(student, rows, sel):
+        # A divergence overwrites its inputs: the teacher's rows are a copy (they serve backward too).
+        teacher_rows = teacher[sel if by_position else rows, :vocab_size].to(torch.float32, copy=True)
+        return DIVERGENCES[divergence.kind](student, teacher_rows, divergence)
+
+    return rows_loss
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     """Per-token loss over selected positions, computed chunk by chunk.
 
@@ -187,9 +265,10 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, flat_index, other, divergence, vocab_size, chunk_tokens):
-        """`divergence` None: CE against the target ids `other`; else a Divergence, `other` the
-        teacher's logits."""
+    def forward(ctx, logits, flat_index, rows_loss, vocab_size, chunk_tokens):
+        """`rows_loss(student, rows, sel)`: (per-token loss, d loss/d student) of one chunk: `student` the
+        fp32 logits of the flat positions `sel` (an overwritable copy), `rows` the chunk's slice of
+        the selected positions (`_ce_rows`, `_teacher_rows`)."""
         flat_logits = logits.flatten(0, 1)
         num_tokens = flat_index.numel()
         chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
@@ -200,11 +279,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         for start in range(0, num_tokens, chunk_tokens):
             sel = flat_index[start : start + chunk_tokens]
             student = flat_logits[sel, :vocab_size].float()  # advanced indexing: a copy, ours to overwrite
-            if divergence is None:
-                loss, grad = _cross_entropy_chunk(student, other[sel])
-            else:
-                teacher = other.flatten(0, 1)[sel, :vocab_size].float()
-                loss, grad = DIVERGENCES[divergence.kind](student, teacher, divergence)
+            loss, grad = rows_loss(student, slice(start, start + len(sel)), sel)
             del student
             losses[start : start + chunk_tokens] = loss
             if grads is not None:
@@ -233,12 +308,12 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 for start in range(0, flat_index.numel(), chunk):
                     rows = slice(start, start + chunk)
                     grads[rows] = _scaled(grads[rows], scale[rows])
-            return grads.view(shape), None, None, None, None, None
+            return grads.view(shape), None, None, None, None
         grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
         for start in range(0, flat_index.numel(), chunk):
             rows = slice(start, start + chunk)
             grad_logits[flat_index[rows], : ctx.vocab_size] = _scaled(grads[rows], scale[rows])
-        return grad_logits.view(shape), None, None, None, None, None
+        return grad_logits.view(shape), None, None, None, None
 
 
 def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
@@ -282,19 +357,25 @@ def token_divergence(
 
 def divergence_per_sequence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseTeacher,
     mask: torch.Tensor,
     divergence: Divergence,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
 ) -> torch.Tensor:
-    """`token_divergence` with the divergence given as a Divergence."""
+    """`token_divergence` with the divergence given as a Divergence; `teacher` the teacher's logits
+    [B,S,Vt], or a SparseTeacher of the selected positions (the teacher cache's top-k and tail)."""
     batch, seq_len = mask.shape
-    vocab = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
     flat_index = _selected(mask)
-    per_token = _ChunkedTokenLoss.apply(
-        student_logits, flat_index, teacher_logits.detach(), divergence, vocab, chunk_tokens
-    )
+    if isinstance(teacher, SparseTeacher):
+        vocab = vocab_size or student_logits.shape[-1]
+        if len(teacher) != flat_index.numel():
+            raise ValueError(f"the sparse teacher has {len(teacher)} rows for {flat_index.numel()} valid positions")
+        rows_loss = _teacher_rows(teacher, divergence, vocab, by_position=False)
+    else:
+        vocab = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
+        rows_loss = _teacher_rows(teacher.detach().flatten(0, 1), divergence, vocab, by_position=True)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens)
     return _per_sequence_mean(per_token, flat_index, batch, seq_len)
 
 
@@ -314,7 +395,7 @@ def token_ce(
     batch, seq_len = mask.shape
     vocab = vocab_size or student_logits.shape[-1]
     flat_index = _selected(mask)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, targets.flatten(), None, vocab, chunk_tokens)
+    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
     return _reduce_per_sequence(per_token, flat_index, batch, seq_len, token_weights)
 
 
@@ -333,7 +414,7 @@ def token_logprobs(
     """log p(targets[b,t]) at every valid position, 0 elsewhere: [B,S] fp32 (no gradient)."""
     vocab = vocab_size or logits.shape[-1]
     flat_index = _selected(mask)
-    nll = _ChunkedTokenLoss.apply(logits.detach(), flat_index, targets.flatten(), None, vocab, chunk_tokens)
+    nll = _ChunkedTokenLoss.apply(logits.detach(), flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
     out = torch.zeros(mask.numel(), dtype=torch.float32, device=logits.device)
     out[flat_index] = -nll
     return out.view(mask.shape)
@@ -450,7 +531,8 @@ class _FusedHeadLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, teacher, divergence, vocab_size, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, targets, soft_rows, vocab_size, chunk_tokens):
+        """`soft_rows`: the divergence of a chunk's rows to the teacher (`_teacher_rows`), or None."""
         num_tokens = hidden.shape[0]
         ce = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         soft = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
@@ -458,19 +540,17 @@ class _FusedHeadLosses(torch.autograd.Function):
             rows = slice(start, start + logits.shape[0])
             if targets is not None:
                 ce[rows] = _cross_entropy_chunk(logits, targets[rows])[0]
-            if teacher is not None:
-                # A divergence overwrites its inputs: after CE, the chunk's logits are spent,
-                # but the saved teacher rows must stay intact for backward, so copy them.
-                teacher_rows = teacher[rows, :vocab_size].to(torch.float32, copy=True)
-                soft[rows] = DIVERGENCES[divergence.kind](logits, teacher_rows, divergence)[0]
-        ctx.save_for_backward(hidden, weight, bias, targets, teacher)
-        ctx.divergence = divergence
+            if soft_rows is not None:
+                # A divergence overwrites its inputs: after CE, the chunk's logits are spent.
+                soft[rows] = soft_rows(logits, rows, None)[0]
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.soft_rows = soft_rows
         ctx.vocab_size, ctx.chunk_tokens = vocab_size, chunk_tokens
         return ce, soft
 
     @staticmethod
     def backward(ctx, grad_ce, grad_soft):
-        hidden, weight, bias, targets, teacher = ctx.saved_tensors
+        hidden, weight, bias, targets = ctx.saved_tensors
         vocab = ctx.vocab_size
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
@@ -481,17 +561,15 @@ class _FusedHeadLosses(torch.autograd.Function):
             grad_logits = torch.zeros_like(logits)
             if targets is not None:
                 grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
-            if teacher is not None:
-                teacher_rows = teacher[rows, :vocab].to(torch.float32, copy=True)
-                grad = DIVERGENCES[ctx.divergence.kind](logits, teacher_rows, ctx.divergence)[1]
-                grad_logits += grad * grad_soft[rows, None]
+            if ctx.soft_rows is not None:
+                grad_logits += ctx.soft_rows(logits, rows, None)[1] * grad_soft[rows, None]
             h = hidden[rows].float()
             grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
             grad_weight[:vocab] += grad_logits.T @ h
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None
 
 
 def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
@@ -510,7 +588,7 @@ def fused_head_losses(
     bias: torch.Tensor | None,
     mask: torch.Tensor,
     targets: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | SparseTeacher | None = None,
     divergence: Divergence = FORWARD_KL_T1,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
@@ -519,19 +597,24 @@ def fused_head_losses(
     """(CE [B], token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence` on
     logits = hidden @ weight.T + bias, without building those logits. hidden [B,S,H] (the LM head's
     input), weight [V,H], mask [B,S]; CE needs `targets` [B,S], the divergence `teacher_logits`
-    [B,S,Vt]; each is None when its input is. `token_weights` [B,S]: CE as `token_ce` with them."""
+    [B,S,Vt] or a SparseTeacher (the teacher cache's); each is None when its input is. `token_weights`
+    [B,S]: CE as `token_ce` with them."""
     batch, seq_len = mask.shape
     vocab = vocab_size or weight.shape[0]
     index = _selected(mask)
     sel_targets = targets.flatten()[index] if targets is not None else None
-    sel_teacher = teacher_logits.detach().flatten(0, 1)[index] if teacher_logits is not None else None
+    soft_rows = None
+    if isinstance(teacher_logits, SparseTeacher):
+        soft_rows = _teacher_rows(teacher_logits, divergence, vocab, by_position=False)
+    elif teacher_logits is not None:
+        selected_teacher = teacher_logits.detach().flatten(0, 1)[index]
+        soft_rows = _teacher_rows(selected_teacher, divergence, vocab, by_position=False)
     ce, soft = _FusedHeadLosses.apply(
         hidden.flatten(0, 1)[index],
         weight,
         bias,
         sel_targets,
-        sel_teacher,
-        divergence,
+        soft_rows,
         vocab,
         chunk_tokens,
     )

@@ -51,6 +51,18 @@ def load_model_config(path: str, key: str):
         raise VkdError(f"{key}: cannot read {directory / 'config.json'}: {library_reason(err)}") from None
 
 
+def model_config_from_dict(config: dict, key: str):
+    """A transformers config from a config.json's contents (e.g. the teacher's, stored in a teacher cache)."""
+    from transformers import AutoConfig
+
+    fields = dict(config)
+    model_type = fields.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as err:
+        raise VkdError(f"{key}: cannot rebuild the teacher's config: {library_reason(err)}") from None
+
+
 def student_config_from_dict(spec: dict, vocab_size: int):
     """A transformers config from `student.config` (model_type plus keys)."""
     import transformers

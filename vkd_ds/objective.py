@@ -15,7 +15,7 @@ from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import Divergence, shift_for_next_token, token_ce
 from vkd_ds.settings import Settings
 from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
-from vkd_ds.valence import ValenceHead, saliency
+from vkd_ds.valence import ValenceHead, cached_normalized_entropy, saliency
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,18 @@ class Objective:
         return [t for _, t in self.layer_map]
 
     def saliency(self, teacher_out: dict, mask: torch.Tensor) -> torch.Tensor:
+        """s_i of each sequence; the token entropy from the teacher's logits, or as a teacher cache stores it."""
+        entropy = None
+        if "entropy" in teacher_out:
+            entropy = cached_normalized_entropy(teacher_out["entropy"], mask, self.vocab_size)
         return saliency(
-            teacher_out["valence"], teacher_out["logits"], mask, self.alphas, self.vocab_size, self.chunk_tokens
+            teacher_out["valence"],
+            teacher_out["logits"],
+            mask,
+            self.alphas,
+            self.vocab_size,
+            self.chunk_tokens,
+            entropy=entropy,
         )
 
     def fused_inputs(
@@ -169,6 +179,10 @@ class Teacher:
             attention=objective.attention > 0,
             last=valence_head is not None,
         )
+
+    def on_batch(self, batch: dict) -> dict:
+        """The teacher's outputs on a collated batch (what a teacher.cache's CachedTeacher also gives)."""
+        return self(batch["input_ids"], batch["attention_mask"])
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:

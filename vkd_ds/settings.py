@@ -181,13 +181,29 @@ def _lazy(module: str, name: str) -> Callable[[], tuple]:
 
 @dataclass(frozen=True)
 class TeacherSettings:
-    path: str = _checked(required)
+    path: str | None = _checked(anything)
     offload_param: str = _checked(choice(OFFLOAD_DEVICES))
     nvme_path: str | None = _checked(anything)
+    cache: str | None = _checked(anything)  # a `vkd-ds cache-teacher` directory, read in place of the teacher
 
     def __post_init__(self):
+        if not self.path and not self.cache:
+            raise VkdError(
+                "config key `teacher.path` is required (set it with teacher.path=...), unless teacher.cache is set"
+            )
         if self.offload_param == "nvme" and not self.nvme_path:
             raise VkdError("config key `teacher.nvme_path` is required when teacher.offload_param=nvme")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """`vkd-ds cache-teacher`: where and what it stores (training reads it with teacher.cache=DIR)."""
+
+    dir: str | None = _checked(anything)
+    top_k: int = _checked(number(low=1, integer=True))
+    temperature: float | None = _checked(number(low=1e-3, optional=True))  # null: loss.temperature
+    precision: str = _checked(choice(("fp16", "fp32")))
+    records_per_shard: int = _checked(number(low=1, integer=True))
 
 
 @dataclass(frozen=True)
@@ -378,6 +394,7 @@ class Settings:
     trainer: TrainerSettings
     deepspeed: DeepSpeedSettings
     run: RunSettings
+    cache: CacheSettings
     assets_dir: str | None = _checked(anything)
     resume: str = _checked(_resume)
     eval_only: bool = _checked(flag)
@@ -395,7 +412,11 @@ class Settings:
 
     def __post_init__(self):
         """Checks of keys in different sections."""
-        if self.needs_teacher_valence and not self.valence.teacher_head:
+        if self.teacher.cache:
+            self._check_cached_teacher()
+        if not self.data.tokenizer_path:
+            raise VkdError("config key `data.tokenizer_path` is required (set it with data.tokenizer_path=...)")
+        if self.needs_teacher_valence and not self.valence.teacher_head and not self.teacher.cache:
             raise VkdError(
                 "config key `valence.teacher_head` is required when loss.val > 0, weighting.lam > 0 or "
                 "gate.enabled: fit one with `vkd-ds fit-valence-head`, or set loss.val=0 weighting.lam=0 "
@@ -424,6 +445,22 @@ class Settings:
         if self.gate.rollout_steps >= max_len:
             steps = self.gate.rollout_steps
             raise VkdError(f"config key `gate.rollout_steps` ({steps}) must be below data.max_seq_len")
+
+    def _check_cached_teacher(self) -> None:
+        """teacher.cache serves CE, token KD, L_val, L_reg and the weights; the rest needs the live teacher."""
+        live = [f"loss.{name}={self.loss.weights[name]:g}" for name in ("feat", "seq") if self.loss.weights[name] > 0]
+        if self.loss.weights["reg"] > 0 and self.reg.contrastive > 0:
+            live.append(f"reg.contrastive={self.reg.contrastive:g}")
+        if self.onpolicy.fraction > 0:
+            live.append(f"onpolicy.fraction={self.onpolicy.fraction:g}")
+        if self.gate.enabled:
+            live.append("gate.enabled=true")
+        if live:
+            raise VkdError(
+                "teacher.cache serves CE, token KD (loss.soft), L_val, L_reg and the valence weights; "
+                f"{', '.join(live)} need(s) the live teacher: set them to 0 (false), or train with teacher.path "
+                "and teacher.cache=null"
+            )
 
     @property
     def valence_feeds_the_loss(self) -> bool:

@@ -24,6 +24,7 @@ from vkd_ds.models import (
     check_vocab,
     load_model_config,
     load_tokenizer,
+    model_config_from_dict,
     student_config_from_dict,
 )
 from vkd_ds.objective import Objective
@@ -41,12 +42,18 @@ class Prepared:
     teacher_width: int
     data_notes: list[str]  # skipped empty records, records without a target: logged at start
     settings: Settings
+    cache_manifest: dict | None = None  # teacher.cache's, checked against this run
 
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Every input check, with no side effects (no process group needed); the settings of the run."""
     s = Settings.from_config(cfg)
-    teacher_config = load_model_config(s.teacher.path, "teacher.path")
+    if s.teacher.path is not None:
+        teacher_config = load_model_config(s.teacher.path, "teacher.path")
+    else:  # teacher.cache without the teacher: its config comes from the cache's manifest
+        from vkd_ds.teacher_cache import read_manifest
+
+        teacher_config = model_config_from_dict(read_manifest(s.teacher.cache)["teacher"]["config"], "teacher.cache")
     tokenizer = load_tokenizer(s.data.tokenizer_path)
     vocab = len(tokenizer)
     check_vocab(vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
@@ -81,8 +88,21 @@ def prepare(cfg: DictConfig) -> Prepared:
                 )
     if s.valence.teacher_head:
         load_head(s.valence.teacher_head, int(s.valence.k), teacher_width)
+    manifest = None
+    if s.teacher.cache:
+        from vkd_ds.teacher_cache import check_for_training
+
+        manifest = check_for_training(s, tokenizer, _data_splits(s, train_data, valid_data), s.valence_feeds_the_loss)
     notes = [note for file in files for note in file.notes()]
-    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes, s)
+    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes, s, manifest)
+
+
+def _data_splits(s: Settings, train_data: list[Example], valid_data: list[Example]) -> dict:
+    """{split: (data file, its examples)}: what a teacher cache holds."""
+    splits = {"train": (s.data.train_path, train_data)}
+    if s.data.valid_path:
+        splits["valid"] = (s.data.valid_path, valid_data)
+    return splits
 
 
 def _check_prompts(s: Settings, train_data: list[Example]) -> None:
@@ -174,8 +194,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     eager = objective.attention > 0
     gate_settings = s.gate
     teacher = teacher_engine = None
+    if s.teacher.cache:  # the settings refused every term that would need the live teacher
+        from vkd_ds.teacher_cache import CachedTeacher
+
+        splits = _data_splits(s, prepared.train_data, prepared.valid_data)
+        teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, splits, dist.device())
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
-    if objective.needs_teacher or gate_settings.enabled:
+    elif objective.needs_teacher or gate_settings.enabled:
         teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds, eager)
         head = None
         if objective.teacher_valence or gate_settings.enabled:
@@ -239,6 +264,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     for note in prepared.data_notes:
         log.warning("data: %s", note)
+    if s.teacher.cache:
+        m = prepared.cache_manifest
+        log.info(
+            "teacher: not loaded; its top-%d at T=%g, entropy%s from the cache %s (%.0f bytes per token)",
+            m["top_k"],
+            m["temperature"],
+            " and valence" if m["valence"] else "",
+            s.teacher.cache,
+            m["bytes_per_token"],
+        )
     if teacher_engine is not None:
         local, total = engines.local_param_count(teacher_engine)
         log.info(

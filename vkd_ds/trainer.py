@@ -181,7 +181,7 @@ class Trainer:
         if self.teacher is None:
             return [None] * len(micro_batches)
         with self.clock("teacher_forward"):
-            return [self.teacher(mb["input_ids"], mb["attention_mask"]) for mb in micro_batches]
+            return [self.teacher.on_batch(mb) for mb in micro_batches]
 
     def _sequence_weights(
         self, micro_batches: list[dict], teacher_outs: list[dict | None], stats: dict

@@ -64,24 +64,33 @@ def normalized_entropy(
     return sums / counts.clamp(min=1.0) / math.log(vocab)
 
 
+def cached_normalized_entropy(entropy: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`normalized_entropy` from per-position entropies [B,S] (a teacher cache's): [B] in [0, 1]."""
+    m = mask.to(torch.float32)
+    return (entropy.float() * m).sum(1) / m.sum(1).clamp(min=1.0) / math.log(vocab_size)
+
+
 @torch.no_grad()
 def saliency(
     trajectory: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
     mask: torch.Tensor,
     alphas: tuple[float, float, float, float] = DEFAULT_ALPHAS,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """s_i = α1·mean(V_i) + α2·min(V_i) + α3·(1 − H_i) + α4·C_i, per sequence [B], without gradient.
 
     trajectory [B,S,k]: the teacher's valence trajectory; V_i is its [valid positions, k] slice.
     H_i: `normalized_entropy` of the teacher's logits. C_i: mean cosine similarity of consecutive
     rows V_i[t], V_i[t+1] over the valid positions (1 when there are fewer than two: a single
-    step is trivially coherent). A sequence without valid positions gets s_i = 0.
+    step is trivially coherent). A sequence without valid positions gets s_i = 0. `entropy` [B]: H_i
+    given (`cached_normalized_entropy`), the logits unused.
     """
     a1, a2, a3, a4 = alphas
-    entropy = normalized_entropy(teacher_logits, mask, vocab_size, chunk_tokens)
+    if entropy is None:
+        entropy = normalized_entropy(teacher_logits, mask, vocab_size, chunk_tokens)
     out = torch.zeros(mask.shape[0], dtype=torch.float32, device=trajectory.device)
     for b in range(mask.shape[0]):
         rows = trajectory[b][mask[b]].float()  # [P, k]
