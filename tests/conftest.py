@@ -133,3 +133,18 @@ def save_tiny_model(path: Path, arch: str = "llama", seed: int = 5, vocab_size: 
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def logits():
+    """Student and teacher logits of the loss tests: [4, 9, V+3] and [4, 9, V+11] (both padded past the
+    vocabulary V = 37, the teacher's wider), a mask with one sequence that has no valid token."""
+    import torch
+
+    torch.manual_seed(0)
+    batch, seq, vocab = 4, 9, 37
+    student = torch.randn(batch, seq, vocab + 3, requires_grad=True)
+    teacher = torch.randn(batch, seq, vocab + 11) * 3
+    mask = torch.rand(batch, seq) > 0.3
+    mask[1] = False
+    return student, teacher, mask, vocab

@@ -200,6 +200,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     # --- teacher, student, data --------------------------------------------------------------
     "teacher.path": Run("teacher", ("teacher.path={other_teacher}",), differs("eval/teacher_ce", step=3)),
     "teacher.offload_param": Run("misc", ("teacher.offload_param=none",), logged("(ZeRO-3, offload=none)")),
+    "teacher.cache": Elsewhere(
+        "tests/test_teacher_cache.py::test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses",
+        "a run on teacher.cache loads no teacher and has the live run's losses at k = V",
+    ),
     "teacher.nvme_path": NotHere(
         "only with teacher.offload_param=nvme: DeepSpeed's NVMe offload needs its async_io op (libaio), "
         "which this project neither builds nor tests yet (issue #18)"
@@ -417,6 +421,27 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
         "extra", ("+deepspeed.extra.gradient_clipping=0.01",), same("loss", vs="opt_clip", step=2, rtol=1e-5)
     ),
     "run.dir": Run("ref", (), lambda job, jobs: (job.run_dir / "metrics.csv").is_file()),
+    # --- cache (vkd-ds cache-teacher) ---------------------------------------------------------------
+    "cache.dir": Elsewhere(
+        "tests/test_teacher_cache.py::test_cache_writer_killed_mid_shard_reruns_to_the_same_bytes",
+        "cache-teacher writes its shards and manifest there, and finishes a killed cache there",
+    ),
+    "cache.top_k": Elsewhere(
+        "tests/test_teacher_cache.py::test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses",
+        "top_k = V stores the whole distribution (and top_k out of [1, V] is refused)",
+    ),
+    "cache.temperature": Elsewhere(
+        "tests/test_teacher_cache.py::test_a_cache_without_valence_serves_ce_and_kd_but_not_l_val",
+        "a cache at T = 1 serves a run at loss.temperature=1.0, whose eval then has KL at T = 1",
+    ),
+    "cache.precision": Elsewhere(
+        "tests/test_teacher_cache.py::test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses",
+        "fp32 stores 4-byte floats (the exact cache)",
+    ),
+    "cache.records_per_shard": Elsewhere(
+        "tests/test_teacher_cache.py::test_cache_writer_killed_mid_shard_reruns_to_the_same_bytes",
+        "32 records per shard: 7 training shards",
+    ),
     "assets_dir": Elsewhere(
         "tests/test_demo.py::test_quick_demo_with_sequence_kd_distilled_student_beats_ce_only",
         "the demo writes its assets to assets_dir and its path keys refer to it",

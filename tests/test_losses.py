@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vkd_ds.losses import combine_terms, shift_for_next_token, token_ce, token_divergence, weighted_batch_loss
+from vkd_ds.losses import (
+    combine_terms,
+    divergence_per_sequence,
+    shift_for_next_token,
+    token_ce,
+    token_divergence,
+    weighted_batch_loss,
+)
 
 
 def dense_soft_kd(student, teacher, mask, temperature, vocab):
@@ -18,17 +25,6 @@ def dense_ce(student, targets, mask, vocab):
         m = mask[b]
         out.append(F.cross_entropy(student[b, m, :vocab].double(), targets[b, m]) if m.any() else student.sum() * 0)
     return torch.stack(out)
-
-
-@pytest.fixture
-def logits():
-    torch.manual_seed(0)
-    batch, seq, vocab = 4, 9, 37
-    student = torch.randn(batch, seq, vocab + 3, requires_grad=True)  # padded past the tokenizer
-    teacher = torch.randn(batch, seq, vocab + 11) * 3
-    mask = torch.rand(batch, seq) > 0.3
-    mask[1] = False  # a sequence with no valid token
-    return student, teacher, mask, vocab
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 1024])
@@ -216,7 +212,9 @@ def dense_divergence(kind, log_p, log_q, beta=0.5, alpha=0.1):
     raise AssertionError(kind)
 
 
-def dense_token_divergence(student, teacher, mask, kind, temperature, vocab, **params):
+def dense_token_divergence(student, teacher, mask, kind, temperature, vocab, top_k=None, **params):
+    """Per sequence; with `top_k`, between the bucketed distributions of a teacher cache: the teacher's
+    top-k tokens one bucket each, the rest one tail bucket (none at top_k = vocab)."""
     out = []
     for b in range(mask.shape[0]):
         m = mask[b]
@@ -225,8 +223,20 @@ def dense_token_divergence(student, teacher, mask, kind, temperature, vocab, **p
             continue
         log_q = F.log_softmax(student[b, m, :vocab].double() / temperature, -1)
         log_p = F.log_softmax(teacher[b, m, :vocab].double() / temperature, -1)
+        if top_k is not None:
+            log_p, log_q = _bucketed(log_p, log_q, teacher[b, m, :vocab].topk(top_k, dim=-1).indices)
         out.append(dense_divergence(kind, log_p, log_q, **params).mean() * temperature**2)
     return torch.stack(out)
+
+
+def _bucketed(log_p, log_q, ids):
+    top_p, top_q = log_p.gather(1, ids), log_q.gather(1, ids)
+    if ids.shape[1] == log_p.shape[1]:
+        return top_p, top_q
+    inside = torch.zeros_like(log_p, dtype=torch.bool).scatter(1, ids, True)
+    tail_p = torch.logsumexp(log_p.masked_fill(inside, float("-inf")), -1, keepdim=True)
+    tail_q = torch.logsumexp(log_q.masked_fill(inside, float("-inf")), -1, keepdim=True)
+    return torch.cat([top_p, tail_p], 1), torch.cat([top_q, tail_q], 1)
 
 
 KINDS = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
@@ -259,8 +269,11 @@ def test_each_divergence_equals_its_dense_formula(logits, kind, temperature, bet
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_divergence_through_the_fused_head_equals_the_logits_path(kind):
-    from vkd_ds.losses import Divergence, fused_head_losses
+@pytest.mark.parametrize("sparse", [False, True])
+def test_each_divergence_through_the_fused_head_equals_the_logits_path(kind, sparse):
+    """Also against a teacher cache's top-5 + tail (a SparseTeacher) in place of the teacher's logits."""
+    from vkd_ds.losses import Divergence, SparseTeacher, fused_head_losses
+    from vkd_ds.teacher_cache import teacher_rows
 
     torch.manual_seed(3)
     batch, seq, width, vocab = 3, 6, 8, 19
@@ -270,9 +283,12 @@ def test_each_divergence_through_the_fused_head_equals_the_logits_path(kind):
     mask = torch.rand(batch, seq) > 0.3
     mask[0] = False
     divergence = Divergence(kind, 1.7, 0.4, 0.2)
+    if sparse:
+        rows = teacher_rows(teacher, torch.zeros(mask.shape, dtype=torch.long), mask, vocab, 5, 1.7)
+        teacher = SparseTeacher(rows["ids"], rows["logp"], rows["tail"], 1.7)
     _, fused = fused_head_losses(hidden, weight, None, mask, None, teacher, divergence, vocab, chunk_tokens=4)
     logits = hidden @ weight.T
-    plain = token_divergence(logits, teacher, mask, kind, 1.7, 0.4, 0.2, vocab_size=vocab)
+    plain = divergence_per_sequence(logits, teacher, mask, divergence, vocab)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     upstream = torch.tensor([0.3, 1.1, 0.6])
     got = torch.autograd.grad((fused * upstream).sum(), [hidden, weight])

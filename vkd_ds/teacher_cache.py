@@ -13,8 +13,8 @@ token), DIR/<split>/shard_NNNNN/<array>.npy. A shard is written whole into a `.p
 published with one rename, so a killed run leaves only complete shards, and a rerun with the same
 settings writes the missing ones only. Shard s of a split is written by rank s % world, each shard
 in the same micro-batches on every run: a resumed cache has the bytes of an uninterrupted one.
-Arrays are memory-mapped when read, and the pages a batch touched are released after it is copied
-out, so a training process's resident memory does not grow with the cache's size.
+Arrays are memory-mapped when read, and their pages are released once a batch is copied out, so
+a training process's resident memory does not grow with the cache's size.
 """
 
 from __future__ import annotations
@@ -387,8 +387,10 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
 
 
 class _Mapped:
-    """One .npy file, memory-mapped read-only; `take(first, stop)` copies rows out and releases the
-    pages it touched (they stay in the page cache, not in this process's resident memory)."""
+    """One .npy file, memory-mapped read-only. `take` copies rows out; `release` drops the mapping's
+    pages from this process (they stay in the page cache). The whole mapping is released, not the
+    rows read: the kernel maps the pages around a faulting one too (fault-around), including pages
+    of earlier batches, and an empty range costs the release next to nothing."""
 
     def __init__(self, path: Path):
         shape, self.dtype, self.offset = _npy_header(path)
@@ -396,17 +398,12 @@ class _Mapped:
         with open(path, "rb") as handle:
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self.array = np.ndarray(shape, self.dtype, buffer=self.map, offset=self.offset)
-        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     def take(self, first: int, stop: int) -> np.ndarray:
-        rows = np.array(self.array[first:stop])
-        start = self.offset + first * self.row_bytes
-        end = self.offset + stop * self.row_bytes
-        page = mmap.PAGESIZE
-        aligned = start - start % page
-        if end > aligned:
-            self.map.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
-        return rows
+        return np.array(self.array[first:stop])
+
+    def release(self) -> None:
+        self.map.madvise(mmap.MADV_DONTNEED)
 
 
 class CachedTeacher:
@@ -442,6 +439,7 @@ class CachedTeacher:
         names = ("ids", "logp", "tail", "entropy", "target_logp", "valence")
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         counts = mask.sum(1).tolist()
+        touched: dict[int, _Mapped] = {}
         for b, length in enumerate(lengths):
             if counts[b] == 0:
                 continue  # nothing to look up (eval's padding rows have their mask emptied)
@@ -459,6 +457,9 @@ class CachedTeacher:
             for name in parts:
                 if name in shard:
                     parts[name].append(shard[name].take(first, stop))
+                    touched[id(shard[name])] = shard[name]
+        for mapped in touched.values():
+            mapped.release()
         dev = self.device
         k = self.manifest["top_k"]
 
@@ -602,12 +603,31 @@ def _write_shard(path: Path, parts: list[dict], manifest: dict) -> None:
         if name == "offsets":
             continue
         arrays[name] = torch.cat([p[name] for p in parts]).numpy().astype(dtypes[name])
-    for name, array in arrays.items():
+    for number, (name, array) in enumerate(arrays.items()):
         with open(staging / f"{name}.npy", "wb") as handle:
             np.save(handle, array)
             handle.flush()
             os.fsync(handle.fileno())
+        if number == 0:
+            _maybe_die_mid_shard()
     os.replace(staging, path)
+
+
+_shards_begun = 0
+
+
+def _maybe_die_mid_shard() -> None:
+    """Fault injection for tests: with VKD_FAULT_CACHE_KILL=N, this process kills itself (SIGKILL) after
+    the first array of its Nth shard is on disk, before the shard is published. Unset in normal runs."""
+    global _shards_begun
+    limit = os.environ.get("VKD_FAULT_CACHE_KILL")
+    if not limit:
+        return
+    _shards_begun += 1
+    if _shards_begun >= int(limit):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass

@@ -1,0 +1,305 @@
+"""The teacher cache for real: `vkd-ds cache-teacher` on 2 ranks, training with teacher.cache=DIR (the
+teacher never loaded), exactness at k = V, kill -9 of the cache writer and of a cached run, and every
+mismatch between a cache and a run refused before anything starts."""
+
+import json
+import random
+import shutil
+
+import pytest
+
+from tests.conftest import base_overrides, deepspeed_launch, vkd_cli_in_process
+from tests.test_reliability import kill_at_step, steps_logged
+from vkd_ds.metrics import read_metrics
+
+pytestmark = pytest.mark.distributed
+
+# What the cache serves: CE, token KD, L_val, L_reg and the valence weights (λ = 6).
+CACHED_OBJECTIVE = ["loss.feat=0", "loss.seq=0", "loss.val=0.6", "weighting.lam=6.0"]
+
+
+def cache_overrides(assets, cache_dir, *extra) -> list[str]:
+    return [*base_overrides(assets, cache_dir / "unused-run"), f"cache.dir={cache_dir}", *extra]
+
+
+def run_cache_teacher(overrides, env=None):
+    """The ranks of `vkd-ds cache-teacher` under the deepspeed launcher (what the command starts)."""
+    from vkd_ds.launch import CACHE_TEACHER_FLAG
+
+    return deepspeed_launch(["launcher/train.py", CACHE_TEACHER_FLAG, *overrides], 2, env=env)
+
+
+def cached_overrides(assets, run_dir, cache_dir) -> list[str]:
+    """A run on the cache: no teacher.path, the tokenizer given."""
+    return [*base_overrides(assets, run_dir), "teacher.path=null", f"teacher.cache={cache_dir}", *CACHED_OBJECTIVE]
+
+
+def shard_bytes(cache_dir) -> dict[str, bytes]:
+    return {str(p.relative_to(cache_dir)): p.read_bytes() for p in sorted(cache_dir.rglob("*.npy"))}
+
+
+@pytest.fixture(scope="module")
+def cache64(tiny_assets, tmp_path_factory):
+    """The default cache (top-64, fp16, valence) of the tiny assets, in shards of 32 records."""
+    cache_dir = tmp_path_factory.mktemp("cache") / "top64"
+    result = run_cache_teacher(cache_overrides(tiny_assets, cache_dir, "cache.records_per_shard=32"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return cache_dir
+
+
+def test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses(tiny_assets, tmp_path):
+    """k = V, fp32: the losses of every term the cache serves, the valence weights' statistics and
+    the held-out figures equal the live teacher's within 1e-5, 2 ranks; the teacher is never loaded."""
+    cache_dir = tmp_path / "full"
+    vocab = 384
+    result = run_cache_teacher(cache_overrides(tiny_assets, cache_dir, f"cache.top_k={vocab}", "cache.precision=fp32"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["dtypes"]["logp"] == "<f4" and manifest["top_k"] == vocab
+    steps = ["trainer.max_steps=3", "trainer.eval_every=3"]
+    live = deepspeed_launch(
+        ["launcher/train.py", *base_overrides(tiny_assets, tmp_path / "live"), *CACHED_OBJECTIVE, *steps], 2
+    )
+    cached = deepspeed_launch(
+        ["launcher/train.py", *cached_overrides(tiny_assets, tmp_path / "cached", cache_dir), *steps], 2
+    )
+    for job in (live, cached):
+        assert job.returncode == 0, job.stderr[-4000:]
+    cached_log = (tmp_path / "cached" / "train.log").read_text()
+    assert "teacher: not loaded" in cached_log and "parameters, " not in cached_log.split("student:")[0]
+    rows_live = read_metrics(tmp_path / "live" / "metrics.csv")
+    rows_cached = read_metrics(tmp_path / "cached" / "metrics.csv")
+    columns = ["loss", "loss/ce", "loss/soft", "loss/val", "loss/reg", "ess", "weight_max", "saliency_mean"]
+    columns += ["eval/ce", "eval/divergence", "eval/teacher_ce", "eval/valence_mse", "eval/top1_agreement"]
+    for live_row, cached_row in zip(rows_live, rows_cached, strict=True):
+        for column in columns:
+            if live_row.get(column, "") == "":
+                continue
+            a, b = float(cached_row[column]), float(live_row[column])
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (live_row["step"], column, a, b)
+    # KL at T = 1 needs the teacher at T = 1; this cache holds it at loss.temperature = 4.
+    assert rows_cached[-1].get("eval/kl_teacher", "") == "" and rows_live[-1]["eval/kl_teacher"] != ""
+
+
+def test_cache_writer_killed_mid_shard_reruns_to_the_same_bytes(tiny_assets, cache64, tmp_path):
+    cache_dir = tmp_path / "killed"
+    overrides = cache_overrides(tiny_assets, cache_dir, "cache.records_per_shard=32")
+    killed = run_cache_teacher(overrides, env={"VKD_FAULT_CACHE_KILL": "2"})
+    assert killed.returncode != 0
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert list(cache_dir.rglob("*.partial")), "the kill should leave a half-written shard"
+    # Training refuses the incomplete cache before anything starts.
+    refused = vkd_cli_in_process(["train", *cached_overrides(tiny_assets, tmp_path / "run", cache_dir)])
+    assert refused.returncode == 2 and "is incomplete: rerun `vkd-ds cache-teacher`" in refused.stderr
+    rerun = run_cache_teacher(overrides)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "already complete" in rerun.stdout + rerun.stderr
+    assert not list(cache_dir.rglob("*.partial"))
+    assert shard_bytes(cache_dir) == shard_bytes(cache64)
+    final = json.loads((cache_dir / "manifest.json").read_text())
+    assert final["complete"] and final["bytes_per_token"] <= 300
+    # cache.records_per_shard=32: 210 training records in 7 shards, the last of 18.
+    shards = final["splits"]["train"]["shards"]
+    assert len(shards) == 7 and shards[-1]["records"] == [192, 210]
+    assert len(list((cache_dir / "train").iterdir())) == 7
+
+
+def test_a_cached_run_killed_with_kill_9_resumes_to_the_uninterrupted_curve(tiny_assets, cache64, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ["trainer.max_steps=40", "trainer.save_every=4", "trainer.eval_every=20", "trainer.micro_batch_size=2"]
+    result = deepspeed_launch(["launcher/train.py", *cached_overrides(tiny_assets, straight, cache64), *common], 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    overrides = cached_overrides(tiny_assets, killed, cache64) + common
+    rng = random.Random(3)
+    kills = sum(kill_at_step(overrides, killed, min(39, steps_logged(killed) + rng.randint(3, 12))) for _ in range(2))
+    assert kills == 2
+    result = deepspeed_launch(["launcher/train.py", *overrides], 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows_killed, rows_straight = read_metrics(killed / "metrics.csv"), read_metrics(straight / "metrics.csv")
+    assert [r["step"] for r in rows_killed] == [str(s) for s in range(1, 41)]
+    for column in ("loss", "loss/ce", "loss/soft", "loss/val", "ess", "eval/ce", "eval/divergence"):
+        assert [r.get(column) for r in rows_killed] == [r.get(column) for r in rows_straight], column
+
+
+def _other_teacher(assets, out):
+    """The tiny teacher with one weight changed: the same config, other weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets / "teacher")
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    model.save_pretrained(out)
+    return out
+
+
+def _other_tokenizer(assets, out):
+    from vkd_ds.assets import pydoc_records, train_tokenizer
+
+    train_tokenizer(pydoc_records(50), 300, out)
+    return out
+
+
+def _shorter_data(assets, out):
+    lines = (assets / "train.jsonl").read_text().splitlines()
+    out.write_text("\n".join(lines[:-1]) + "\n")
+    return out
+
+
+def _damaged(cache_dir, out, damage):
+    shutil.copytree(cache_dir, out)
+    damage(out)
+    return out
+
+
+def _truncate(cache_dir):
+    path = cache_dir / "train" / "shard_00001" / "logp.npy"
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+MISMATCHES = {
+    "another teacher": (
+        lambda a, c, t: [f"teacher.path={_other_teacher(a, t / 'other_teacher')}"],
+        "was made from another teacher",
+    ),
+    "another tokenizer": (
+        lambda a, c, t: [f"data.tokenizer_path={_other_tokenizer(a, t / 'tok')}"],
+        "was made with another tokenizer than data.tokenizer_path",
+    ),
+    "another data file": (
+        lambda a, c, t: [f"data.train_path={_shorter_data(a, t / 'train.jsonl')}"],
+        "was made from another train data file",
+    ),
+    "another max_seq_len": (
+        lambda a, c, t: ["data.max_seq_len=40"],
+        "was made with data.max_seq_len=48, this run has 40",
+    ),
+    "another temperature": (
+        lambda a, c, t: ["loss.temperature=2.0"],
+        "holds the teacher at T=4 but loss.temperature=2",
+    ),
+    "a truncated shard": (
+        lambda a, c, t: [f"teacher.cache={_damaged(c, t / 'cut', _truncate)}"],
+        "train/shard_00001/logp.npy is truncated",
+    ),
+    "a missing shard": (
+        lambda a, c, t: [
+            f"teacher.cache={_damaged(c, t / 'gone', lambda d: shutil.rmtree(d / 'valid' / 'shard_00000'))}"
+        ],
+        "valid/shard_00000 is missing",
+    ),
+    "a term that needs the live teacher": (lambda a, c, t: ["loss.feat=0.4"], "loss.feat=0.4 need(s) the live teacher"),
+    # Without valence.teacher_head (the cache carries the valence), so that the head's own check does not answer.
+    "another valence k": (
+        lambda a, c, t: ["valence.k=4", "valence.teacher_head=null"],
+        "holds valence trajectories of k=8, valence.k=4",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_a_cache_that_does_not_match_the_run_is_refused_before_anything_starts(case, tiny_assets, cache64, tmp_path):
+    make, message = MISMATCHES[case]
+    run_dir = tmp_path / "run"
+    result = vkd_cli_in_process(
+        ["train", *cached_overrides(tiny_assets, run_dir, cache64), *make(tiny_assets, cache64, tmp_path)]
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr, result.stderr
+    assert result.stderr.count("vkd-ds: error:") == 1 and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_with_teacher_path_given_a_matching_teacher_is_accepted(tiny_assets, cache64, tmp_path):
+    """teacher.path with the cache's own teacher: its fingerprint matches, and the run starts (the first
+    checks pass; it is stopped by an unrelated bad key right after them, so nothing runs)."""
+    from vkd_ds.config import compose
+    from vkd_ds.train import prepare
+
+    prepared = prepare(
+        compose([*cached_overrides(tiny_assets, tmp_path / "run", cache64), f"teacher.path={tiny_assets / 'teacher'}"])
+    )
+    assert prepared.cache_manifest["top_k"] == 64
+
+
+def test_cache_teacher_refuses_bad_settings(tiny_assets, cache64, tmp_path):
+    def cache_teacher(*extra):
+        return vkd_cli_in_process(["cache-teacher", *base_overrides(tiny_assets, tmp_path / "r"), *extra])
+
+    cases = [
+        (("cache.top_k=0", f"cache.dir={tmp_path / 'a'}"), "config key `cache.top_k` must be >= 1, got 0"),
+        (("cache.top_k=385", f"cache.dir={tmp_path / 'a'}"), "config key `cache.top_k` must be in [1, 384]"),
+        ((), "config key `cache.dir` is required by cache-teacher"),
+        # The cache.dir holds a cache of other settings: never mixed.
+        ((f"cache.dir={cache64}", "cache.top_k=8"), "holds a cache made with another cache.top_k"),
+        ((f"cache.dir={tiny_assets}",), "is not empty and holds no teacher cache"),
+    ]
+    for extra, message in cases:
+        result = cache_teacher(*extra)
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_cache_without_valence_serves_ce_and_kd_but_not_l_val(tiny_assets, tmp_path):
+    """Also at cache.temperature=1.0 (training's loss.temperature must match): eval then has KL at T = 1."""
+    cache_dir = tmp_path / "plain"
+    no_valence = ["valence.teacher_head=null", "loss.val=0", "weighting.lam=0", "loss.temperature=1.0"]
+    result = run_cache_teacher(cache_overrides(tiny_assets, cache_dir, *no_valence, "cache.temperature=1.0"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["valence"] is None and manifest["bytes_per_token"] < 270  # no 8 fp16 valence values
+    assert manifest["temperature"] == 1.0
+    refused = vkd_cli_in_process(
+        ["train", *cached_overrides(tiny_assets, tmp_path / "run", cache_dir), "loss.temperature=1.0"]
+    )
+    assert refused.returncode == 2 and "holds no teacher valence, and loss.val > 0" in refused.stderr
+    ok = deepspeed_launch(
+        [
+            "launcher/train.py",
+            *cached_overrides(tiny_assets, tmp_path / "run", cache_dir),
+            *no_valence,
+            "trainer.max_steps=2",
+        ],
+        2,
+    )
+    assert ok.returncode == 0, ok.stderr[-4000:]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert float(rows[-1]["loss/soft"]) > 0 and "loss/val" not in rows[-1]
+    assert float(rows[-1]["eval/kl_teacher"]) > 0
+
+
+def _resident_kb_of(path) -> int:
+    """Resident kilobytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64):
+    """Every training record through CachedTeacher.on_batch: the shards stay memory-mapped, and the pages
+    a batch read are released once it is copied out."""
+    import torch
+
+    from vkd_ds.config import compose
+    from vkd_ds.data import collate
+    from vkd_ds.teacher_cache import CachedTeacher
+    from vkd_ds.train import _data_splits, prepare
+
+    prepared = prepare(compose(cached_overrides(tiny_assets, tiny_assets / "unused", cache64)))
+    splits = _data_splits(prepared.settings, prepared.train_data, prepared.valid_data)
+    teacher = CachedTeacher(cache64, prepared.cache_manifest, splits, torch.device("cpu"))
+    pad = prepared.tokenizer.pad_token_id
+    positions = 0
+    for first in range(0, len(prepared.train_data), 8):
+        out = teacher.on_batch(collate(prepared.train_data[first : first + 8], pad))
+        positions += len(out["logits"])
+    assert positions == prepared.cache_manifest["splits"]["train"]["positions"]
+    logp = cache64 / "train" / "shard_00000" / "logp.npy"
+    assert logp.stat().st_size > 100_000  # 32 records x ~46 positions x 64 x 2 bytes
+    assert _resident_kb_of(logp) == 0
