@@ -1,7 +1,8 @@
 """The teacher cache (issue #16): what it costs to write and store, what a cached step costs, and
 what student it makes.
 
-    python bench/teacher_cache.py cost    [--vocab 32000] [--seq-len 256] [--steps 30] [--out DIR]
+    python bench/teacher_cache.py cost    [--vocab 32000] [--seq-len 256] [--steps 30] [--temperatures 1 4]
+                                          [--out DIR]
     python bench/teacher_cache.py quality [--quick] [--seeds 1234 1 2] [--ks 8 64 256] [--out DIR]
 
 `cost`: on the bench assets (a 4 × 256 Llama teacher, an exact vocabulary, 96 records of --seq-len
@@ -9,7 +10,8 @@ tokens), `vkd-ds cache-teacher` at top-k 64, fp16, with the valence head (k = 8)
 and positions written per second (2 ranks). Then three runs of --steps steps on the same shapes,
 2 ranks, ZeRO-3: the live teacher (CE + token KD + L_val + valence weights), the same objective
 from the cache (teacher not loaded), and CE only. Per run: median step time (after --skip warm-up
-steps) and the largest rank's peak RSS over the run (loading included).
+steps) and the largest rank's peak RSS over the run (loading included). All of it at each of
+--temperatures (loss.temperature, and the cache's T).
 
 `quality`: the demo's assets and distillation (`experiment=demo`, 300 steps; --quick: the quick
 demo's, 80 steps) with feature KD off (the cache does not serve it), from the live teacher and from
@@ -72,8 +74,28 @@ def cost(args) -> dict:
     out = work_dir(args.out, "teacher-cache")
     env = bench_env(args.procs)
     assets = bench_assets(out, args.vocab, args.seq_len)
-    base = [*asset_overrides(assets, args.seq_len), f"trainer.max_steps={args.steps}", *args.overrides]
-    cache_dir = out / f"cache_v{args.vocab}_k64"
+    report = {
+        **describe(env, args.procs),
+        "vocab": args.vocab,
+        "seq_len": args.seq_len,
+        "steps": args.steps,
+        "skip": args.skip,
+    }
+    for temperature in args.temperatures:
+        report[f"T={temperature:g}"] = cost_at(args, out, env, assets, temperature)
+    return report
+
+
+def cost_at(args, out: Path, env: dict, assets: Path, temperature: float) -> dict:
+    """The cache's write and a cached step against the live teacher and CE only, at one temperature (the
+    cache holds the teacher at it; at T = 1 CE and token KD share one softmax of the student)."""
+    base = [
+        *asset_overrides(assets, args.seq_len),
+        f"trainer.max_steps={args.steps}",
+        f"loss.temperature={temperature}",
+        *args.overrides,
+    ]
+    cache_dir = out / f"cache_v{args.vocab}_k64_T{temperature:g}"
     if not (cache_dir / "manifest.json").is_file():
         manifest, wall = cache_teacher(args.procs, [*base, "cache.top_k=64"], cache_dir, env)
     else:
@@ -85,18 +107,13 @@ def cost(args) -> dict:
     }
     results = {}
     for name, overrides in runs.items():
-        rows = train(args.procs, overrides, out / name, env)
+        rows = train(args.procs, overrides, out / f"{name}_T{temperature:g}", env)
         results[name] = {
             "step_s": median_of(rows, "step_time_s", args.skip),
             "peak_rss_gb": max(float(r["mem_peak_rss_gb"]) for r in rows),
         }
-    ce, cached_step = results["ce_only"]["step_s"], results["cached_teacher"]["step_s"]
+    cached_step = results["cached_teacher"]["step_s"]
     return {
-        **describe(env, args.procs),
-        "vocab": args.vocab,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "skip": args.skip,
         "cache": {
             "top_k": manifest["top_k"],
             "precision": manifest["precision"],
@@ -107,7 +124,7 @@ def cost(args) -> dict:
             "write_wall_s": None if wall is None else round(wall, 1),
         },
         "runs": results,
-        "cached_vs_ce_only_step": round(cached_step / ce, 3),
+        "cached_vs_ce_only_step": round(cached_step / results["ce_only"]["step_s"], 3),
         "cached_vs_live_step": round(cached_step / results["live_teacher"]["step_s"], 3),
     }
 
@@ -174,17 +191,21 @@ def mean_std(values: list[float]) -> dict:
 
 
 def main() -> int:
+    what = sys.argv[1] if len(sys.argv) > 1 else None
+    if what not in ("cost", "quality"):
+        raise SystemExit("usage: bench/teacher_cache.py {cost,quality} [options] [overrides ...]")
+    del sys.argv[1]  # the rest are the options and hydra overrides of the runs
     parser = run_parser(__doc__, steps=30, skip=5)
-    parser.add_argument("what", choices=("cost", "quality"))
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0], help="cost: loss.temperature")
     parser.add_argument("--quick", action="store_true", help="quality: the --quick demo's assets and 80 steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 64, 256])
     args = parser.parse_args()
-    if args.what == "quality" and "--steps" not in sys.argv:
+    if what == "quality" and "--steps" not in sys.argv:
         args.steps = None  # the demo's
-    report = cost(args) if args.what == "cost" else quality(args)
+    report = cost(args) if what == "cost" else quality(args)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -80,3 +80,47 @@ def test_stored_rows_are_the_teachers_distribution(logits):
     torch.testing.assert_close(rows["entropy"].double(), -(log_p1.exp() * log_p1).sum(-1), atol=1e-5, rtol=1e-5)
     want_target = log_p1.gather(1, targets[mask][:, None]).squeeze(1)
     torch.testing.assert_close(rows["target_logp"].double(), want_target, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("k", [5, 37])
+def test_ce_and_sparse_kd_in_one_pass_equal_the_two_terms(logits, kind, temperature, k):
+    """cached_token_losses (one pass over the logits, one gradient tensor) against token_ce and the
+    sparse divergence computed apart: values and the gradient of any weighted sum of the two."""
+    from vkd_ds.losses import cached_token_losses, token_ce
+
+    student, teacher, mask, vocab = logits
+    targets = torch.randint(0, vocab, mask.shape, generator=torch.Generator().manual_seed(5))
+    d = Divergence(kind, temperature, 0.5, 0.1)
+    sparse = sparse_of(teacher, mask, vocab, k, temperature)
+    a, b = torch.randn(mask.shape[0]), torch.randn(mask.shape[0])
+    want_ce = token_ce(student, targets, mask, vocab, 7)
+    want_soft = divergence_per_sequence(student, sparse, mask, d, vocab, 7)
+    (want_grad,) = torch.autograd.grad((a * want_ce + b * want_soft).sum(), student)
+    for chunk in (3, 1024):
+        ce, soft = cached_token_losses(student, targets, sparse, mask, d, vocab, chunk)
+        torch.testing.assert_close(ce, want_ce, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(soft, want_soft, atol=1e-5, rtol=1e-5)
+        (grad,) = torch.autograd.grad((a * ce + b * soft).sum(), student)
+        torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_one_pass_with_every_position_and_the_exact_vocabulary(temperature):
+    """The in-place backward (every position selected, logits exactly V wide) gives the same gradient."""
+    from vkd_ds.losses import cached_token_losses, token_ce
+
+    torch.manual_seed(2)
+    vocab = 23
+    student = torch.randn(2, 5, vocab, requires_grad=True)
+    teacher = torch.randn(2, 5, vocab) * 2
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    targets = torch.randint(0, vocab, mask.shape)
+    d = Divergence("forward_kl", temperature)
+    sparse = sparse_of(teacher, mask, vocab, 4, temperature)
+    want = token_ce(student, targets, mask, vocab) + 0.7 * divergence_per_sequence(student, sparse, mask, d, vocab)
+    (want_grad,) = torch.autograd.grad(want.sum(), student)
+    ce, soft = cached_token_losses(student, targets, sparse, mask, d, vocab, 4)
+    (grad,) = torch.autograd.grad((ce + 0.7 * soft).sum(), student)
+    torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)

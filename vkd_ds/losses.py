@@ -209,30 +209,149 @@ def _sparse_chunk(student: torch.Tensor, teacher: SparseTeacher, rows: slice, d:
     Gradient: with g = ∂D/∂u, u the student's bucket log-probabilities (Σ_b g_b = 0, a softmax's
     Jacobian), ∂(T²·D)/∂z_j = T·g_b(j)·q_j/Q_b(j): g_j itself for a top-k token, g_tail·q_j/q_tail
     for a tail token."""
+    part = _sparse_parts(student, teacher, rows, d, shifted=False)
+    grad = part.exp.mul_(part.tail_factor[:, None])  # the tail's gradient (0 on the top-k, zeroed there)
+    grad.scatter_(1, teacher.ids[rows], part.top_grad)
+    return part.loss, grad
+
+
+@dataclass
+class _SparseParts:
+    loss: torch.Tensor  # [chunk] T²·D
+    exp: torch.Tensor  # [chunk, V] exp(z/T − max), 0 on the teacher's top-k
+    top_exp: torch.Tensor  # [chunk, k] its values on the top-k
+    total: torch.Tensor  # [chunk] Σ_v exp(z/T − max): q_T = exp / total
+    tail_factor: torch.Tensor  # [chunk] T·g_tail/Σ_tail exp: a tail token's gradient per unit of `exp`
+    top_grad: torch.Tensor  # [chunk, k] T·g of the top-k tokens: their gradient
+
+
+def _sparse_parts(z: torch.Tensor, teacher: SparseTeacher, rows: slice, d: Divergence, shifted: bool) -> _SparseParts:
+    """The sparse divergence of a chunk, in parts that `_sparse_chunk` and `_CachedTokenLosses` assemble
+    into a gradient. `z`: fp32 [chunk, V] logits, overwritten in place (every [chunk, V] step is in
+    place: memory-bound passes, no second buffer); `shifted`: z already has its row maximum at 0."""
     t = d.temperature
     if not math.isclose(t, teacher.temperature, rel_tol=1e-6):
         raise ValueError(f"the cached teacher is at T={teacher.temperature}, the divergence at T={t}")
     ids = teacher.ids[rows]
-    k, vocab = ids.shape[1], student.shape[1]
-    log_q = F.log_softmax(student.div_(t), dim=-1)
-    del student
-    u_student = log_q.gather(1, ids)
+    k, vocab = ids.shape[1], z.shape[1]
+    if t != 1.0:
+        z = z.div_(t)
+    if not shifted:
+        z = z.sub_(z.max(dim=-1, keepdim=True).values)  # exp cannot overflow
+    top = z.gather(1, ids)
+    e = z.exp_()
+    total = e.sum(-1)
+    log_total = total.log()
+    u_student = top - log_total[:, None]  # log q of the top-k, from the logits (exact even where q underflows)
     u_teacher = teacher.logp[rows].float()
-    tail_share = None
+    top_exp = e.gather(1, ids)
+    e.scatter_(1, ids, 0.0)
+    tail = None
     if k < vocab:
-        outside = log_q.scatter_(1, ids, float("-inf"))  # log q_j off the top-k, -inf on it
-        log_q_tail = torch.logsumexp(outside, dim=-1).clamp_(min=LOG_ZERO)
-        tail_share = outside.sub_(log_q_tail[:, None]).exp_()  # q_j/q_tail off the top-k, 0 on it
-        u_student = torch.cat([u_student, log_q_tail[:, None]], dim=1)
+        tail = e.sum(-1)
+        log_tail = (tail.log() - log_total).clamp_(min=LOG_ZERO)
+        u_student = torch.cat([u_student, log_tail[:, None]], dim=1)
         u_teacher = torch.cat([u_teacher, teacher.log_tail[rows].float()[:, None]], dim=1)
-    del log_q
     loss, g = DIVERGENCES[d.kind](u_student, u_teacher, replace(d, temperature=1.0))
-    if tail_share is None:
-        grad = torch.zeros((ids.shape[0], vocab), dtype=torch.float32, device=ids.device)
-    else:
-        grad = tail_share.mul_(g[:, k : k + 1])
-    grad.scatter_(1, ids, g[:, :k])
-    return loss * t**2, grad.mul_(t)
+    if tail is None:
+        factor = torch.zeros_like(total)
+    else:  # no tail mass left in fp32: no gradient to spread over it
+        factor = torch.where(tail > 0, g[:, k] * t / tail, torch.zeros_like(tail))
+    return _SparseParts(loss * t**2, e, top_exp, total, factor, g[:, :k] * t)
+
+
+class _CachedTokenLosses(torch.autograd.Function):
+    """CE and sparse token KD of the same positions in one pass over the student's logits (a teacher
+    cache's run with both terms): one fp32 copy of each chunk serves both, and backward writes
+    their combined gradient into one tensor (no second [tokens, V] gradient for autograd to add).
+    Keeps q = softmax(z) and, at T ≠ 1, q_T = softmax(z/T) in the logits' dtype for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, flat_index, targets, teacher, divergence, vocab_size, chunk_tokens):
+        flat = logits.flatten(0, 1)
+        n = flat_index.numel()
+        t = divergence.temperature
+        step = chunk_rows(chunk_tokens, vocab_size)
+        ce = torch.empty(n, dtype=torch.float32, device=logits.device)
+        soft = torch.empty(n, dtype=torch.float32, device=logits.device)
+        keep = logits.requires_grad
+        q1 = torch.empty((n, vocab_size), dtype=logits.dtype, device=logits.device) if keep else None
+        q_t = (q1 if t == 1.0 else torch.empty_like(q1)) if keep else None
+        k = teacher.ids.shape[1]
+        top_grad = torch.empty((n, k), dtype=torch.float32, device=logits.device)
+        tail_factor = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, step):
+            sel = flat_index[start : start + step]
+            rows = slice(start, start + sel.numel())
+            z = flat[sel, :vocab_size].float()
+            z.sub_(z.max(dim=-1, keepdim=True).values)
+            target_z = z.gather(1, targets[sel][:, None]).squeeze(1)
+            if t != 1.0:  # CE's softmax at T = 1 before the sparse part overwrites z
+                e1 = z.exp()
+                total1 = e1.sum(-1)
+                ce[rows] = total1.log() - target_z
+                if keep:
+                    torch.div(e1, total1[:, None], out=q1[rows])
+                del e1
+            part = _sparse_parts(z, teacher, rows, divergence, shifted=True)
+            soft[rows] = part.loss
+            if t == 1.0:
+                ce[rows] = part.total.log() - target_z
+            top_grad[rows] = part.top_grad
+            tail_factor[rows] = part.tail_factor * part.total  # per unit of q_T
+            if keep:
+                torch.div(part.exp.scatter_(1, teacher.ids[rows], part.top_exp), part.total[:, None], out=q_t[rows])
+        ctx.save_for_backward(flat_index, targets, q1, q_t, top_grad, tail_factor)
+        ctx.ids = teacher.ids
+        ctx.shape, ctx.vocab_size, ctx.chunk = logits.shape, vocab_size, step
+        return ce, soft
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_soft):
+        flat_index, targets, q1, q_t, top_grad, tail_factor = ctx.saved_tensors
+        shape, vocab = ctx.shape, ctx.vocab_size
+        whole = flat_index.numel() == shape[0] * shape[1] and vocab == shape[2]
+        out = q1 if whole else torch.zeros((shape[0] * shape[1], shape[2]), dtype=q1.dtype, device=q1.device)
+        for start in range(0, flat_index.numel(), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            a, b = grad_ce[rows].float(), grad_soft[rows].float()
+            ids = ctx.ids[rows]
+            q = q1[rows].float()
+            top_q = q.gather(1, ids)
+            if q_t is q1:  # T = 1: one softmax serves both terms
+                grad = q.mul_((a + b * tail_factor[rows])[:, None])
+            else:
+                grad = q.mul_(a[:, None]).add_(q_t[rows].float().mul_((b * tail_factor[rows])[:, None]))
+            # The top-k: CE's share and the sparse term's own gradient (the tail factor is not theirs).
+            grad.scatter_(1, ids, a[:, None] * top_q + b[:, None] * top_grad[rows])
+            sel_targets = targets[flat_index[rows]]
+            grad[torch.arange(grad.shape[0], device=grad.device), sel_targets] -= a
+            if whole:
+                out[rows] = grad
+            else:
+                out[flat_index[rows], :vocab] = grad.to(out.dtype)
+        return out.view(shape), None, None, None, None, None, None
+
+
+def cached_token_losses(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher: SparseTeacher,
+    mask: torch.Tensor,
+    divergence: Divergence,
+    vocab_size: int,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE [B], sparse token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence`
+    with a SparseTeacher give them, in one pass over the student's logits (_CachedTokenLosses)."""
+    batch, seq_len = mask.shape
+    flat_index = _selected(mask)
+    if len(teacher) != flat_index.numel():
+        raise ValueError(f"the sparse teacher has {len(teacher)} rows for {flat_index.numel()} valid positions")
+    ce, soft = _CachedTokenLosses.apply(
+        student_logits, flat_index, targets.flatten(), teacher, divergence, vocab_size, chunk_tokens
+    )
+    return _per_sequence_mean(ce, flat_index, batch, seq_len), _per_sequence_mean(soft, flat_index, batch, seq_len)
 
 
 RowsLoss = Callable[[torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]

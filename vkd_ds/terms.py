@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from vkd_ds.losses import (
+    SparseTeacher,
     attention_kd,
+    cached_token_losses,
     divergence_per_sequence,
     feature_kd,
     info_nce,
@@ -57,6 +59,7 @@ class TermInputs:
     targets: torch.Tensor  # [B,S] next-token targets
     mask: torch.Tensor  # [B,S] valid positions
     rollout: SampleScores | None = None
+    shared: dict = field(default_factory=dict)  # values two terms compute together (_one_pass)
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,25 @@ class Term:
         return any(need in self.needs for need in (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS))
 
 
+def _one_pass(x: TermInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(CE, token KD) from one pass over the student's logits, when a teacher cache serves both (both
+    λ > 0, the logits path): computed by whichever of the two terms comes first."""
+    obj = x.objective
+    teacher = x.teacher["logits"] if x.teacher is not None else None
+    if obj.fused_head or not isinstance(teacher, SparseTeacher) or not (obj.lambdas["ce"] > 0 < obj.lambdas["soft"]):
+        return None
+    if "ce_soft" not in x.shared:
+        x.shared["ce_soft"] = cached_token_losses(
+            x.student["logits"], x.targets, teacher, x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens
+        )
+    return x.shared["ce_soft"]
+
+
 def _ce(x: TermInputs) -> torch.Tensor:
     if x.objective.fused_head:
         return x.student["ce"]
+    if (pair := _one_pass(x)) is not None:
+        return pair[0]
     obj = x.objective
     return token_ce(x.student["logits"], x.targets, x.mask, obj.vocab_size, obj.chunk_tokens)
 
@@ -83,6 +102,8 @@ def _ce(x: TermInputs) -> torch.Tensor:
 def _soft(x: TermInputs) -> torch.Tensor:
     if x.objective.fused_head:
         return x.student["soft"]
+    if (pair := _one_pass(x)) is not None:
+        return pair[1]
     obj = x.objective
     return divergence_per_sequence(
         x.student["logits"], x.teacher["logits"], x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens
