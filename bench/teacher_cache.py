@@ -2,16 +2,17 @@
 what student it makes.
 
     python bench/teacher_cache.py cost    [--vocab 32000] [--seq-len 256] [--steps 30] [--temperatures 1 4]
+                                          [--repeats 3] [--out DIR]
+    python bench/teacher_cache.py quality [--quick] [--seeds 1234 1 2] [--ks 8 64 256] [--assets DIR]
                                           [--out DIR]
-    python bench/teacher_cache.py quality [--quick] [--seeds 1234 1 2] [--ks 8 64 256] [--out DIR]
 
 `cost`: on the bench assets (a 4 × 256 Llama teacher, an exact vocabulary, 96 records of --seq-len
 tokens), `vkd-ds cache-teacher` at top-k 64, fp16, with the valence head (k = 8): bytes per token
 and positions written per second (2 ranks). Then three runs of --steps steps on the same shapes,
 2 ranks, ZeRO-3: the live teacher (CE + token KD + L_val + valence weights), the same objective
 from the cache (teacher not loaded), and CE only. Per run: median step time (after --skip warm-up
-steps) and the largest rank's peak RSS over the run (loading included). All of it at each of
---temperatures (loss.temperature, and the cache's T).
+steps, the median over --repeats interleaved runs) and the largest rank's peak RSS over the run
+(loading included). All of it at each of --temperatures (loss.temperature, and the cache's T).
 
 `quality`: the demo's assets and distillation (`experiment=demo`, 300 steps; --quick: the quick
 demo's, 80 steps) with feature KD off (the cache does not serve it), from the live teacher and from
@@ -105,13 +106,21 @@ def cost_at(args, out: Path, env: dict, assets: Path, temperature: float) -> dic
         "cached_teacher": [*base, *SERVED, *cached(cache_dir)],
         "ce_only": [*base, *CE_ONLY],
     }
-    results = {}
-    for name, overrides in runs.items():
-        rows = train(args.procs, overrides, out / f"{name}_T{temperature:g}", env)
-        results[name] = {
-            "step_s": median_of(rows, "step_time_s", args.skip),
-            "peak_rss_gb": max(float(r["mem_peak_rss_gb"]) for r in rows),
+    # Interleaved repeats (A B C A B C): this machine's step times drift by 10-20 % between runs.
+    seen: dict[str, list[dict]] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for name, overrides in runs.items():
+            seen[name].append(
+                _figures(train(args.procs, overrides, out / f"{name}_T{temperature:g}_{repeat}", env), args)
+            )
+    results = {
+        name: {
+            "step_s": statistics.median(f["step_s"] for f in figures),
+            "step_s_per_repeat": [round(f["step_s"], 4) for f in figures],
+            "peak_rss_gb": max(f["peak_rss_gb"] for f in figures),
         }
+        for name, figures in seen.items()
+    }
     cached_step = results["cached_teacher"]["step_s"]
     return {
         "cache": {
@@ -129,13 +138,20 @@ def cost_at(args, out: Path, env: dict, assets: Path, temperature: float) -> dic
     }
 
 
+def _figures(rows: list[dict], args) -> dict:
+    return {
+        "step_s": median_of(rows, "step_time_s", args.skip),
+        "peak_rss_gb": max(float(r["mem_peak_rss_gb"]) for r in rows),
+    }
+
+
 def quality(args) -> dict:
     from vkd_ds.demo import FULL, QUICK, build_assets
 
     demo = QUICK if args.quick else FULL
     steps = args.steps or demo.distill_steps
     out = work_dir(args.out, "teacher-cache-quality")
-    assets = out / "assets"
+    assets = Path(args.assets) if args.assets else out / "assets"
     env = bench_env(args.procs)
     common = [
         "experiment=demo",
@@ -150,7 +166,8 @@ def quality(args) -> dict:
     ]
     arms: dict[str, list[str]] = {"live_teacher": []}
     with contextlib.redirect_stdout(sys.stderr):
-        build_assets(assets, demo)
+        if not args.assets:
+            build_assets(assets, demo)
         for k in args.ks:
             cache_dir = out / f"cache_k{k}"
             if not (cache_dir / "manifest.json").is_file():
@@ -199,9 +216,11 @@ def main() -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 4.0], help="cost: loss.temperature")
+    parser.add_argument("--repeats", type=int, default=3, help="cost: runs of each kind, interleaved")
     parser.add_argument("--quick", action="store_true", help="quality: the --quick demo's assets and 80 steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--ks", type=int, nargs="+", default=[8, 64, 256])
+    parser.add_argument("--assets", default=None, help="quality: demo assets (default: built under --out)")
     args = parser.parse_args()
     if what == "quality" and "--steps" not in sys.argv:
         args.steps = None  # the demo's

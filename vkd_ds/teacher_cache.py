@@ -262,10 +262,28 @@ def describe_plan_difference(old: dict, new: dict) -> str:
         "valence": "another valence head",
         "splits": "other data files",
     }
+    old, new = _plan_view(old), _plan_view(new)
     for key in PLAN_KEYS:
         if old.get(key) != new.get(key):
             return f"{words.get(key, key)} ({key}: {_short(old.get(key))} in the cache, {_short(new.get(key))} now)"
     return "nothing"
+
+
+def _plan_view(manifest: dict) -> dict:
+    """What decides a cache's values: its PLAN_KEYS, without where the files were (a teacher or data
+    file moved elsewhere is the same one; their fingerprints say so)."""
+    view = {key: manifest.get(key) for key in PLAN_KEYS}
+    if isinstance(view["teacher"], dict):
+        view["teacher"] = {k: v for k, v in view["teacher"].items() if k != "path"}
+    if isinstance(view["splits"], dict):
+        view["splits"] = {
+            split: {k: v for k, v in entry.items() if k != "data"} for split, entry in view["splits"].items()
+        }
+    return view
+
+
+def same_plan(old: dict, new: dict) -> bool:
+    return _plan_view(old) == _plan_view(new)
 
 
 def _short(value) -> str:
@@ -670,7 +688,7 @@ def prepare_cache(cfg) -> CachePlan:
     existing = Path(s.cache.dir) / MANIFEST
     if existing.is_file():
         old = read_manifest(s.cache.dir, "cache.dir")
-        if any(old.get(k) != manifest.get(k) for k in PLAN_KEYS):
+        if not same_plan(old, manifest):
             raise VkdError(
                 f"cache.dir ({s.cache.dir}) holds a cache made with {describe_plan_difference(old, manifest)}: "
                 "choose another cache.dir, or delete this one"
