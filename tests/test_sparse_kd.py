@@ -124,3 +124,23 @@ def test_one_pass_with_every_position_and_the_exact_vocabulary(temperature):
     ce, soft = cached_token_losses(student, targets, sparse, mask, d, vocab, 4)
     (grad,) = torch.autograd.grad((ce + 0.7 * soft).sum(), student)
     torch.testing.assert_close(grad, want_grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_one_pass_on_bf16_logits_keeps_bf16_and_matches_fp32(logits, temperature):
+    """bf16 logits (the GPU path): the gradient stays bf16, and is the fp32 one rounded (the kept
+    exponentials are rounded once)."""
+    from vkd_ds.losses import cached_token_losses
+
+    student, teacher, mask, vocab = logits
+    targets = torch.randint(0, vocab, mask.shape, generator=torch.Generator().manual_seed(5))
+    d = Divergence("forward_kl", temperature)
+    sparse = sparse_of(teacher, mask, vocab, 5, temperature)
+    half = student.detach().bfloat16().requires_grad_()
+    full = half.detach().float().requires_grad_()
+    grads = []
+    for x in (half, full):
+        ce, soft = cached_token_losses(x, targets, sparse, mask, d, vocab, 7)
+        grads.append(torch.autograd.grad((ce + 0.5 * soft).sum(), x)[0])
+    assert grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0].float(), grads[1], atol=2e-3, rtol=2e-2)

@@ -264,68 +264,78 @@ class _CachedTokenLosses(torch.autograd.Function):
     """CE and sparse token KD of the same positions in one pass over the student's logits (a teacher
     cache's run with both terms): one fp32 copy of each chunk serves both, and backward writes
     their combined gradient into one tensor (no second [tokens, V] gradient for autograd to add).
-    Keeps q = softmax(z) and, at T ≠ 1, q_T = softmax(z/T) in the logits' dtype for backward."""
+
+    Keeps exp(z − max) and, at T ≠ 1, exp((z − max)/T) in the logits' dtype for backward, unnormalized
+    (the normalizations fold into per-row factors). With fp32 logits each chunk is worked on in place
+    in its rows of those buffers, so nothing is copied out at the end."""
 
     @staticmethod
     def forward(ctx, logits, flat_index, targets, teacher, divergence, vocab_size, chunk_tokens):
-        flat = logits.flatten(0, 1)
+        flat = logits.flatten(0, 1)[:, :vocab_size]
         n = flat_index.numel()
         t = divergence.temperature
         step = chunk_rows(chunk_tokens, vocab_size)
-        ce = torch.empty(n, dtype=torch.float32, device=logits.device)
-        soft = torch.empty(n, dtype=torch.float32, device=logits.device)
+        f32 = {"dtype": torch.float32, "device": logits.device}
+        ce, soft, inv_total1, tail_factor = (torch.empty(n, **f32) for _ in range(4))
+        top_grad = torch.empty((n, teacher.ids.shape[1]), **f32)
         keep = logits.requires_grad
-        q1 = torch.empty((n, vocab_size), dtype=logits.dtype, device=logits.device) if keep else None
-        q_t = (q1 if t == 1.0 else torch.empty_like(q1)) if keep else None
-        k = teacher.ids.shape[1]
-        top_grad = torch.empty((n, k), dtype=torch.float32, device=logits.device)
-        tail_factor = torch.empty(n, dtype=torch.float32, device=logits.device)
+        e1 = torch.empty((n, vocab_size), dtype=logits.dtype, device=logits.device) if keep else None
+        e_t = (e1 if t == 1.0 else torch.empty_like(e1)) if keep else None
+        in_place = keep and logits.dtype == torch.float32
         for start in range(0, n, step):
             sel = flat_index[start : start + step]
             rows = slice(start, start + sel.numel())
-            z = flat[sel, :vocab_size].float()
+            if in_place:  # the chunk lives where exp((z − max)/T) is kept
+                z = torch.index_select(flat, 0, sel, out=e_t[rows])
+            else:
+                z = flat.index_select(0, sel).float()
             z.sub_(z.max(dim=-1, keepdim=True).values)
             target_z = z.gather(1, targets[sel][:, None]).squeeze(1)
             if t != 1.0:  # CE's softmax at T = 1 before the sparse part overwrites z
-                e1 = z.exp()
-                total1 = e1.sum(-1)
-                ce[rows] = total1.log() - target_z
                 if keep:
-                    torch.div(e1, total1[:, None], out=q1[rows])
-                del e1
+                    total1 = torch.exp(z, out=e1[rows]).sum(-1, dtype=torch.float32)
+                else:
+                    total1 = z.exp().sum(-1)
+                ce[rows] = total1.log() - target_z
+                inv_total1[rows] = total1.reciprocal()
             part = _sparse_parts(z, teacher, rows, divergence, shifted=True)
             soft[rows] = part.loss
             if t == 1.0:
                 ce[rows] = part.total.log() - target_z
+                inv_total1[rows] = part.total.reciprocal()
             top_grad[rows] = part.top_grad
-            tail_factor[rows] = part.tail_factor * part.total  # per unit of q_T
+            tail_factor[rows] = part.tail_factor  # per unit of exp((z − max)/T)
             if keep:
-                torch.div(part.exp.scatter_(1, teacher.ids[rows], part.top_exp), part.total[:, None], out=q_t[rows])
-        ctx.save_for_backward(flat_index, targets, q1, q_t, top_grad, tail_factor)
+                part.exp.scatter_(1, teacher.ids[rows], part.top_exp)  # the top-k back: exp((z − max)/T)
+                if not in_place:
+                    e_t[rows] = part.exp
+        ctx.save_for_backward(flat_index, targets, e1, e_t, inv_total1, top_grad, tail_factor)
         ctx.ids = teacher.ids
         ctx.shape, ctx.vocab_size, ctx.chunk = logits.shape, vocab_size, step
         return ce, soft
 
     @staticmethod
     def backward(ctx, grad_ce, grad_soft):
-        flat_index, targets, q1, q_t, top_grad, tail_factor = ctx.saved_tensors
+        flat_index, targets, e1, e_t, inv_total1, top_grad, tail_factor = ctx.saved_tensors
         shape, vocab = ctx.shape, ctx.vocab_size
         whole = flat_index.numel() == shape[0] * shape[1] and vocab == shape[2]
-        out = q1 if whole else torch.zeros((shape[0] * shape[1], shape[2]), dtype=q1.dtype, device=q1.device)
+        out = e1 if whole else torch.zeros((shape[0] * shape[1], shape[2]), dtype=e1.dtype, device=e1.device)
         for start in range(0, flat_index.numel(), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            a, b = grad_ce[rows].float(), grad_soft[rows].float()
+            ce_scale = grad_ce[rows].float() * inv_total1[rows]  # CE's gradient per unit of exp(z − max)
+            b = grad_soft[rows].float()
+            tail_scale = b * tail_factor[rows]
             ids = ctx.ids[rows]
-            q = q1[rows].float()
-            top_q = q.gather(1, ids)
-            if q_t is q1:  # T = 1: one softmax serves both terms
-                grad = q.mul_((a + b * tail_factor[rows])[:, None])
+            grad = e1[rows].float()
+            top_e1 = grad.gather(1, ids)
+            if e_t is e1:  # T = 1: one exponential serves both terms
+                grad.mul_((ce_scale + tail_scale)[:, None])
             else:
-                grad = q.mul_(a[:, None]).add_(q_t[rows].float().mul_((b * tail_factor[rows])[:, None]))
+                grad.mul_(ce_scale[:, None]).add_(e_t[rows].float().mul_(tail_scale[:, None]))
             # The top-k: CE's share and the sparse term's own gradient (the tail factor is not theirs).
-            grad.scatter_(1, ids, a[:, None] * top_q + b[:, None] * top_grad[rows])
+            grad.scatter_(1, ids, ce_scale[:, None] * top_e1 + b[:, None] * top_grad[rows])
             sel_targets = targets[flat_index[rows]]
-            grad[torch.arange(grad.shape[0], device=grad.device), sel_targets] -= a
+            grad[torch.arange(grad.shape[0], device=grad.device), sel_targets] -= grad_ce[rows].float()
             if whole:
                 out[rows] = grad
             else:
