@@ -11,11 +11,12 @@ import pytest
 from tests.conftest import base_overrides, deepspeed_launch, vkd_cli_in_process
 from tests.test_reliability import kill_at_step, steps_logged
 from vkd_ds.metrics import read_metrics
+from vkd_ds.terms import loss_overrides
 
 pytestmark = pytest.mark.distributed
 
 # What the cache serves: CE, token KD, L_val, L_reg and the valence weights (λ = 6).
-CACHED_OBJECTIVE = ["loss.feat=0", "loss.seq=0", "loss.val=0.6", "weighting.lam=6.0"]
+CACHED_OBJECTIVE = [*loss_overrides(ce=1.0, soft=0.8, val=0.6, reg=1e-5), "weighting.lam=6.0"]
 
 
 def cache_overrides(assets, cache_dir, *extra) -> list[str]:

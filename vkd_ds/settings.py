@@ -448,7 +448,15 @@ class Settings:
 
     def _check_cached_teacher(self) -> None:
         """teacher.cache serves CE, token KD, L_val, L_reg and the weights; the rest needs the live teacher."""
-        live = [f"loss.{name}={self.loss.weights[name]:g}" for name in ("feat", "seq") if self.loss.weights[name] > 0]
+        from vkd_ds.terms import ROLLOUTS, TEACHER_HIDDENS, TERMS
+
+        # The cache holds the teacher's distribution, entropy and valence, not its hidden states or its
+        # scores of the student's samples.
+        live = [
+            f"loss.{name}={self.loss.weights[name]:g}"
+            for name, term in TERMS.items()
+            if self.loss.weights[name] > 0 and (TEACHER_HIDDENS in term.needs or ROLLOUTS in term.needs)
+        ]
         if self.loss.weights["reg"] > 0 and self.reg.contrastive > 0:
             live.append(f"reg.contrastive={self.reg.contrastive:g}")
         if self.onpolicy.fraction > 0:

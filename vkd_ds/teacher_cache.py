@@ -40,8 +40,6 @@ FORMAT = "vkd-ds teacher cache v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
-# What the cache serves in training; every other term needs the live teacher and is refused.
-SERVED_TERMS = ("ce", "soft", "val", "reg")
 
 
 # ---- what is stored per position ----------------------------------------------------------------
