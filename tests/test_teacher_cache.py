@@ -235,6 +235,7 @@ def test_cache_teacher_refuses_bad_settings(tiny_assets, cache64, tmp_path):
         # The cache.dir holds a cache of other settings: never mixed.
         ((f"cache.dir={cache64}", "cache.top_k=8"), "holds a cache made with another cache.top_k"),
         ((f"cache.dir={tiny_assets}",), "is not empty and holds no teacher cache"),
+        ((f"cache.dir={tiny_assets / 'train.jsonl'}",), "is a file, not a directory"),
     ]
     for extra, message in cases:
         result = cache_teacher(*extra)
@@ -282,10 +283,15 @@ def _resident_kb_of(path) -> int:
     return total
 
 
-def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64):
-    """Every training record through CachedTeacher.on_batch: the shards stay memory-mapped, and the pages
-    a batch read are released once it is copied out."""
+def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64, monkeypatch):
+    """Every training record through CachedTeacher.on_batch: the shards stay memory-mapped, at most
+    MAX_OPEN_SHARDS at a time (here 2 of the 7 training shards: the others are closed as new ones are
+    mapped), and the pages a batch read are released once it is copied out."""
     import torch
+
+    from vkd_ds import teacher_cache
+
+    monkeypatch.setattr(teacher_cache, "MAX_OPEN_SHARDS", 2)
 
     from vkd_ds.config import compose
     from vkd_ds.data import collate
@@ -301,6 +307,7 @@ def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64)
         out = teacher.on_batch(collate(prepared.train_data[first : first + 8], pad))
         positions += len(out["logits"])
     assert positions == prepared.cache_manifest["splits"]["train"]["positions"]
+    assert len(teacher.open_shards) == 2
     logp = cache64 / "train" / "shard_00000" / "logp.npy"
     assert logp.stat().st_size > 100_000  # 32 records x ~46 positions x 64 x 2 bytes
     assert _resident_kb_of(logp) == 0

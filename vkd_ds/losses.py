@@ -292,10 +292,14 @@ class _CachedTokenLosses(torch.autograd.Function):
             z.sub_(z.max(dim=-1, keepdim=True).values)
             target_z = z.gather(1, targets[sel][:, None]).squeeze(1)
             if t != 1.0:  # CE's softmax at T = 1 before the sparse part overwrites z
-                if keep:
-                    total1 = torch.exp(z, out=e1[rows]).sum(-1, dtype=torch.float32)
-                else:
-                    total1 = z.exp().sum(-1)
+                if keep and e1.dtype == torch.float32:
+                    total1 = torch.exp(z, out=e1[rows]).sum(-1)
+                else:  # the sum of the fp32 exponentials, not of their rounded copies
+                    exp1 = z.exp()
+                    total1 = exp1.sum(-1)
+                    if keep:
+                        e1[rows] = exp1
+                    del exp1
                 ce[rows] = total1.log() - target_z
                 inv_total1[rows] = total1.reciprocal()
             part = _sparse_parts(z, teacher, rows, divergence, shifted=True)

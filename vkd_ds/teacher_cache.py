@@ -26,6 +26,7 @@ import mmap
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from vkd_ds.errors import VkdError
 from vkd_ds.losses import LOG_ZERO, SparseTeacher, chunk_rows, shift_for_next_token
 
 FORMAT = "vkd-ds teacher cache v1"
+MAX_OPEN_SHARDS = 32  # mapped at once by a training process (about 6 file descriptors each)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
 PRECISIONS = {"fp16": np.float16, "fp32": np.float32}
@@ -81,7 +83,7 @@ def teacher_rows(
         z_t = z.div_(temperature)
         lse = torch.logsumexp(z_t, dim=-1)
         out["ids"][rows] = ids.cpu()
-        out["logp"][rows] = (values / temperature - lse[:, None]).cpu()
+        out["logp"][rows] = (values / temperature - lse[:, None]).clamp_(min=LOG_ZERO).cpu()
         if top_k < vocab_size:
             outside = z_t.scatter_(1, ids, float("-inf"))
             out["tail"][rows] = (torch.logsumexp(outside, dim=-1) - lse).clamp_(min=LOG_ZERO).cpu()
@@ -118,8 +120,11 @@ def bytes_per_position(vocab_size: int, precision: str, top_k: int, valence_k: i
 
 
 def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        while block := handle.read(2**24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -421,6 +426,10 @@ class _Mapped:
     def release(self) -> None:
         self.map.madvise(mmap.MADV_DONTNEED)
 
+    def close(self) -> None:
+        self.array = None  # the view holds the mapping's buffer
+        self.map.close()
+
 
 class CachedTeacher:
     """Stands where the live teacher does: `on_batch(batch)` gives what the objective and the eval read
@@ -433,19 +442,33 @@ class CachedTeacher:
         self.temperature = float(manifest["temperature"])
         self.vocab_size = int(manifest["vocab_size"])
         self.has_valence = manifest["valence"] is not None
-        self.shards: list[dict[str, _Mapped]] = []
+        self.folders: list[tuple[Path, dict]] = []  # every shard's directory and manifest entry
+        self.offsets: list[np.ndarray] = []  # each shard's record offsets into its positions
         self.records: dict[bytes, tuple[int, int]] = {}  # record key -> (shard, record within it)
+        # Shards are mapped when a batch needs them, at most MAX_OPEN_SHARDS at a time: every mapping
+        # holds a file descriptor, and a large cache has thousands of files.
+        self.open_shards: OrderedDict[int, dict[str, _Mapped]] = OrderedDict()
         for split, (_, examples) in files.items():
             for shard in manifest["splits"][split]["shards"]:
                 folder = self.directory / split / shard["name"]
-                arrays = {name: _Mapped(folder / f"{name}.npy") for name in _shard_shapes(shard, manifest)}
-                offsets = arrays.pop("offsets").array
-                arrays["offsets"] = np.array(offsets)
-                number = len(self.shards)
-                self.shards.append(arrays)
+                number = len(self.folders)
+                self.folders.append((folder, shard))
+                self.offsets.append(np.load(folder / "offsets.npy"))
                 first, stop = shard["records"]
                 for local, ex in enumerate(examples[first:stop]):
                     self.records.setdefault(record_key(ex.input_ids, ex.loss_mask), (number, local))
+
+    def _shard(self, number: int) -> dict[str, _Mapped]:
+        if number in self.open_shards:
+            self.open_shards.move_to_end(number)
+            return self.open_shards[number]
+        while len(self.open_shards) >= MAX_OPEN_SHARDS:
+            for mapped in self.open_shards.popitem(last=False)[1].values():
+                mapped.close()
+        folder, shard = self.folders[number]
+        names = [name for name in _shard_shapes(shard, self.manifest) if name != "offsets"]
+        self.open_shards[number] = {name: _Mapped(folder / f"{name}.npy") for name in names}
+        return self.open_shards[number]
 
     def on_batch(self, batch: dict) -> dict:
         _, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
@@ -463,13 +486,14 @@ class CachedTeacher:
             found = self.records.get(key)
             if found is None:
                 raise VkdError(f"teacher.cache ({self.directory}) has no entry for a record of this batch")
-            shard = self.shards[found[0]]
-            first, stop = int(shard["offsets"][found[1]]), int(shard["offsets"][found[1] + 1])
+            offsets = self.offsets[found[0]]
+            first, stop = int(offsets[found[1]]), int(offsets[found[1] + 1])
             if stop - first != counts[b]:
                 raise VkdError(
                     f"teacher.cache ({self.directory}): a record has {stop - first} cached positions, "
                     f"the batch {counts[b]}"
                 )
+            shard = self._shard(found[0])
             for name in parts:
                 if name in shard:
                     parts[name].append(shard[name].take(first, stop))
@@ -554,6 +578,7 @@ def write_cache(cfg) -> dict:
     )
     started = time.perf_counter()
     written_positions = 0
+    dtypes = _dtypes(manifest)
     vocab = manifest["vocab_size"]
     pending: dict[str, list] = {}
     dummy = collate([files["train"][1][0]], tokenizer.pad_token_id)
@@ -573,7 +598,9 @@ def write_cache(cfg) -> dict:
         )
         if head is not None:
             rows["valence"] = out["valence"][mask].float().cpu()
-        rows["counts"] = mask.sum(1).cpu()
+        # In the stored types at once: a shard waits in memory until its last batch.
+        rows = {name: value.numpy().astype(dtypes[name]) for name, value in rows.items()}
+        rows["counts"] = mask.sum(1).cpu().numpy().astype(np.int64)
         pending.setdefault(shard["name"] + split, []).append(rows)
         written_positions += int(mask.sum())
         if first + micro >= shard["records"][1]:
@@ -613,12 +640,12 @@ def _write_shard(path: Path, parts: list[dict], manifest: dict) -> None:
         shutil.rmtree(staging)  # left by a killed run
     staging.mkdir(parents=True)
     dtypes = _dtypes(manifest)
-    counts = torch.cat([p["counts"] for p in parts]).numpy().astype(np.int64)
+    counts = np.concatenate([p["counts"] for p in parts])
     arrays = {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
     for name in dtypes:
         if name == "offsets":
             continue
-        arrays[name] = torch.cat([p[name] for p in parts]).numpy().astype(dtypes[name])
+        arrays[name] = np.concatenate([p[name] for p in parts]).astype(dtypes[name], copy=False)
     for number, (name, array) in enumerate(arrays.items()):
         with open(staging / f"{name}.npy", "wb") as handle:
             np.save(handle, array)
@@ -683,6 +710,12 @@ def prepare_cache(cfg) -> CachePlan:
     temperature = float(s.loss.temperature if s.cache.temperature is None else s.cache.temperature)
     spec = CacheSpec(int(s.cache.top_k), temperature, s.cache.precision, int(s.cache.records_per_shard))
     manifest = plan_manifest(s, tokenizer, files, spec, valence_k)
+    target = Path(s.cache.dir)
+    if target.exists() and not target.is_dir():
+        raise VkdError(f"cache.dir ({s.cache.dir}) is a file, not a directory")
+    writable = target if target.is_dir() else next(p for p in target.absolute().parents if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise VkdError(f"cache.dir ({s.cache.dir}): {writable} is not writable")
     existing = Path(s.cache.dir) / MANIFEST
     if existing.is_file():
         old = read_manifest(s.cache.dir, "cache.dir")
