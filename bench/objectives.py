@@ -88,6 +88,7 @@ def one_run(arm: str, seed: int, args, assets: Path, out: Path, env: dict) -> di
         f"trainer.save_every={args.steps}",
         "trainer.progress_bar=false",
         "resume=never",
+        "gate.enabled=false",  # measured before the gate was on by default (issue #17)
         *ARMS[arm],
         *args.overrides,
     ]

@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.init()
     # Only the student's engine is built: no teacher, no valence head.
     overrides = ["teacher.path=/unused", "data.train_path=/unused", "trainer.micro_batch_size=1"]
-    cfg = Settings.from_config(compose([*overrides, "loss.val=0", "weighting.lam=0"]))
+    cfg = Settings.from_config(compose([*overrides, "loss.val=0", "weighting.lam=0", "gate.enabled=false"]))
     ds_config = student_ds_config(cfg, dist.world_size(), dist.on_gpu())
     model_config = llama_config(args.vocab, args.hidden, args.layers, heads=max(1, args.hidden // 64))
     student = engines.build_student_model(None, model_config, ds_config, seed=0)

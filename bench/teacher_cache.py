@@ -158,6 +158,7 @@ def quality(args) -> dict:
         "experiment=demo",
         f"assets_dir={assets}",
         "loss.feat=0",  # the cache does not serve feature KD; the live arm leaves it out too
+        "gate.enabled=false",  # nor the mercy gate (it continues the probe prompts with the teacher)
         f"trainer.max_steps={steps}",
         f"trainer.eval_every={steps}",
         f"trainer.save_every={steps}",

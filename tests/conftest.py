@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,8 +102,10 @@ def base_overrides(assets: Path, run_dir: Path) -> list[str]:
         "trainer.lr=3e-3",
         "trainer.eval_max_batches=2",
         "trainer.progress_bar=false",
-        # Sequence KD (a default term) is switched on by the tests that are about it.
+        # Sequence KD (a default term) and the mercy gate (on by default) are switched on by the
+        # tests that are about them.
         "loss.seq=0",
+        "gate.enabled=false",
         *TINY_STUDENT,
     ]
 
@@ -148,3 +152,32 @@ def logits():
     mask = torch.rand(batch, seq) > 0.3
     mask[1] = False
     return student, teacher, mask, vocab
+
+
+def steps_logged(run_dir) -> int:
+    try:
+        return max(0, len((run_dir / "metrics.csv").read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+def kill_at_step(overrides, run_dir, step: int) -> bool:
+    """Start the job in its own process group and kill -9 all of it as soon as metrics.csv shows
+    `step` steps (mid-step, mid-save or mid-eval: wherever it is then); False if it ended first."""
+    from vkd_ds.launch import launcher_command
+
+    job = subprocess.Popen(
+        launcher_command(overrides, 2),
+        cwd=REPO,
+        env=cpu_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    while job.poll() is None:
+        if steps_logged(run_dir) >= step:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            return True
+        time.sleep(0.01)
+    return False

@@ -214,10 +214,24 @@ def test_fit_valence_head_with_unlabelled_data_and_labels_data(tiny_assets, tmp_
     assert_clean_failure(result, f"{tiny_assets / 'train.jsonl'}:1: valence.fit.labels=data but this record", out)
 
 
-def test_impossible_gate_settings(tiny_assets, tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["gate.mode=proxy", "loss.val=0"], "gate.mode=proxy projects the student's valence"),
+        (["gate.warmup_steps=-1"], "config key `gate.warmup_steps` must be >= 0, got -1"),
+        (["gate.arm_mse=0"], "config key `gate.arm_mse` must be > 0.0, got 0"),
+        (["gate.arm_mse=-0.01"], "config key `gate.arm_mse` must be > 0.0, got -0.01"),
+        (
+            ["deepspeed.offload_optimizer=nvme", "deepspeed.nvme_path=/tmp"],
+            "gate.enabled=true with deepspeed.offload_optimizer=nvme: the mercy gate reverts",
+        ),
+    ],
+    ids=["proxy-without-student-head", "negative-warmup", "zero-arm-mse", "negative-arm-mse", "nvme-optimizer"],
+)
+def test_impossible_gate_settings(overrides, message, tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
-    result = cli(["train", *base_overrides(tiny_assets, run_dir), "gate.enabled=true", "gate.mode=proxy", "loss.val=0"])
-    assert_clean_failure(result, "gate.mode=proxy projects the student's valence", run_dir)
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), "gate.enabled=true", *overrides])
+    assert_clean_failure(result, message, run_dir)
 
 
 @pytest.mark.distributed

@@ -11,8 +11,8 @@ from vkd_ds.launch import strip_local_rank
 from vkd_ds.settings import Settings
 from vkd_ds.terms import TERM_NAMES, loss_overrides
 
-# Without a teacher valence head file, L_val and the weighting must be off.
-REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0"]
+# Without a teacher valence head file, L_val, the weighting and the mercy gate must be off.
+REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0", "gate.enabled=false"]
 
 
 def test_defaults_compose_and_validate():
@@ -41,6 +41,10 @@ def test_defaults_are_the_spec_defaults():
     assert cfg.weighting.lam == 6.0 and cfg.weighting.z_max == 3.0 and cfg.weighting.normalize is True
     assert list(cfg.weighting.alphas) == [0.55, 0.20, 0.15, 0.10] and cfg.valence.k == 8
     assert cfg.feat.layer_map == "uniform"
+    # The gate is on by default (issue #17), arming after a warm-up.
+    gate = cfg.gate
+    assert gate.enabled is True and gate.mode == "proxy" and gate.ratio == 0.9 and gate.proxy_factor == 0.95
+    assert gate.rollout_steps == 16 and gate.warmup_steps == 20 and gate.arm_mse == 0.005
     with pytest.raises(VkdError, match="`valence.teacher_head` is required"):
         Settings.from_config(cfg)  # the defaults need a teacher valence head
 

@@ -342,6 +342,14 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
         ("gate.baseline_every=1",),
         lambda job, jobs: job.log.count("baseline valence is") > jobs["gate"].log.count("baseline valence is"),
     ),
+    "gate.warmup_steps": Elsewhere(
+        "tests/test_gate.py::test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical",
+        "the steps before gate.warmup_steps commit at a ratio that rejects every armed step",
+    ),
+    "gate.arm_mse": Elsewhere(
+        "tests/test_gate.py::test_the_proxy_arms_below_arm_mse_and_kill_9_before_and_after_resumes_exactly",
+        "the proxy arms at the first step whose running valence MSE is below gate.arm_mse",
+    ),
     "gate.max_consecutive_rejections": Elsewhere(
         "tests/test_gate.py::test_consecutive_failures_stop_the_run_and_keep_the_last_checkpoint",
         "that many rejected steps in a row end the run",

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import base_overrides, deepspeed_launch, train_job
+from tests.test_reliability import kill_at_step
 from vkd_ds import checkpoint
 from vkd_ds.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
+# The gate deciding from the first step (no warm-up, armed at once in proxy mode too).
 GATE = ["gate.enabled=true", "gate.probe_size=4", "gate.rollout_steps=6", "gate.baseline_every=0"]
+GATE += ["gate.warmup_steps=0", "gate.arm_mse=1e9"]
 SHORT = ["trainer.micro_batch_size=2", "trainer.eval_every=0", "loss.feat=0"]
 
 
@@ -66,12 +69,12 @@ def assert_identical(a, b, path="state"):
     ids=["lookahead", "proxy", "proxy-bf16-zero1"],
 )
 def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, engine, tiny_assets, tmp_path):
+    """A ratio that rejects every step the gate decides: the two warm-up steps commit (unarmed, it
+    trains), the two armed steps are rejected, and the checkpoints after 2 and 4 steps are equal."""
     run_dir = tmp_path / "run"
     common = base_overrides(tiny_assets, run_dir) + SHORT + GATE + [f"gate.mode={mode}", "trainer.save_every=2"]
-    common += engine
-    # Two kept steps (ratio 0 never rejects), checkpointed; then two steps the gate must reject.
-    train_job(common + ["gate.ratio=0", "trainer.max_steps=4", "trainer.stop_after_steps=2"])
-    result = train_job(common + ["gate.ratio=100", "trainer.max_steps=4"])
+    common += engine + ["gate.warmup_steps=2", "gate.arm_mse=1e9", "gate.ratio=100"]
+    result = train_job(common + ["trainer.max_steps=4"])
     kept, rejected = (
         rank_states(run_dir / "checkpoints/step_0000002"),
         rank_states(run_dir / "checkpoints/step_0000004"),
@@ -85,12 +88,53 @@ def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, eng
         optim = after["optim"]["optimizer_state_dict"]
         state = (optim.get("optimizer_state_dict") or optim["base_optimizer_state"])["state"]
         assert {"exp_avg", "exp_avg_sq", "step"} <= set(state[0]) and int(state[0]["step"]) == 2
+        # To DeepSpeed a reverted step is one it skipped: counted in global_steps and skipped_steps.
+        assert (after["model"]["global_steps"], after["model"]["skipped_steps"]) == (4, 2)
+        assert (before["model"]["global_steps"], before["model"]["skipped_steps"]) == (2, 0)
+    assert column(run_dir, "gate/armed") == ["0", "0", "1", "1"]
     assert column(run_dir, "gate/rejected") == ["0", "0", "1", "2"]
     assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "0"]
-    assert all(float(p) >= 0 for p in column(run_dir, "gate/projected"))
+    losses = [float(x) for x in column(run_dir, "loss")]
+    assert losses[1] != losses[0]  # unarmed, the first step trained the student
+    if mode == "proxy":  # decided before the step from the batch: logged on every step, armed or not
+        assert all(float(p) >= 0 for p in column(run_dir, "gate/projected"))
+    else:  # the student's continuations, only when armed
+        assert column(run_dir, "gate/projected")[:2] == ["", ""]
     # Rank 0 alone logs the decision, once per rejected step, with the step and both values.
     assert result.stderr.count("Mercy gate blocked – low projected valence trajectory") == 2
-    assert "(step 3: projected" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert "(step 3: projected" in log and "mercy gate: armed at step 3" in log
+
+
+def test_the_proxy_arms_below_arm_mse_and_kill_9_before_and_after_resumes_exactly(tiny_assets, tmp_path):
+    """The proxy arms at the first step after the warm-up whose running valence MSE is below
+    gate.arm_mse; then every step is rejected (ratio 100). kill -9 before and after arming: resume
+    continues with the uninterrupted run's rows, gate/* included."""
+    common = SHORT + GATE + ["gate.mode=proxy", "gate.warmup_steps=1", "trainer.max_steps=9", "trainer.save_every=1"]
+    probe = tmp_path / "probe"
+    # Never rejecting, the gate does not change training: this run's MSE column is the one to come.
+    train_job(base_overrides(tiny_assets, probe) + common + ["gate.ratio=0", "gate.arm_mse=1e9"])
+    running = [float(x) for x in column(probe, "gate/valence_mse")]
+    # An arm_mse between step s's running MSE and every earlier one's arms the gate at step s.
+    candidates = [s for s in range(3, 7) if running[s - 1] < min(running[: s - 1])]
+    assert candidates, f"the tiny student's running valence MSE did not fall in steps 3-6: {running}"
+    arm_step = candidates[0]
+    arm_mse = (running[arm_step - 1] + min(running[: arm_step - 1])) / 2
+    overrides = common + ["gate.ratio=100", f"gate.arm_mse={arm_mse!r}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train_job(base_overrides(tiny_assets, straight) + overrides)
+    armed = column(straight, "gate/armed")
+    assert armed == ["0"] * (arm_step - 1) + ["1"] * (10 - arm_step)
+    assert column(straight, "gate/step_kept") == ["1"] * (arm_step - 1) + ["0"] * (10 - arm_step)
+    for step in (arm_step - 1, arm_step + 1):  # kill -9 before arming, then after it
+        assert kill_at_step(base_overrides(tiny_assets, killed) + overrides, killed, step)
+    train_job(base_overrides(tiny_assets, killed) + overrides)
+    a, b = read_metrics(straight / "metrics.csv"), read_metrics(killed / "metrics.csv")
+    assert [r["step"] for r in b] == [str(s) for s in range(1, 10)]
+    timing = ("tokens_per_s", "step_time_s", "mem_rss_gb", "mem_peak_rss_gb")
+    for name in a[0]:
+        if name not in timing and not name.startswith("time/"):
+            assert [r[name] for r in a] == [r[name] for r in b], name
 
 
 @pytest.mark.parametrize("mode", ["proxy", "lookahead"])

@@ -1,21 +1,17 @@
 """Kill -9 at random moments, and in the middle of writing a checkpoint: resume=auto continues
 with exactly the loss curve of the run that was never killed (2 ranks, ZeRO-3)."""
 
-import os
 import random
-import signal
-import subprocess
-import time
 
 import pytest
 
 from tests.conftest import (
     FULL_OBJECTIVE,
-    REPO,
     base_overrides,
-    cpu_env,
     deepspeed_launch,
+    kill_at_step,
     save_tiny_model,
+    steps_logged,
     train_job,
 )
 from vkd_ds import checkpoint
@@ -27,35 +23,6 @@ pytestmark = pytest.mark.distributed
 # quarter of the steps on the student's own samples (on-policy), which resume must choose alike.
 COMMON = ["trainer.max_steps=200", "trainer.save_every=5", "trainer.micro_batch_size=2", "trainer.eval_every=50"]
 COMMON += ["onpolicy.fraction=0.25", "seq_kd.n_gen=8"]
-
-
-def steps_logged(run_dir) -> int:
-    try:
-        return max(0, len((run_dir / "metrics.csv").read_text().splitlines()) - 1)
-    except FileNotFoundError:
-        return 0
-
-
-def kill_at_step(overrides, run_dir, step: int) -> bool:
-    """Start the job in its own process group and kill -9 all of it as soon as metrics.csv shows
-    `step` steps (mid-step, mid-save or mid-eval: wherever it is then); False if it ended first."""
-    from vkd_ds.launch import launcher_command
-
-    job = subprocess.Popen(
-        launcher_command(overrides, 2),
-        cwd=REPO,
-        env=cpu_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    while job.poll() is None:
-        if steps_logged(run_dir) >= step:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_exactly(tiny_assets, tmp_path):

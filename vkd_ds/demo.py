@@ -140,6 +140,16 @@ def _seq_summary(run_dir: Path) -> dict:
     return {"seq_teacher_logprob_first": sum(values[:n]) / n, "seq_teacher_logprob_last": sum(values[-n:]) / n}
 
 
+def _gate_summary(run_dir: Path) -> dict:
+    """When the mercy gate ran: the step it armed at (None: never) and the steps it rejected."""
+    from vkd_ds.report import armed_step
+
+    rows = _rows(run_dir)
+    if "gate/armed" not in rows[-1]:
+        return {}
+    return {"gate_armed_at": armed_step(rows), "gate_rejected": int(rows[-1]["gate/rejected"])}
+
+
 def _train(overrides: list[str], label: str) -> dict:
     from vkd_ds.launch import start_training
 
@@ -175,7 +185,8 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
     say(f"[2/4] distilling the student: 2 processes, ZeRO-3, {settings.distill_steps} steps -> {kd_dir}")
     kd = _train(common + [f"run.dir={kd_dir}", *(overrides or [])], "distillation")
     say(f"[3/4] the same student with cross-entropy only -> {ce_dir}")
-    ce_only = [*only_terms("ce"), "weighting.lam=0"]
+    # CE only: no valence head on the student, so no mercy gate either.
+    ce_only = [*only_terms("ce"), "weighting.lam=0", "gate.enabled=false"]
     ce = _train(common + [f"run.dir={ce_dir}", *ce_only], "CE-only")
     summary = {
         "teacher_ppl": kd["eval/teacher_ppl"],
@@ -186,6 +197,7 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
         "mean_ess": _mean_column(kd_dir, "ess"),
         "min_ess": min(float(r["ess"]) for r in _rows(kd_dir)),
         **_seq_summary(kd_dir),
+        **_gate_summary(kd_dir),
         "steps": settings.distill_steps,
         "quick": quick,
         "seconds": time.time() - started,
@@ -203,6 +215,13 @@ def run_demo(out: str | Path, quick: bool = False, overrides: list[str] | None =
         f"      valence weighting: effective sample size {summary['mean_ess']:.2f} of the global batch "
         f"on average (lowest {summary['min_ess']:.2f}; metrics.csv column `ess`)"
     )
+    if "gate_rejected" in summary:
+        armed = summary["gate_armed_at"]
+        when = f"armed at step {armed}" if armed is not None else "never armed"
+        say(
+            f"      mercy gate: {when}, rejected {summary['gate_rejected']} of {settings.distill_steps} steps "
+            "(metrics.csv columns `gate/*`, the report's gate plots)"
+        )
     if "seq_teacher_logprob_first" in summary:
         say(
             "      sequence KD: the teacher's log-prob of the student's samples went from "

@@ -8,6 +8,14 @@
   tokens, and score the continuations with the teacher's valence head; reject => revert.
 - the baseline: the teacher's valence of its own continuations of the same probe prompts,
   computed at the start, kept in the checkpoint, refreshed every `baseline_every` steps.
+- arming: the gate decides nothing (every step commits) before `warmup_steps` steps and, in proxy
+  mode, while the running valence MSE of the student's head to the teacher's is at or above
+  `arm_mse`: an untrained head projects noise, and a rejected step would leave it untrained for
+  good. Once armed, it stays armed.
+
+Every valence is read at the positions whose next token is scored (the shifted loss mask, where
+L_val and the saliency read it): the head at position t forecasts the k steps after t, so on a
+continuation these are the positions that forecast the generated tokens.
 
 Every value is a sum all-reduced over ranks before the comparison, so all ranks decide alike.
 The decision is applied by step_guard.StepGuard, which also skips non-finite steps (gate on or
@@ -24,6 +32,7 @@ import torch
 from vkd_ds import dist
 from vkd_ds.data import Example
 from vkd_ds.errors import VkdError
+from vkd_ds.losses import shift_for_next_token
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms, sample
 from vkd_ds.settings import GateSettings
 
@@ -31,14 +40,23 @@ GATE_MODES = ("proxy", "lookahead")
 BLOCKED_MESSAGE = "Mercy gate blocked – low projected valence trajectory"
 # Probe draws come from their own stream, apart from sequence KD's (which is seeded by the step).
 PROBE_SEED_OFFSET = 7919
+# The running valence MSE is an exponential moving average over steps: about the last 10 global
+# batches, so one easy batch does not arm the gate.
+ARM_MSE_DECAY = 0.9
 
 
 @dataclass
 class GateState:
-    """The teacher's cached baseline (in the checkpoint, through step_guard.StepGuard)."""
+    """The teacher's cached baseline and the arming (in the checkpoint, through step_guard.StepGuard)."""
 
     baseline: float | None = None
     baseline_step: int | None = None  # the step the baseline was computed at
+    armed_step: int | None = None  # the first step (1-based) the gate decided; None: not armed yet
+    valence_mse: float | None = None  # proxy: running MSE of the student's valence to the teacher's
+
+    @property
+    def armed(self) -> bool:
+        return self.armed_step is not None
 
 
 class MercyGate:
@@ -80,7 +98,7 @@ class MercyGate:
         out = torch.zeros(2, dtype=torch.float64)
         batch = {k: v.to(dist.device()) for k, v in rollout_batch(samples, self.pad_id).items()}
         valence = self.teacher(batch["input_ids"], batch["attention_mask"])["valence"].float().mean(-1)
-        mask = batch["loss_mask"]
+        mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])[1]
         out[0] = float(valence[mask].double().sum())
         out[1] = float(mask.sum())
         return out
@@ -107,10 +125,31 @@ class MercyGate:
         every = self.settings.baseline_every
         return every > 0 and step - s.baseline_step >= every
 
+    # ---- arming --------------------------------------------------------------------------------
+    def observe(self, step: int, valence_mse: float | None) -> bool:
+        """Before step `step` (0-based) is decided, with this step's global valence MSE (proxy
+        mode; None in lookahead mode, or on a step skipped as non-finite, which does not count).
+        Returns whether the gate decides this step; arms it when it is due."""
+        s = self.settings
+        if valence_mse is not None:
+            previous = self.state.valence_mse
+            running = valence_mse if previous is None else ARM_MSE_DECAY * previous + (1 - ARM_MSE_DECAY) * valence_mse
+            self.state.valence_mse = running
+        if not self.state.armed and step >= s.warmup_steps:
+            ready = s.mode != "proxy" or (self.state.valence_mse is not None and self.state.valence_mse < s.arm_mse)
+            if ready:
+                self.state.armed_step = step + 1
+        return self.state.armed
+
     # ---- the decision ------------------------------------------------------------------------
-    def projected_proxy(self, valence_sum: float, count: float) -> float:
-        total = dist.all_reduce_sum(torch.tensor([valence_sum, count], dtype=torch.float64))
-        return self.settings.proxy_factor * float(total[0] / total[1].clamp(min=1))
+    def proxy_values(self, valence_sum: float, sq_error_sum: float, count: float) -> tuple[float, float]:
+        """(projected valence, valence MSE) of the global batch from this rank's sums over its valid
+        positions: the student's valence, and the squared error of its trajectory to the teacher's
+        (averaged over the k steps). One all-reduce."""
+        local = torch.tensor([valence_sum, sq_error_sum, count], dtype=torch.float64)
+        total_valence, total_sq_error, total_count = dist.all_reduce_sum(local).tolist()
+        positions = max(total_count, 1.0)
+        return self.settings.proxy_factor * total_valence / positions, total_sq_error / positions
 
     def projected_lookahead(self) -> float:
         return self._probe_valence(self.student_sampler)

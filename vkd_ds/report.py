@@ -35,9 +35,9 @@ PLOTS = [
     ),
     (
         "gate_valence.png",
-        "Mercy gate: projected valence and the teacher's baseline",
+        "Mercy gate: projected valence against the threshold (ratio x the teacher's baseline)",
         "valence",
-        ("gate/projected", "gate/baseline"),
+        ("gate/projected", "gate/threshold"),
         False,
     ),
     ("lr.png", "Learning rate", "lr", ("lr",), False),
@@ -67,6 +67,20 @@ def _series(rows: list[dict], column: str) -> tuple[list[int], list[float]]:
                 steps.append(int(row["step"]))
                 values.append(number)
     return steps, values
+
+
+def armed_step(rows: list[dict]) -> int | None:
+    """The first step the mercy gate decided (`gate/armed`), None if it never armed."""
+    return next((int(row["step"]) for row in rows if row.get("gate/armed") == "1"), None)
+
+
+def _gate_arming(rows: list[dict]) -> str:
+    step = armed_step(rows)
+    if step is not None:
+        return f"The mercy gate armed at step {step}: every earlier step committed."
+    last = rows[-1].get("gate/valence_mse", "")
+    mse = f" (running valence MSE at the end: {float(last):.4g}, gate.arm_mse in config.yaml)" if last else ""
+    return f"The mercy gate never armed{mse}: every step committed unless it was non-finite."
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -108,6 +122,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             ax.plot(steps, values, label=column, marker="." if len(steps) < 30 else None)
         if log_scale and all(v > 0 for c in columns for v in _series(rows, c)[1]):
             ax.set_yscale("log")
+        notes = []
+        if filename == "gate_valence.png":
+            step = armed_step(rows)
+            if step is not None:
+                ax.axvline(step, color="black", linestyle="--", linewidth=1, label=f"armed (step {step})")
+            notes = [_gate_arming(rows), ""]
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
@@ -125,6 +145,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
             "",
             f"Columns: {', '.join(f'`{c}`' for c in columns)}.",
             "",
+            *notes,
         ]
     if skipped:
         lines += ["## Not logged by this run", ""] + [f"- {title}" for title in skipped] + [""]

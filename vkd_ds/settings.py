@@ -40,8 +40,8 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def number(low=None, high=None, *, integer=False, optional=False):
-    """A number (an integer if `integer`) in [low, high]; null allowed if `optional`."""
+def number(low=None, high=None, *, integer=False, optional=False, above=None):
+    """A number (an integer if `integer`) in [low, high] and > `above`; null allowed if `optional`."""
 
     def check(key, value):
         if value is None and optional:
@@ -53,6 +53,8 @@ def number(low=None, high=None, *, integer=False, optional=False):
             raise VkdError(f"config key `{key}` must be >= {low}, got {value}")
         if high is not None and value > high:
             raise VkdError(f"config key `{key}` must be <= {high}, got {value}")
+        if above is not None and not value > above:
+            raise VkdError(f"config key `{key}` must be > {above}, got {value}")
         return value
 
     return check
@@ -321,6 +323,8 @@ class GateSettings:
     rollout_steps: int = _checked(number(low=1, integer=True))
     probe_size: int = _checked(number(low=1, integer=True))
     baseline_every: int = _checked(number(low=0, integer=True))
+    warmup_steps: int = _checked(number(low=0, integer=True))  # steps before the gate may arm
+    arm_mse: float = _checked(number(above=0.0))  # proxy: arms once the running valence MSE is below
     max_consecutive_rejections: int = _checked(number(low=0, integer=True))
 
 
@@ -430,8 +434,14 @@ class Settings:
             )
         if self.gate.enabled and self.gate.mode == "proxy" and not self.loss.weights["val"] > 0:
             raise VkdError(
-                "gate.mode=proxy projects the student's valence, and the student has a valence head only "
-                "when loss.val > 0: set loss.val > 0 or gate.mode=lookahead"
+                "gate.mode=proxy projects the student's valence, and the student has a valence head only when "
+                "loss.val > 0: set loss.val > 0, gate.mode=lookahead or gate.enabled=false (the gate is on by default)"
+            )
+        if self.gate.enabled and self.deepspeed.offload_optimizer == "nvme":
+            raise VkdError(
+                "gate.enabled=true with deepspeed.offload_optimizer=nvme: the mercy gate reverts a rejected step "
+                "from a snapshot of the optimizer state, which DeepSpeed keeps swapped out to NVMe; set "
+                "gate.enabled=false or deepspeed.offload_optimizer=cpu"
             )
         if self.onpolicy.fraction > 0:
             from vkd_ds.terms import ROLLOUTS, TERMS

@@ -9,6 +9,7 @@ discarded it; with the mercy gate on (gate.py) it is rejected when the projected
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -32,7 +33,8 @@ class StepSnapshot:
     """This rank's share of everything an optimizer step changes, copied to CPU: its partition of
     the parameters (and the whole of ZeRO-3's persistent small parameters), the fp32 master
     partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of
-    every parameter group (the LR the scheduler wrote) and the LR scheduler's state.
+    every parameter group (the LR the scheduler wrote), the LR scheduler's state, the optimizer's
+    loss scaler and DeepSpeed's skipped_steps.
 
     Memory: about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
     when separate, moments 8), on CPU, taken only when a step may be reverted."""
@@ -72,7 +74,17 @@ class StepSnapshot:
             "state": {key: {k: _clone(v) for k, v in value.items()} for key, value in base.state.items()},
             "group_values": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in groups],
             "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
+            "skipped_steps": self.engine.skipped_steps,
+            "loss_scaler": copy.deepcopy(vars(scaler)) if (scaler := self._loss_scaler()) is not None else None,
         }
+
+    def _loss_scaler(self):
+        """DeepSpeed's loss scaler, where the optimizer has one (static at 1 in fp32 and bf16; vkd-ds
+        never enables fp16, whose dynamic scaler a reverted step must not advance either)."""
+        return getattr(self.engine.optimizer, "loss_scaler", None)
+
+    def discard(self) -> None:
+        self._saved = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -95,6 +107,11 @@ class StepSnapshot:
                 group.update(hyper)
         if saved["scheduler"] is not None:
             self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
+        if saved["loss_scaler"] is not None:
+            vars(self._loss_scaler()).update(copy.deepcopy(saved["loss_scaler"]))
+        # To DeepSpeed a reverted step is one it skipped itself (as on an fp16 overflow): global_steps
+        # and global_samples advance (the batch is consumed), skipped_steps counts it.
+        self.engine.skipped_steps = saved["skipped_steps"] + 1
 
 
 def _clone(value):
@@ -114,9 +131,13 @@ def _as_float(value) -> float:
 
 
 class StepGuard:
-    def __init__(self, engine, gate: MercyGate | None, max_consecutive: int, clock, log):
+    def __init__(self, engine, gate: MercyGate | None, max_consecutive: int, clock, log, can_revert: bool = True):
         """`gate`: None when gate.enabled=false (nothing of the gate is built then). `clock`: the
-        trainer's PhaseClock (the snapshot and the gate count as `gate`, the step as `optimizer`)."""
+        trainer's PhaseClock (the snapshot and the gate count as `gate`, the step as `optimizer`).
+        `can_revert`: false when the optimizer state lives on NVMe (swapped out between steps, so a
+        snapshot would miss it): the settings refuse the gate then, and non-finite steps are left to
+        DeepSpeed's own skip."""
+        self.can_revert = can_revert
         self.engine = engine
         self.gate = gate
         self.max_consecutive = max_consecutive
@@ -146,32 +167,52 @@ class StepGuard:
         grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
 
-    def commit(self, step: int, nonfinite: bool, valence_sum: float = 0.0, valence_count: float = 0.0) -> dict:
+    def commit(
+        self,
+        step: int,
+        nonfinite: bool,
+        valence_sum: float = 0.0,
+        valence_sq_error: float = 0.0,
+        valence_count: float = 0.0,
+    ) -> dict:
         """The optimizer step at the accumulation boundary (collective). `step` counts from 0;
-        `nonfinite`: this rank saw a non-finite loss or gradient norm; `valence_sum`, `valence_count`:
-        this rank's student valence over its valid positions (proxy gate). Returns the `gate/*` metrics."""
+        `nonfinite`: this rank saw a non-finite loss or gradient norm; `valence_sum`,
+        `valence_sq_error`, `valence_count`: this rank's sums over its valid positions of the
+        student's valence and of its squared error to the teacher's (proxy gate). Returns the
+        `gate/*` metrics."""
         gate, clock = self.gate, self.clock
         skip = dist.any_rank(nonfinite)
-        projected, rejected = None, False
-        if not skip and self.wants_student_valence:
-            projected = gate.projected_proxy(valence_sum, valence_count)
-            rejected = gate.rejects(projected)
-        lookahead = not skip and gate is not None and gate.settings.mode == "lookahead"
-        revertible = skip or rejected or lookahead
-        if revertible:
+        projected, rejected, decides = None, False, False
+        if gate is not None:
+            with clock("gate"):
+                mse = None
+                if self.wants_student_valence:
+                    projected, mse = gate.proxy_values(valence_sum, valence_sq_error, valence_count)
+                was_armed = gate.state.armed
+                decides = gate.observe(step, None if skip else mse) and not skip
+                if decides and gate.settings.mode == "proxy":
+                    rejected = gate.rejects(projected)
+            self._log_arming(step, was_armed)
+        lookahead = decides and gate.settings.mode == "lookahead"
+        revert_skip = skip and self.can_revert
+        if revert_skip or rejected or lookahead:
             with clock("gate"):
                 self.snapshot.take()
         with clock("optimizer"):
             self.engine.step()
-        if not (skip or rejected) and self._engine_skipped_step():
-            skip = True
-        if lookahead and not skip:
+        if skip and not self.can_revert:
+            self._check_discarded(step)
+        engine_skipped = not (skip or rejected) and self._engine_skipped_step()
+        if lookahead and not engine_skipped:
             with clock("gate"):
                 projected = gate.projected_lookahead()
                 rejected = gate.rejects(projected)
-        if revertible and (skip or rejected):
+        if revert_skip or rejected:
             with clock("gate"):
                 self.snapshot.restore()
+        else:
+            self.snapshot.discard()
+        skip = skip or engine_skipped
         if skip and dist.is_main():
             self.log.warning(
                 "step %d: non-finite loss or gradients on at least one rank; step skipped on every rank", step + 1
@@ -189,10 +230,41 @@ class StepGuard:
         metrics = {"gate/rejected": self.counts.rejected, "gate/nonfinite": self.counts.nonfinite}
         metrics["gate/step_kept"] = int(not (skip or rejected))
         if gate is not None:
-            metrics["gate/baseline"] = gate.state.baseline
+            state = gate.state
+            metrics["gate/armed"] = int(state.armed)
+            metrics["gate/baseline"] = state.baseline
+            metrics["gate/threshold"] = gate.settings.ratio * state.baseline
             if projected is not None:
                 metrics["gate/projected"] = projected
+            if state.valence_mse is not None:
+                metrics["gate/valence_mse"] = state.valence_mse
         return metrics
+
+    def _log_arming(self, step: int, was_armed: bool) -> None:
+        gate = self.gate
+        s, state = gate.settings, gate.state
+        if not dist.is_main() or was_armed:
+            return
+        if state.armed:
+            why = ""
+            if s.mode == "proxy":
+                why = f"running valence MSE {state.valence_mse:.3g} < gate.arm_mse {s.arm_mse:g}, "
+            self.log.info("mercy gate: armed at step %d (%safter %d warm-up steps)", step + 1, why, s.warmup_steps)
+        elif step == s.warmup_steps:
+            self.log.info(
+                "mercy gate: warm-up over; it arms once the running valence MSE (%.3g now) is below gate.arm_mse (%g)",
+                state.valence_mse if state.valence_mse is not None else float("nan"),
+                s.arm_mse,
+            )
+
+    def _check_discarded(self, step: int) -> None:
+        """Without a snapshot (optimizer state on NVMe), a non-finite step is left to DeepSpeed,
+        which discards it under ZeRO 1-3 (deepspeed >= 0.19.8, checked in `_engine_skipped_step`)."""
+        if self.engine.was_step_applied():
+            raise VkdError(
+                f"step {step + 1}: DeepSpeed applied a step with a non-finite loss or gradient, and with "
+                "deepspeed.offload_optimizer=nvme vkd-ds keeps no snapshot to revert it"
+            )
 
     def _engine_skipped_step(self) -> bool:
         """Whether DeepSpeed discarded the step it was just asked for, agreed over ranks. Under ZeRO 1-3
@@ -225,12 +297,18 @@ class StepGuard:
         state = {"rejected": self.counts.rejected, "nonfinite": self.counts.nonfinite}
         state["consecutive"] = self.counts.consecutive
         if self.gate is not None:
-            state.update(baseline=self.gate.state.baseline, baseline_step=self.gate.state.baseline_step)
+            g = self.gate.state
+            state.update(baseline=g.baseline, baseline_step=g.baseline_step)
+            state.update(armed_step=g.armed_step, valence_mse=g.valence_mse)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("rejected", "nonfinite", "consecutive"):
             setattr(self.counts, key, int(state.get(key, 0)))
         if self.gate is not None and state.get("baseline") is not None:
-            self.gate.state.baseline = state["baseline"]
-            self.gate.state.baseline_step = state.get("baseline_step")
+            g = self.gate.state
+            g.baseline = state["baseline"]
+            g.baseline_step = state.get("baseline_step")
+            # A checkpoint from before arming existed: a gate that decided from the start.
+            g.armed_step = state.get("armed_step", 1)
+            g.valence_mse = state.get("valence_mse")

@@ -336,10 +336,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             " ".join(objective.active_at(rollout_step=False, on_policy=True)),
         )
     if gate_settings.enabled:
+        arming = ""
+        if gate_settings.mode == "proxy":
+            arming = f" and the running valence MSE is below {gate_settings.arm_mse:g}"
         log.info(
-            "mercy gate: %s mode, reject when projected valence < %g x the teacher's baseline",
+            "mercy gate: %s mode, reject when projected valence < %g x the teacher's baseline; it arms after "
+            "%d warm-up steps%s (gate.enabled=false turns it off)",
             gate_settings.mode,
             gate_settings.ratio,
+            gate_settings.warmup_steps,
+            arming,
         )
     trainer = Trainer(
         s,

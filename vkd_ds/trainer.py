@@ -39,6 +39,7 @@ class StepSums:
     loss: float = 0.0  # Σ of the micro-batches' losses (each is its share of the global L)
     tokens: float = 0.0  # valid positions
     valence: float = 0.0  # Σ of the student's valence over valid positions (the proxy gate's)
+    valence_sq_error: float = 0.0  # Σ of its squared error to the teacher's (mean over k): the gate's arming
     valence_count: float = 0.0
 
     @classmethod
@@ -91,7 +92,14 @@ class Trainer:
         self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
         self.nan_grad_faults = _faults("VKD_FAULT_NAN_GRAD")
         self.clock = PhaseClock(t.time_phases, dist.on_gpu())
-        self.guard = StepGuard(engine, gate, settings.gate.max_consecutive_rejections, self.clock, self.log)
+        self.guard = StepGuard(
+            engine,
+            gate,
+            settings.gate.max_consecutive_rejections,
+            self.clock,
+            self.log,
+            can_revert=settings.deepspeed.offload_optimizer != "nvme",
+        )
         # The latest step's metrics row goes into its checkpoint: a kill after the checkpoint but
         # before the row reached metrics.csv (during the eval that follows it) loses nothing.
         self.last_metrics: dict[str, float] | None = None
@@ -132,7 +140,7 @@ class Trainer:
                     self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
         grad_norm = self.guard.grad_norm_before_step()
         nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
-        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.valence_count))
+        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.valence_sq_error, sums.valence_count))
         self.step = step + 1
         return self._step_metrics(sums.all_reduced(), weight_sum, stats, lr, grad_norm, started)
 
@@ -232,9 +240,8 @@ class Trainer:
         if micro_step == 0 and (step + 1, self.rank) in self.nan_grad_faults:
             loss = _NanGradient.apply(loss)  # fault injection (VKD_FAULT_NAN_GRAD): the loss stays finite
         if self.guard.wants_student_valence:
-            v = student_out["valence"].detach().float().mean(-1)
-            sums.valence += float(v[mask].double().sum())
-            sums.valence_count += float(mask.sum())
+            with clock("gate"):
+                self._add_valence(student_out["valence"], teacher_out, mask, sums)
         # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
         # share of the global sum: scale by the world size so the update is of L itself.
         with clock("backward"):
@@ -244,6 +251,17 @@ class Trainer:
         sums.loss += float(loss.detach())
         sums.tokens += float(mask.sum())
         return loss.detach()
+
+    @staticmethod
+    def _add_valence(student: torch.Tensor, teacher_out: dict | None, mask: torch.Tensor, sums: StepSums) -> None:
+        """The proxy gate's sums over the valid positions (the shifted mask, as L_val's): the student's
+        valence, and its squared error to the teacher's trajectory (the arming's MSE)."""
+        v_student = student.detach().float()[mask]
+        sums.valence += float(v_student.mean(-1).double().sum())
+        sums.valence_count += float(mask.sum())
+        if teacher_out is not None and teacher_out.get("valence") is not None:
+            error = (v_student - teacher_out["valence"].float()[mask]).pow(2).mean(-1)
+            sums.valence_sq_error += float(error.double().sum())
 
     def _weights(
         self, saliencies: list[torch.Tensor], masks: list[torch.Tensor]

@@ -1,0 +1,217 @@
+"""Does the mercy gate block harmful updates? A poison benchmark on the demo (issue #17).
+
+    python bench/gate_protect.py [--assets DIR] [--seeds 1234 1 2] [--steps 300] [--out DIR]
+                                 [--kinds clean negative shuffled] [--modes off proxy lookahead]
+
+On the demo's assets and distillation (`experiment=demo`, the default gate settings), one training
+file per seed holds exactly `--steps` global batches in the order the sampler draws them, so that
+step s trains on the batch chosen for it. On every 10th step (10, 20, ..., 10 % of the steps) the
+whole global batch is replaced by harmful records of one kind:
+
+- `negative`: text made of the valence lexicon's 60 most negative words (VADER, as the demo's
+  valence head was fitted on), 60-90 words drawn at random per record;
+- `shuffled`: a clean record with its words shuffled (the same words, no syntax);
+- `clean`: no poison (the gate's cost to a clean run: what it rejects there is a false alarm).
+
+Runs: gate off, proxy and lookahead (each kind, each seed). Reported per run: held-out perplexity
+and valence MSE (the final eval), the teacher-scored valence of the student's samples on the probe
+prompts (every record of valid.jsonl, 32 sampled tokens with fixed draws, the teacher's valence head
+at the positions that forecast them, as the gate reads it), and the gate's rejections against the
+poisoned steps: precision (poisoned / rejected), recall (rejected / poisoned, over all poisoned steps
+and over those after the gate armed) and the clean steps rejected. Mean ± std over seeds. Prints one
+JSON document; state the allocator (GLIBC_TUNABLES) with any figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, bench_env, describe, train, work_dir  # noqa: E402
+
+KINDS = ("clean", "negative", "shuffled")
+MODES = {
+    "off": ["gate.enabled=false"],
+    "proxy": ["gate.enabled=true", "gate.mode=proxy"],
+    "lookahead": ["gate.enabled=true", "gate.mode=lookahead"],
+}
+POISON_EVERY = 10  # steps 10, 20, ...: 10 % of the steps
+NEGATIVE_WORDS = 60
+PROBE_TOKENS = 32
+PROBE_SEED = 4242
+
+
+def negative_words(count: int) -> list[str]:
+    import re
+
+    from vkd_ds.fit_head import vader_lexicon
+
+    words = [(v, w) for w, v in vader_lexicon().items() if re.fullmatch(r"[a-z]+", w)]
+    return [w for _, w in sorted(words)[:count]]
+
+
+def harmful_record(kind: str, rng: random.Random, clean: list[str], words: list[str]) -> str:
+    if kind == "negative":
+        return " ".join(rng.choice(words) for _ in range(rng.randint(60, 90)))
+    text = rng.choice(clean).split()
+    rng.shuffle(text)
+    return " ".join(text)
+
+
+def write_training_file(path: Path, kind: str, clean: list[str], steps: int, global_batch: int, seed: int) -> list[int]:
+    """The run's training file, laid out so that the sampler (one epoch = the run) gives step s the
+    records chosen for it: clean records in turn, or harmful ones on poisoned steps. Returns the
+    poisoned steps (1-based)."""
+    from vkd_ds.data import GlobalBatchSampler
+
+    total = steps * global_batch
+    sampler = GlobalBatchSampler(total, global_batch, 1, 1, seed)
+    rng = random.Random(seed)
+    words = negative_words(NEGATIVE_WORDS)
+    poisoned = [s for s in range(1, steps + 1) if kind != "clean" and s % POISON_EVERY == 0]
+    records: list[str | None] = [None] * total
+    for step in range(steps):
+        harmful = step + 1 in poisoned
+        for j, index in enumerate(sampler.indices(step, 0, 0)):
+            position = step * global_batch + j
+            records[index] = harmful_record(kind, rng, clean, words) if harmful else clean[position % len(clean)]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
+    return poisoned
+
+
+def probe_valence(run_dir: Path, assets: Path, env: dict) -> float:
+    """The teacher's valence of the student's continuations of the probe prompts (single process)."""
+    exported = run_dir / "exported"
+    subprocess.run(
+        [sys.executable, "-m", "vkd_ds.cli", "export", str(run_dir), str(exported)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from vkd_ds.data import load_examples
+    from vkd_ds.features import HiddenCapture
+    from vkd_ds.losses import shift_for_next_token
+    from vkd_ds.rollout import SamplingSettings, prompt_of, rollout_batch, row_uniforms, sample
+    from vkd_ds.valence import load_head
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(assets / "tokenizer")
+    settings = SamplingSettings(n_gen=PROBE_TOKENS, max_seq_len=128)
+    examples = load_examples(assets / "valid.jsonl", tokenizer, 128)
+    prompts = [prompt_of(e, settings) for e in examples]
+    uniforms = row_uniforms(PROBE_SEED, 0, list(range(len(prompts))), PROBE_TOKENS)
+    with torch.no_grad():
+        student = AutoModelForCausalLM.from_pretrained(exported).eval()
+        samples = sample(
+            student, prompts, uniforms, settings, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+        capture = HiddenCapture(teacher, [], last=True)
+        head = load_head(assets / "teacher_valence_head.safetensors", 8, teacher.config.hidden_size)
+        batch = rollout_batch(samples, tokenizer.pad_token_id)
+        teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        valence = head(capture.take()[2]).mean(-1)
+        mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])[1]
+        return float(valence[mask].double().mean())
+
+
+def gate_counts(rows: list[dict], poisoned: list[int]) -> dict:
+    counts = [0] + [int(r["gate/rejected"]) for r in rows]  # running count: a step rejected where it grows
+    rejected = {int(r["step"]) for r, before, now in zip(rows, counts[:-1], counts[1:], strict=True) if now > before}
+    armed = [int(r["step"]) for r in rows if r.get("gate/armed") == "1"]
+    armed_at = min(armed) if armed else None
+    poison = set(poisoned)
+    after = {s for s in poison if armed_at is not None and s >= armed_at}
+    hits = rejected & poison
+    return {
+        "armed_at": armed_at,
+        "rejected": len(rejected),
+        "poisoned_rejected": len(hits),
+        "clean_rejected": len(rejected - poison),
+        "precision": len(hits) / len(rejected) if rejected else None,
+        "recall": len(hits) / len(poison) if poison else None,
+        "recall_armed": len(hits & after) / len(after) if after else None,
+    }
+
+
+def mean_std(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assets", default=None, help="demo assets (default: built under --out)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="hydra overrides for every run")
+    args = parser.parse_args()
+    out = work_dir(args.out, "gate-protect")
+    env = bench_env(args.procs)
+    from vkd_ds.data import read_jsonl
+    from vkd_ds.demo import FULL, build_assets
+
+    assets = Path(args.assets) if args.assets else out / "assets"
+    if not args.assets and not (assets / "teacher").is_dir():
+        build_assets(assets, FULL)
+    clean = [record["text"] for _, record in read_jsonl(assets / "train.jsonl")]
+    global_batch = 8 * args.procs  # the demo's micro-batch of 8, one micro-step
+    report: dict = {**describe(env, args.procs), "steps": args.steps, "seeds": args.seeds, "runs": {}}
+    report["poison"] = {"every": POISON_EVERY, "negative_words": NEGATIVE_WORDS}
+    for kind in args.kinds:
+        for mode in args.modes:
+            if kind == "clean" and mode == "lookahead":
+                continue  # the default's cost on clean data is the question there
+            results = []
+            for seed in args.seeds:
+                data = out / "data" / f"{kind}_seed{seed}.jsonl"
+                data.parent.mkdir(parents=True, exist_ok=True)
+                poisoned = write_training_file(data, kind, clean, args.steps, global_batch, seed)
+                run_dir = out / kind / mode / f"seed{seed}"
+                done = run_dir / "result.json"
+                if done.is_file():
+                    results.append(json.loads(done.read_text()))
+                    continue
+                overrides = ["experiment=demo", f"assets_dir={assets}", f"data.train_path={data}"]
+                overrides += [f"trainer.seed={seed}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0"]
+                overrides += ["trainer.save_every=0", "trainer.progress_bar=false", "resume=never"]
+                rows = train(args.procs, overrides + MODES[mode] + args.overrides, run_dir, env)
+                final = json.loads((run_dir / "eval.json").read_text())
+                result = {
+                    "seed": seed,
+                    "ppl": final["eval/ppl"],
+                    "valence_mse": final["eval/valence_mse"],
+                    "probe_valence": probe_valence(run_dir, assets, env),
+                    "step_time_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
+                    **gate_counts(rows, poisoned),
+                }
+                done.write_text(json.dumps(result))
+                results.append(result)
+                print(json.dumps({"kind": kind, "mode": mode, **result}), file=sys.stderr, flush=True)
+            keys = ("ppl", "valence_mse", "probe_valence", "step_time_s", "precision", "recall", "recall_armed")
+            summary = {key: mean_std([r[key] for r in results]) for key in keys}
+            for key in ("rejected", "poisoned_rejected", "clean_rejected", "armed_at"):
+                summary[key] = [r[key] for r in results]
+            report["runs"][f"{kind}/{mode}"] = summary
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
