@@ -18,8 +18,10 @@ and valence MSE (the final eval), the teacher-scored valence of the student's sa
 prompts (every record of valid.jsonl, 32 sampled tokens with fixed draws, the teacher's valence head
 at the positions that forecast them, as the gate reads it), and the gate's rejections against the
 poisoned steps: precision (poisoned / rejected), recall (rejected / poisoned, over all poisoned steps
-and over those after the gate armed) and the clean steps rejected. Mean ± std over seeds. Prints one
-JSON document; state the allocator (GLIBC_TUNABLES) with any figure.
+and over those after the gate armed) and the clean steps rejected. Mean ± std over seeds. First, what
+the teacher's valence head reads in each kind of record against its lexicon labels (`head`; alone
+with --head-only): the gate sees valence only through that head. Prints one JSON document; state
+the allocator (GLIBC_TUNABLES) with any figure.
 """
 
 from __future__ import annotations
@@ -76,11 +78,14 @@ def write_training_file(path: Path, kind: str, clean: list[str], steps: int, glo
     words = negative_words(NEGATIVE_WORDS)
     poisoned = [s for s in range(1, steps + 1) if kind != "clean" and s % POISON_EVERY == 0]
     records: list[str | None] = [None] * total
+    # Clean records in a shuffled order, reshuffled at each pass (train.jsonl keeps a document's
+    # paragraphs together: taken in file order, a batch would be one document).
+    order = [i for _ in range(-(-total // len(clean))) for i in rng.sample(range(len(clean)), len(clean))]
     for step in range(steps):
         harmful = step + 1 in poisoned
         for j, index in enumerate(sampler.indices(step, 0, 0)):
             position = step * global_batch + j
-            records[index] = harmful_record(kind, rng, clean, words) if harmful else clean[position % len(clean)]
+            records[index] = harmful_record(kind, rng, clean, words) if harmful else clean[order[position]]
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in records))
     return poisoned
 
@@ -124,6 +129,37 @@ def probe_valence(run_dir: Path, assets: Path, env: dict) -> float:
         return float(valence[mask].double().mean())
 
 
+def head_check(assets: Path, clean: list[str], count: int = 32) -> dict:
+    """What the teacher's valence head (the gate's only sense of valence) reads in each kind of
+    record, against the lexicon labels it was fitted to: the mean over `count` records of the head's
+    valence (mean over k and positions) and of the tokens' lexicon valence (0.5 outside the lexicon)."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from vkd_ds.features import HiddenCapture
+    from vkd_ds.fit_head import word_valence
+    from vkd_ds.valence import load_head
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(assets / "tokenizer")
+    teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+    capture = HiddenCapture(teacher, [], last=True)
+    head = load_head(assets / "teacher_valence_head.safetensors", 8, teacher.config.hidden_size)
+    rng, words = random.Random(0), negative_words(NEGATIVE_WORDS)
+    out = {}
+    for kind in KINDS:
+        texts = clean[:count] if kind == "clean" else [harmful_record(kind, rng, clean, words) for _ in range(count)]
+        heads, labels = [], []
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=128)["input_ids"]
+            with torch.no_grad():
+                teacher(input_ids=ids, use_cache=False)
+                heads.append(float(head(capture.take()[2]).mean()))
+            label = word_valence(text, tokenizer)
+            labels.append(sum(label) / len(label))
+        out[kind] = {"head_valence": statistics.fmean(heads), "lexicon_valence": statistics.fmean(labels)}
+    return out
+
+
 def gate_counts(rows: list[dict], poisoned: list[int]) -> dict:
     counts = [0] + [int(r["gate/rejected"]) for r in rows]  # running count: a step rejected where it grows
     rejected = {int(r["step"]) for r, before, now in zip(rows, counts[:-1], counts[1:], strict=True) if now > before}
@@ -160,6 +196,7 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--head-only", action="store_true", help="only what the teacher's head reads in each kind")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every run")
     args = parser.parse_args()
     out = work_dir(args.out, "gate-protect")
@@ -174,6 +211,10 @@ def main() -> int:
     global_batch = 8 * args.procs  # the demo's micro-batch of 8, one micro-step
     report: dict = {**describe(env, args.procs), "steps": args.steps, "seeds": args.seeds, "runs": {}}
     report["poison"] = {"every": POISON_EVERY, "negative_words": NEGATIVE_WORDS}
+    report["head"] = head_check(assets, clean)
+    if args.head_only:
+        print(json.dumps(report["head"], indent=1))
+        return 0
     for kind in args.kinds:
         for mode in args.modes:
             if kind == "clean" and mode == "lookahead":
