@@ -18,9 +18,13 @@ and valence MSE (the final eval), the teacher-scored valence of the student's sa
 prompts (every record of valid.jsonl, 32 sampled tokens with fixed draws, the teacher's valence head
 at the positions that forecast them, as the gate reads it), and the gate's rejections against the
 poisoned steps: precision (poisoned / rejected), recall (rejected / poisoned, over all poisoned steps
-and over those after the gate armed) and the clean steps rejected. Mean ± std over seeds. First, what
+and over those after the gate armed), the clean steps rejected, and whether any threshold would
+have separated them (`separation_auc`: the ROC area of a low projection as the sign of poison, over
+the armed steps; 0.5 is none). Mean ± std over seeds. First, what
 the teacher's valence head reads in each kind of record against its lexicon labels (`head`; alone
-with --head-only): the gate sees valence only through that head. Prints one JSON document; state
+with --head-only): the gate sees valence only through that head. --head PATH uses another teacher
+head; --fit-lexicon-head fits one first on the training records plus copies of them with 30 % of
+the words drawn from the whole lexicon, where the labels vary. Prints one JSON document; state
 the allocator (GLIBC_TUNABLES) with any figure.
 """
 
@@ -90,7 +94,7 @@ def write_training_file(path: Path, kind: str, clean: list[str], steps: int, glo
     return poisoned
 
 
-def probe_valence(run_dir: Path, assets: Path, env: dict) -> float:
+def probe_valence(run_dir: Path, assets: Path, head_path: Path, env: dict) -> float:
     """The teacher's valence of the student's continuations of the probe prompts (single process)."""
     exported = run_dir / "exported"
     subprocess.run(
@@ -121,7 +125,7 @@ def probe_valence(run_dir: Path, assets: Path, env: dict) -> float:
         )
         teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
         capture = HiddenCapture(teacher, [], last=True)
-        head = load_head(assets / "teacher_valence_head.safetensors", 8, teacher.config.hidden_size)
+        head = load_head(head_path, 8, teacher.config.hidden_size)
         batch = rollout_batch(samples, tokenizer.pad_token_id)
         teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         valence = head(capture.take()[2]).mean(-1)
@@ -129,7 +133,7 @@ def probe_valence(run_dir: Path, assets: Path, env: dict) -> float:
         return float(valence[mask].double().mean())
 
 
-def head_check(assets: Path, clean: list[str], count: int = 32) -> dict:
+def head_check(assets: Path, head_path: Path, clean: list[str], count: int = 32) -> dict:
     """What the teacher's valence head (the gate's only sense of valence) reads in each kind of
     record, against the lexicon labels it was fitted to: the mean over `count` records of the head's
     valence (mean over k and positions) and of the tokens' lexicon valence (0.5 outside the lexicon)."""
@@ -143,7 +147,7 @@ def head_check(assets: Path, clean: list[str], count: int = 32) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(assets / "tokenizer")
     teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
     capture = HiddenCapture(teacher, [], last=True)
-    head = load_head(assets / "teacher_valence_head.safetensors", 8, teacher.config.hidden_size)
+    head = load_head(head_path, 8, teacher.config.hidden_size)
     rng, words = random.Random(0), negative_words(NEGATIVE_WORDS)
     out = {}
     for kind in KINDS:
@@ -160,6 +164,45 @@ def head_check(assets: Path, clean: list[str], count: int = 32) -> dict:
     return out
 
 
+def separation_auc(scored: list[tuple[float, bool]]) -> float | None:
+    """P(a poisoned step's projection < a clean step's), ties half: the area under the ROC curve of
+    "low projection means poison". 0.5: no threshold separates them; 1: some threshold does."""
+    bad = [v for v, poisoned in scored if poisoned]
+    good = [v for v, poisoned in scored if not poisoned]
+    if not bad or not good:
+        return None
+    wins = sum((b < g) + 0.5 * (b == g) for b in bad for g in good)
+    return wins / (len(bad) * len(good))
+
+
+def fit_lexicon_head(out: Path, assets: Path, clean: list[str], env: dict, steps: int = 300) -> Path:
+    """A teacher valence head fitted where the labels vary: every training record, and a copy of it
+    with 30 % of its words replaced by words drawn from the whole lexicon (lexicon labels)."""
+    import re
+
+    from vkd_ds.fit_head import vader_lexicon
+
+    head = out / "lexicon_head" / "head.safetensors"
+    if head.is_file():
+        return head
+    lexicon = [w for w in vader_lexicon() if re.fullmatch(r"[a-z]+", w)]
+    rng, records = random.Random(7), []
+    for text in clean:
+        words = [rng.choice(lexicon) if rng.random() < 0.3 else w for w in text.split()]
+        records += [text, " ".join(words)]
+    data = head.parent / "fit.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in records))
+    command = [sys.executable, "-m", "vkd_ds.cli", "fit-valence-head", f"teacher.path={assets / 'teacher'}"]
+    command += [f"data.train_path={data}", f"data.tokenizer_path={assets / 'tokenizer'}", "data.max_seq_len=128"]
+    command += ["valence.fit.labels=lexicon", f"valence.fit.out={head}", f"valence.fit.steps={steps}"]
+    command += [f"run.dir={head.parent / 'run'}"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    # Its last line: the held-out MSE before and after, and a constant prediction's.
+    (head.parent / "fit.txt").write_text(result.stdout.strip().splitlines()[-1] + "\n")
+    return head
+
+
 def gate_counts(rows: list[dict], poisoned: list[int]) -> dict:
     counts = [0] + [int(r["gate/rejected"]) for r in rows]  # running count: a step rejected where it grows
     rejected = {int(r["step"]) for r, before, now in zip(rows, counts[:-1], counts[1:], strict=True) if now > before}
@@ -168,6 +211,12 @@ def gate_counts(rows: list[dict], poisoned: list[int]) -> dict:
     poison = set(poisoned)
     after = {s for s in poison if armed_at is not None and s >= armed_at}
     hits = rejected & poison
+    # Would another threshold have done better? Over the armed steps with a projection.
+    scored = [
+        (float(r["gate/projected"]), int(r["step"]) in poison)
+        for r in rows
+        if r.get("gate/projected") and armed_at is not None and int(r["step"]) >= armed_at
+    ]
     return {
         "armed_at": armed_at,
         "rejected": len(rejected),
@@ -176,6 +225,7 @@ def gate_counts(rows: list[dict], poisoned: list[int]) -> dict:
         "precision": len(hits) / len(rejected) if rejected else None,
         "recall": len(hits) / len(poison) if poison else None,
         "recall_armed": len(hits & after) / len(after) if after else None,
+        "separation_auc": separation_auc(scored),
     }
 
 
@@ -196,6 +246,10 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--head", default=None, help="the teacher's valence head (default: the demo's)")
+    parser.add_argument(
+        "--fit-lexicon-head", action="store_true", help="fit a head on records mixed with lexicon words, use it"
+    )
     parser.add_argument("--head-only", action="store_true", help="only what the teacher's head reads in each kind")
     parser.add_argument("overrides", nargs="*", help="hydra overrides for every run")
     args = parser.parse_args()
@@ -208,10 +262,17 @@ def main() -> int:
     if not args.assets and not (assets / "teacher").is_dir():
         build_assets(assets, FULL)
     clean = [record["text"] for _, record in read_jsonl(assets / "train.jsonl")]
+    head_path = Path(args.head) if args.head else assets / "teacher_valence_head.safetensors"
+    if args.fit_lexicon_head:
+        head_path = fit_lexicon_head(out, assets, clean, env)
+        report_fit = (head_path.parent / "fit.txt").read_text().strip()
+    else:
+        report_fit = None
     global_batch = 8 * args.procs  # the demo's micro-batch of 8, one micro-step
     report: dict = {**describe(env, args.procs), "steps": args.steps, "seeds": args.seeds, "runs": {}}
     report["poison"] = {"every": POISON_EVERY, "negative_words": NEGATIVE_WORDS}
-    report["head"] = head_check(assets, clean)
+    report["head"] = head_check(assets, head_path, clean)
+    report["head_path"], report["head_fit"] = str(head_path), report_fit
     if args.head_only:
         print(json.dumps(report["head"], indent=1))
         return 0
@@ -226,10 +287,15 @@ def main() -> int:
                 poisoned = write_training_file(data, kind, clean, args.steps, global_batch, seed)
                 run_dir = out / kind / mode / f"seed{seed}"
                 done = run_dir / "result.json"
-                if done.is_file():
-                    results.append(json.loads(done.read_text()))
+                if done.is_file():  # measured; the gate's counts are recomputed from its metrics
+                    from vkd_ds.metrics import read_metrics
+
+                    result = json.loads(done.read_text())
+                    result.update(gate_counts(read_metrics(run_dir / "metrics.csv"), poisoned))
+                    results.append(result)
                     continue
                 overrides = ["experiment=demo", f"assets_dir={assets}", f"data.train_path={data}"]
+                overrides.append(f"valence.teacher_head={head_path}")
                 overrides += [f"trainer.seed={seed}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0"]
                 overrides += ["trainer.save_every=0", "trainer.progress_bar=false", "resume=never"]
                 rows = train(args.procs, overrides + MODES[mode] + args.overrides, run_dir, env)
@@ -238,7 +304,7 @@ def main() -> int:
                     "seed": seed,
                     "ppl": final["eval/ppl"],
                     "valence_mse": final["eval/valence_mse"],
-                    "probe_valence": probe_valence(run_dir, assets, env),
+                    "probe_valence": probe_valence(run_dir, assets, head_path, env),
                     "step_time_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
                     **gate_counts(rows, poisoned),
                 }
@@ -246,6 +312,7 @@ def main() -> int:
                 results.append(result)
                 print(json.dumps({"kind": kind, "mode": mode, **result}), file=sys.stderr, flush=True)
             keys = ("ppl", "valence_mse", "probe_valence", "step_time_s", "precision", "recall", "recall_armed")
+            keys += ("separation_auc",)
             summary = {key: mean_std([r[key] for r in results]) for key in keys}
             for key in ("rejected", "poisoned_rejected", "clean_rejected", "armed_at"):
                 summary[key] = [r[key] for r in results]

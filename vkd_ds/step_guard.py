@@ -248,7 +248,7 @@ class StepGuard:
         if state.armed:
             why = ""
             if s.mode == "proxy":
-                why = f"running valence MSE {state.valence_mse:.3g} < gate.arm_mse {s.arm_mse:g}, "
+                why = f"running valence MSE {state.valence_mse:.6g} < gate.arm_mse {s.arm_mse:g}, "
             self.log.info("mercy gate: armed at step %d (%safter %d warm-up steps)", step + 1, why, s.warmup_steps)
         elif step == s.warmup_steps:
             self.log.info(
