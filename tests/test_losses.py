@@ -171,7 +171,7 @@ def test_a_divergence_is_one_entry_of_the_registry(monkeypatch):
     student = torch.randn(2, 5, 11, requires_grad=True)
     teacher = torch.randn(2, 5, 11)
     mask = torch.rand(2, 5) > 0.3
-    required = ["teacher.path=/t", "data.train_path=/d", "loss.val=0", "weighting.lam=0"]
+    required = ["teacher.path=/t", "data.train_path=/d", "loss.val=0", "weighting.lam=0", "gate.enabled=false"]
     with pytest.raises(VkdError, match="`loss.divergence` must be one of forward_kl"):
         Settings.from_config(compose([*required, "loss.divergence=half_forward_kl"]))
     with pytest.raises(ValueError, match="unknown divergence"):

@@ -10,7 +10,7 @@ from vkd_ds.seq_kd import is_on_policy_step
 from vkd_ds.settings import Settings
 from vkd_ds.terms import TERMS, loss_overrides
 
-REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0"]
+REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0", "gate.enabled=false"]
 
 
 def test_on_policy_steps_are_a_function_of_seed_and_step_at_the_fraction():
