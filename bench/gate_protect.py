@@ -298,23 +298,32 @@ def main() -> int:
                 overrides.append(f"valence.teacher_head={head_path}")
                 overrides += [f"trainer.seed={seed}", f"trainer.max_steps={args.steps}", "trainer.eval_every=0"]
                 overrides += ["trainer.save_every=0", "trainer.progress_bar=false", "resume=never"]
-                rows = train(args.procs, overrides + MODES[mode] + args.overrides, run_dir, env)
-                final = json.loads((run_dir / "eval.json").read_text())
-                result = {
-                    "seed": seed,
-                    "ppl": final["eval/ppl"],
-                    "valence_mse": final["eval/valence_mse"],
-                    "probe_valence": probe_valence(run_dir, assets, head_path, env),
-                    "step_time_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
-                    **gate_counts(rows, poisoned),
-                }
+                try:
+                    rows = train(args.procs, overrides + MODES[mode] + args.overrides, run_dir, env)
+                except SystemExit:  # e.g. ended by gate.max_consecutive_rejections: a result too
+                    from vkd_ds.metrics import read_metrics
+
+                    rows = read_metrics(run_dir / "metrics.csv")
+                    result = {"seed": seed, "ended_at_step": len(rows) + 1, "ppl": None, "valence_mse": None}
+                    result.update(probe_valence=None, step_time_s=None, **gate_counts(rows, poisoned))
+                else:
+                    final = json.loads((run_dir / "eval.json").read_text())
+                    result = {
+                        "seed": seed,
+                        "ended_at_step": None,
+                        "ppl": final["eval/ppl"],
+                        "valence_mse": final["eval/valence_mse"],
+                        "probe_valence": probe_valence(run_dir, assets, head_path, env),
+                        "step_time_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
+                        **gate_counts(rows, poisoned),
+                    }
                 done.write_text(json.dumps(result))
                 results.append(result)
                 print(json.dumps({"kind": kind, "mode": mode, **result}), file=sys.stderr, flush=True)
             keys = ("ppl", "valence_mse", "probe_valence", "step_time_s", "precision", "recall", "recall_armed")
             keys += ("separation_auc",)
             summary = {key: mean_std([r[key] for r in results]) for key in keys}
-            for key in ("rejected", "poisoned_rejected", "clean_rejected", "armed_at"):
+            for key in ("rejected", "poisoned_rejected", "clean_rejected", "armed_at", "ended_at_step"):
                 summary[key] = [r[key] for r in results]
             report["runs"][f"{kind}/{mode}"] = summary
     print(json.dumps(report, indent=1))

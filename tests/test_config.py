@@ -44,7 +44,7 @@ def test_defaults_are_the_spec_defaults():
     # The gate is on by default (issue #17), arming after a warm-up.
     gate = cfg.gate
     assert gate.enabled is True and gate.mode == "proxy" and gate.ratio == 0.9 and gate.proxy_factor == 0.95
-    assert gate.rollout_steps == 16 and gate.warmup_steps == 20 and gate.arm_mse == 0.005
+    assert gate.rollout_steps == 16 and gate.warmup_steps == 20 and gate.arm_mse == 1e-4
     with pytest.raises(VkdError, match="`valence.teacher_head` is required"):
         Settings.from_config(cfg)  # the defaults need a teacher valence head
 

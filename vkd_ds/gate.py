@@ -9,9 +9,10 @@
 - the baseline: the teacher's valence of its own continuations of the same probe prompts,
   computed at the start, kept in the checkpoint, refreshed every `baseline_every` steps.
 - arming: the gate decides nothing (every step commits) before `warmup_steps` steps and, in proxy
-  mode, while the running valence MSE of the student's head to the teacher's is at or above
-  `arm_mse`: an untrained head projects noise, and a rejected step would leave it untrained for
-  good. Once armed, it stays armed.
+  mode, while the running squared error of the student head's mean valence over the global batch
+  to the teacher head's (the valence MSE the decision sees) is at or above `arm_mse`: an
+  uncalibrated head projects a biased mean, a rejected step leaves it as it is, and the gate would
+  reject batch after batch. Once armed, it stays armed.
 
 Every valence is read at the positions whose next token is scored (the shifted loss mask, where
 L_val and the saliency read it): the head at position t forecasts the k steps after t, so on a
@@ -40,8 +41,8 @@ GATE_MODES = ("proxy", "lookahead")
 BLOCKED_MESSAGE = "Mercy gate blocked – low projected valence trajectory"
 # Probe draws come from their own stream, apart from sequence KD's (which is seeded by the step).
 PROBE_SEED_OFFSET = 7919
-# The running valence MSE is an exponential moving average over steps: about the last 10 global
-# batches, so one easy batch does not arm the gate.
+# The running valence error is an exponential moving average over steps: about the last 10 global
+# batches, so one lucky batch does not arm the gate.
 ARM_MSE_DECAY = 0.9
 
 
@@ -52,7 +53,7 @@ class GateState:
     baseline: float | None = None
     baseline_step: int | None = None  # the step the baseline was computed at
     armed_step: int | None = None  # the first step (1-based) the gate decided; None: not armed yet
-    valence_mse: float | None = None  # proxy: running MSE of the student's valence to the teacher's
+    valence_mse: float | None = None  # proxy: running squared error of the batch's mean valence
 
     @property
     def armed(self) -> bool:
@@ -142,14 +143,15 @@ class MercyGate:
         return self.state.armed
 
     # ---- the decision ------------------------------------------------------------------------
-    def proxy_values(self, valence_sum: float, sq_error_sum: float, count: float) -> tuple[float, float]:
-        """(projected valence, valence MSE) of the global batch from this rank's sums over its valid
-        positions: the student's valence, and the squared error of its trajectory to the teacher's
-        (averaged over the k steps). One all-reduce."""
-        local = torch.tensor([valence_sum, sq_error_sum, count], dtype=torch.float64)
-        total_valence, total_sq_error, total_count = dist.all_reduce_sum(local).tolist()
+    def proxy_values(self, valence_sum: float, teacher_sum: float, count: float) -> tuple[float, float]:
+        """(projected valence, squared error of the batch's valence) of the global batch, from this
+        rank's sums over its valid positions of the student's and the teacher's valence (means over
+        the k steps). The error is the one the decision sees: (student's mean - teacher's mean)² over
+        the global batch. One all-reduce."""
+        local = torch.tensor([valence_sum, teacher_sum, count], dtype=torch.float64)
+        student, teacher, total_count = dist.all_reduce_sum(local).tolist()
         positions = max(total_count, 1.0)
-        return self.settings.proxy_factor * total_valence / positions, total_sq_error / positions
+        return self.settings.proxy_factor * student / positions, ((student - teacher) / positions) ** 2
 
     def projected_lookahead(self) -> float:
         return self._probe_valence(self.student_sampler)

@@ -172,14 +172,13 @@ class StepGuard:
         step: int,
         nonfinite: bool,
         valence_sum: float = 0.0,
-        valence_sq_error: float = 0.0,
+        teacher_valence: float = 0.0,
         valence_count: float = 0.0,
     ) -> dict:
         """The optimizer step at the accumulation boundary (collective). `step` counts from 0;
         `nonfinite`: this rank saw a non-finite loss or gradient norm; `valence_sum`,
-        `valence_sq_error`, `valence_count`: this rank's sums over its valid positions of the
-        student's valence and of its squared error to the teacher's (proxy gate). Returns the
-        `gate/*` metrics."""
+        `teacher_valence`, `valence_count`: this rank's sums over its valid positions of the
+        student's and the teacher's valence (proxy gate). Returns the `gate/*` metrics."""
         gate, clock = self.gate, self.clock
         skip = dist.any_rank(nonfinite)
         projected, rejected, decides = None, False, False
@@ -187,7 +186,7 @@ class StepGuard:
             with clock("gate"):
                 mse = None
                 if self.wants_student_valence:
-                    projected, mse = gate.proxy_values(valence_sum, valence_sq_error, valence_count)
+                    projected, mse = gate.proxy_values(valence_sum, teacher_valence, valence_count)
                 was_armed = gate.state.armed
                 decides = gate.observe(step, None if skip else mse) and not skip
                 if decides and gate.settings.mode == "proxy":
@@ -248,11 +247,12 @@ class StepGuard:
         if state.armed:
             why = ""
             if s.mode == "proxy":
-                why = f"running valence MSE {state.valence_mse:.6g} < gate.arm_mse {s.arm_mse:g}, "
+                why = f"running batch valence MSE {state.valence_mse:.6g} < gate.arm_mse {s.arm_mse:g}, "
             self.log.info("mercy gate: armed at step %d (%safter %d warm-up steps)", step + 1, why, s.warmup_steps)
         elif step == s.warmup_steps:
             self.log.info(
-                "mercy gate: warm-up over; it arms once the running valence MSE (%.3g now) is below gate.arm_mse (%g)",
+                "mercy gate: warm-up over; it arms once the running batch valence MSE (%.3g now) is below "
+                "gate.arm_mse (%g)",
                 state.valence_mse if state.valence_mse is not None else float("nan"),
                 s.arm_mse,
             )

@@ -338,7 +338,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if gate_settings.enabled:
         arming = ""
         if gate_settings.mode == "proxy":
-            arming = f" and the running valence MSE is below {gate_settings.arm_mse:g}"
+            arming = f" and the running batch valence MSE is below {gate_settings.arm_mse:g}"
         log.info(
             "mercy gate: %s mode, reject when projected valence < %g x the teacher's baseline; it arms after "
             "%d warm-up steps%s (gate.enabled=false turns it off)",

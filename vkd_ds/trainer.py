@@ -39,7 +39,7 @@ class StepSums:
     loss: float = 0.0  # Σ of the micro-batches' losses (each is its share of the global L)
     tokens: float = 0.0  # valid positions
     valence: float = 0.0  # Σ of the student's valence over valid positions (the proxy gate's)
-    valence_sq_error: float = 0.0  # Σ of its squared error to the teacher's (mean over k): the gate's arming
+    teacher_valence: float = 0.0  # Σ of the teacher's valence over the same positions (the gate's arming)
     valence_count: float = 0.0
 
     @classmethod
@@ -47,11 +47,12 @@ class StepSums:
         return cls({name: 0.0 for name in names})
 
     def all_reduced(self) -> StepSums:
-        """Sums over every rank: one all-reduce of a float64 vector."""
-        local = [*self.terms.values(), self.loss, self.tokens, self.valence, self.valence_count]
+        """The terms, loss and tokens summed over every rank: one all-reduce of a float64 vector (the
+        gate reduces its valence sums itself, before the step commits)."""
+        local = [*self.terms.values(), self.loss, self.tokens]
         total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        *terms, loss, tokens, valence, count = total
-        return StepSums(dict(zip(self.terms, terms, strict=True)), loss, tokens, valence, count)
+        *terms, loss, tokens = total
+        return StepSums(dict(zip(self.terms, terms, strict=True)), loss=loss, tokens=tokens)
 
 
 class Trainer:
@@ -140,7 +141,7 @@ class Trainer:
                     self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
         grad_norm = self.guard.grad_norm_before_step()
         nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
-        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.valence_sq_error, sums.valence_count))
+        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.teacher_valence, sums.valence_count))
         self.step = step + 1
         return self._step_metrics(sums.all_reduced(), weight_sum, stats, lr, grad_norm, started)
 
@@ -255,13 +256,11 @@ class Trainer:
     @staticmethod
     def _add_valence(student: torch.Tensor, teacher_out: dict | None, mask: torch.Tensor, sums: StepSums) -> None:
         """The proxy gate's sums over the valid positions (the shifted mask, as L_val's): the student's
-        valence, and its squared error to the teacher's trajectory (the arming's MSE)."""
-        v_student = student.detach().float()[mask]
-        sums.valence += float(v_student.mean(-1).double().sum())
+        valence and the teacher's (means over the k steps), whose batch means arm the gate."""
+        sums.valence += float(student.detach().float().mean(-1)[mask].double().sum())
         sums.valence_count += float(mask.sum())
         if teacher_out is not None and teacher_out.get("valence") is not None:
-            error = (v_student - teacher_out["valence"].float()[mask]).pow(2).mean(-1)
-            sums.valence_sq_error += float(error.double().sum())
+            sums.teacher_valence += float(teacher_out["valence"].float().mean(-1)[mask].double().sum())
 
     def _weights(
         self, saliencies: list[torch.Tensor], masks: list[torch.Tensor]
