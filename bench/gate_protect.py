@@ -324,7 +324,7 @@ def main() -> int:
             keys += ("separation_auc",)
             summary = {key: mean_std([r[key] for r in results]) for key in keys}
             for key in ("rejected", "poisoned_rejected", "clean_rejected", "armed_at", "ended_at_step"):
-                summary[key] = [r[key] for r in results]
+                summary[key] = [r.get(key) for r in results]
             report["runs"][f"{kind}/{mode}"] = summary
     print(json.dumps(report, indent=1))
     return 0
