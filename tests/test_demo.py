@@ -35,9 +35,12 @@ def test_quick_demo_with_sequence_kd_distilled_student_beats_ce_only(tmp_path):
     for png in ("loss.png", "weights.png", "seq_kd.png", "lr.png", "throughput.png", "eval.png"):
         assert (out / "run" / "report" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in report, png
     assert "report with plots" in result.stdout
-    # The mercy gate is on by default: the demo is not ended by it, and the report shows it arming.
-    assert summary["gate_armed_at"] is not None and summary["gate_rejected"] < summary["steps"], summary
-    assert f"The mercy gate armed at step {summary['gate_armed_at']}" in report
+    # The mercy gate is on by default: the demo is not ended by it, and the report says when it armed
+    # (the full demo's 300 steps arm it; the quick demo's 80 may end before its batch error is low).
+    armed = summary["gate_armed_at"]
+    assert summary["gate_rejected"] < summary["steps"], summary
+    said = f"The mercy gate armed at step {armed}:" if armed is not None else "The mercy gate never armed"
+    assert said in report, report
     assert (out / "run" / "report" / "gate_valence.png").read_bytes()[:4] == b"\x89PNG"
     ce_header = (out / "run_ce_only" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "loss/seq" not in ce_header and "loss/soft" not in ce_header  # the baseline stays CE only
