@@ -247,7 +247,9 @@ def test_a_cache_without_valence_serves_ce_and_kd_but_not_l_val(tiny_assets, tmp
     """Also at cache.temperature=1.0 (training's loss.temperature must match): eval then has KL at T = 1."""
     cache_dir = tmp_path / "plain"
     no_valence = ["valence.teacher_head=null", "loss.val=0", "weighting.lam=0", "loss.temperature=1.0"]
-    result = run_cache_teacher(cache_overrides(tiny_assets, cache_dir, *no_valence, "cache.temperature=1.0"))
+    # The gate is on by default; the writer, which trains nothing, does not ask for its valence head.
+    writer = cache_overrides(tiny_assets, cache_dir, *no_valence, "cache.temperature=1.0", "gate.enabled=true")
+    result = run_cache_teacher(writer)
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["valence"] is None and manifest["bytes_per_token"] < 270  # no 8 fp16 valence values

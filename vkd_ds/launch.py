@@ -67,11 +67,18 @@ def start_cache_teacher(overrides: list[str]) -> int:
     from vkd_ds.ds_config import check_deepspeed_config, teacher_ds_config
     from vkd_ds.teacher_cache import prepare_cache
 
-    cfg = compose(overrides)
+    cfg = cache_writer_config(compose(overrides))
     plan = prepare_cache(cfg)
     num_procs = procs_for(cfg)
     check_deepspeed_config(teacher_ds_config(plan.settings, num_procs_are_gpus()), num_procs, "teacher")
     return run_launcher([CACHE_TEACHER_FLAG, *overrides], num_procs)
+
+
+def cache_writer_config(cfg):
+    """The cache writer trains nothing: the mercy gate (on by default) must not ask it for a valence head."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"gate": {"enabled": False}})
 
 
 def num_procs_are_gpus() -> bool:
@@ -134,7 +141,7 @@ def run_job(cfg) -> None:
         if _job == "cache-teacher":
             from vkd_ds.teacher_cache import write_cache
 
-            write_cache(cfg)
+            write_cache(cache_writer_config(cfg))
         else:
             from vkd_ds.train import train
 
