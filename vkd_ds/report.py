@@ -79,7 +79,7 @@ def _gate_arming(rows: list[dict]) -> str:
     if step is not None:
         return f"The mercy gate armed at step {step}: every earlier step committed."
     last = rows[-1].get("gate/valence_mse", "")
-    mse = f" (running valence MSE at the end: {float(last):.4g}, gate.arm_mse in config.yaml)" if last else ""
+    mse = f" (running batch valence MSE at the end: {float(last):.4g}, gate.arm_mse in config.yaml)" if last else ""
     return f"The mercy gate never armed{mse}: every step committed unless it was non-finite."
 
 

@@ -10,6 +10,7 @@ discarded it; with the mercy gate on (gate.py) it is rejected when the projected
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 
 from vkd_ds import dist
 from vkd_ds.errors import VkdError
-from vkd_ds.gate import BLOCKED_MESSAGE, MercyGate
+from vkd_ds.gate import BLOCKED_MESSAGE, GateState, MercyGate
 
 
 @dataclass
@@ -297,18 +298,14 @@ class StepGuard:
         state = {"rejected": self.counts.rejected, "nonfinite": self.counts.nonfinite}
         state["consecutive"] = self.counts.consecutive
         if self.gate is not None:
-            g = self.gate.state
-            state.update(baseline=g.baseline, baseline_step=g.baseline_step)
-            state.update(armed_step=g.armed_step, valence_mse=g.valence_mse)
+            state.update(dataclasses.asdict(self.gate.state))
         return state
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("rejected", "nonfinite", "consecutive"):
             setattr(self.counts, key, int(state.get(key, 0)))
         if self.gate is not None and state.get("baseline") is not None:
-            g = self.gate.state
-            g.baseline = state["baseline"]
-            g.baseline_step = state.get("baseline_step")
-            # A checkpoint from before arming existed: a gate that decided from the start.
-            g.armed_step = state.get("armed_step", 1)
-            g.valence_mse = state.get("valence_mse")
+            # A checkpoint from before arming existed holds a gate that decided from the start.
+            names = [f.name for f in dataclasses.fields(GateState)]
+            saved = {"armed_step": 1} | {name: state[name] for name in names if name in state}
+            self.gate.state = GateState(**saved)
