@@ -242,6 +242,67 @@ def test_a_gate_probe_smaller_than_the_world_is_refused_by_the_ranks(tiny_assets
     assert_clean_failure(result, "`gate.probe_size` (1) must be at least the world size (2)", run_dir)
 
 
+@pytest.fixture
+def teacher_copy(tiny_assets, tmp_path):
+    target = tmp_path / "teacher_copy"
+    shutil.copytree(tiny_assets / "teacher", target)
+    return target
+
+
+def test_a_teacher_checkpoint_that_does_not_match_its_config(teacher_copy, tiny_assets, tmp_path):
+    """Read from the safetensors headers before any process starts: a missing tensor, a wrong shape."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = tmp_path / "run"
+    weights = load_file(teacher_copy / "model.safetensors")
+    up = weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, teacher_copy / "model.safetensors", metadata={"format": "pt"})
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"teacher.path={teacher_copy}"])
+    assert_clean_failure(result, "lacks 1 parameter(s): model.layers.1.mlp.up_proj.weight", run_dir)
+    weights["model.layers.1.mlp.up_proj.weight"] = up[:-1]
+    save_file(weights, teacher_copy / "model.safetensors", metadata={"format": "pt"})
+    result = cli(["train", *base_overrides(tiny_assets, run_dir), f"teacher.path={teacher_copy}"])
+    assert_clean_failure(result, "holds 'model.layers.1.mlp.up_proj.weight' with shape", run_dir)
+
+
+@pytest.fixture
+def huge_teacher(teacher_copy):
+    """The tiny teacher's config grown to ~300 B parameters (1.1 TiB in fp32), with no weights: the
+    estimate is made from the config, before a byte of them would be read."""
+    config = json.loads((teacher_copy / "config.json").read_text())
+    config.update(hidden_size=12288, intermediate_size=49152, num_hidden_layers=160, num_attention_heads=96)
+    config["num_key_value_heads"] = 96
+    (teacher_copy / "config.json").write_text(json.dumps(config))
+    (teacher_copy / "model.safetensors").unlink()
+    return teacher_copy
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("route", ["vkd-ds train", "ranks"])
+def test_a_teacher_too_large_for_this_machine_is_refused_with_numbers(route, huge_teacher, tiny_assets, tmp_path):
+    """Refused by `vkd-ds train` before it starts any rank, and by the ranks themselves (under SLURM
+    they are started without it) before they load anything: the numbers, not an OOM kill."""
+    run_dir = tmp_path / "run"
+    from vkd_ds.terms import only_terms
+
+    # CE + soft KD: no teacher valence head, whose width would be refused first.
+    overrides = [*base_overrides(tiny_assets, run_dir), f"teacher.path={huge_teacher}"]
+    overrides += [*only_terms("ce", "soft"), "weighting.lam=0", "valence.teacher_head=null"]
+    if route == "ranks":
+        result = deepspeed_launch(["launcher/train.py", *overrides], num_procs=2)
+        assert result.returncode != 0 and not run_dir.exists()
+        assert "Traceback" not in result.stderr
+        output = result.stdout + result.stderr
+        assert "teacher.path: the teacher does not fit" in output, output[-3000:]
+        return
+    result = vkd_cli(["train", *overrides])
+    assert_clean_failure(
+        result, "teacher.path: the teacher does not fit: 298,983,763,968 parameters are 1113.80 GiB", run_dir
+    )
+    for number in ("GiB at 4 bytes each", "over 2 rank(s)", "this node's 2 rank(s) hold", "available there"):
+        assert number in result.stderr
+
+
 def test_eval_and_report_of_a_directory_that_is_not_a_run(tmp_path):
     for command, message in (("eval", "has no config.yaml"), ("report", "has no metrics.csv")):
         result = cli([command, str(tmp_path)])

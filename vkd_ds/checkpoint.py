@@ -39,7 +39,7 @@ def tag_of(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         handle.write(text)
@@ -111,8 +111,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, global
         # Every file and its size: a resume checks them on every rank before DeepSpeed reads any,
         # so a truncated or missing shard is one clear error rather than a rank failing alone.
         meta["files"] = {str(f.relative_to(target)): f.stat().st_size for f in sorted(target.rglob("*")) if f.is_file()}
-        _write_atomic(target / COMPLETE, json.dumps(meta) + "\n")
-        _write_atomic(root / "latest", tag + "\n")
+        write_atomic(target / COMPLETE, json.dumps(meta) + "\n")
+        write_atomic(root / "latest", tag + "\n")
         _prune(root, keep, newest=target)
     dist.barrier()
     return target

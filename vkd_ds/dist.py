@@ -136,6 +136,16 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).to(tensor.device)
 
 
+def local_world_size() -> int:
+    """Ranks on this machine: those whose hostname is this rank's."""
+    import socket
+    import zlib
+
+    host = zlib.crc32(socket.gethostname().encode())
+    hosts = all_gather(torch.tensor([host], dtype=torch.int64))
+    return int((hosts == host).sum())
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and world_size() > 1:
         torch_dist.barrier()

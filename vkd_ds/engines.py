@@ -69,14 +69,31 @@ def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
 
 
 def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: bool = False):
-    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed."""
-    with _zero3_construction(ds_config):
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=_dtype(ds_config), **_attention_kwargs(eager_attention)
-            )
-        except (OSError, ValueError) as err:
-            raise VkdError(f"teacher.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
+    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed. A safetensors
+    checkpoint is read shard by shard into each rank's partitions (vkd_ds/teacher_load.py), so no
+    rank holds the whole teacher; another format goes through transformers, which loads it on rank 0."""
+    from vkd_ds import dist
+    from vkd_ds.models import load_model_config
+    from vkd_ds.teacher_load import build_teacher_model, check_checkpoint, check_teacher_fits
+
+    # Before a byte of weights is read: will this node's (or GPU's) shards fit? Decided together,
+    # so a rank that refuses does not leave the others waiting in a collective.
+    parameters = check_checkpoint(load_model_config(path, "teacher.path"), path)
+    refusal = None
+    try:
+        check_teacher_fits(parameters, ds_config, dist.world_size(), dist.local_world_size(), dist.on_gpu())
+    except VkdError as err:
+        refusal = err
+    if dist.any_rank(refusal is not None):
+        raise refusal or VkdError("teacher.path: the teacher does not fit on another node (its rank 0 log says why)")
+    attention = _attention_kwargs(eager_attention)
+    try:
+        model, _ = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
+        if model is None:
+            with _zero3_construction(ds_config):
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config), **attention)
+    except (OSError, ValueError) as err:
+        raise VkdError(f"teacher.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
     model.requires_grad_(False)
     model.eval()
     engine, *_ = _initialize(model=model, config=ds_config)

@@ -55,7 +55,15 @@ def start_training(overrides: list[str]) -> int:
     prepared = prepare(cfg)
     num_procs = procs_for(cfg)
     check_global_batch(cfg, num_procs)
-    checked_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
+    _, teacher_ds = checked_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
+    s = prepared.settings
+    loads_teacher = not s.teacher.cache and (prepared.objective.needs_teacher or s.gate.enabled)
+    if loads_teacher and not (num_procs_are_gpus() and s.teacher.offload_param == "none"):
+        from vkd_ds.teacher_load import check_teacher_fits
+
+        # Host memory or disk, shared by the ranks this command starts here, on one machine. (GPU
+        # memory each rank checks itself: asking CUDA here would hold a context on GPU 0.)
+        check_teacher_fits(prepared.teacher_parameters, teacher_ds, num_procs, num_procs, num_procs_are_gpus())
     return run_launcher(overrides, num_procs)
 
 

@@ -7,6 +7,7 @@ tokenizer, vocabularies, data) runs before the run directory is touched.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
+from vkd_ds.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import (
     check_buildable,
@@ -43,6 +45,7 @@ class Prepared:
     data_notes: list[str]  # skipped empty records, records without a target: logged at start
     settings: Settings
     cache_manifest: dict | None = None  # teacher.cache's, checked against this run
+    teacher_parameters: int | None = None  # teacher.path's, its checkpoint checked against its config
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -64,6 +67,11 @@ def prepare(cfg: DictConfig) -> Prepared:
         student_config = student_config_from_dict(s.student.config, vocab)
     check_vocab(vocab, student_config.vocab_size, "student")
     check_buildable(teacher_config, "teacher.path")
+    teacher_parameters = None
+    if s.teacher.path is not None:
+        from vkd_ds.teacher_load import check_checkpoint
+
+        teacher_parameters = check_checkpoint(teacher_config, s.teacher.path)
     check_buildable(student_config, "student.path" if s.student.path is not None else "student.config")
     max_len = s.data.max_seq_len
     files = [load_data_file(s.data.train_path, tokenizer, max_len)]
@@ -94,7 +102,18 @@ def prepare(cfg: DictConfig) -> Prepared:
 
         manifest = check_for_training(s, tokenizer, _data_splits(s, train_data, valid_data), s.valence_feeds_the_loss)
     notes = [note for file in files for note in file.notes()]
-    return Prepared(tokenizer, student_config, train_data, valid_data, objective, teacher_width, notes, s, manifest)
+    return Prepared(
+        tokenizer,
+        student_config,
+        train_data,
+        valid_data,
+        objective,
+        teacher_width,
+        notes,
+        s,
+        manifest,
+        teacher_parameters,
+    )
 
 
 def _data_splits(s: Settings, train_data: list[Example], valid_data: list[Example]) -> dict:
@@ -141,6 +160,48 @@ def build_student(s: Settings, prepared: Prepared, ds_config: dict, seed: int):
     )
 
 
+GIB = 2**30
+
+
+class _TeacherLoadClock:
+    """Each rank's time, peak resident set and share of the teacher while the teacher engine is built;
+    `figures` (every rank's, gathered) once stopped."""
+
+    def __init__(self):
+        self.before = rss_bytes()
+        reset_peak_rss()
+        self.started = time.perf_counter()
+        self.figures: dict = {}
+
+    def stop(self, engine, bf16: bool) -> None:
+        import torch
+
+        from vkd_ds import engines
+
+        seconds = time.perf_counter() - self.started
+        local, total = engines.local_param_count(engine)
+        mine = torch.tensor(
+            [local, local * (2 if bf16 else 4) / GIB, seconds, peak_rss_bytes() / GIB, self.before / GIB],
+            dtype=torch.float64,
+        )
+        rows = dist.all_gather(mine).tolist()
+        self.figures = {
+            "parameters": total,
+            "bytes_per_parameter": 2 if bf16 else 4,
+            "seconds": max(row[2] for row in rows),
+            "ranks": [
+                {
+                    "parameters": int(r[0]),
+                    "weights_gb": r[1],
+                    "seconds": r[2],
+                    "peak_rss_gb": r[3],
+                    "rss_before_gb": r[4],
+                }
+                for r in rows
+            ],
+        }
+
+
 def _resume_point(s: Settings, run_dir: Path) -> Path | None:
     if s.resume == "never":
         if checkpoint.complete_checkpoints(run_dir):
@@ -177,11 +238,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     prepared = prepare(cfg)
     s = prepared.settings
     dist.init()
-    allocator_tuned = False
-    if s.trainer.keep_freed_memory and not dist.on_gpu():
-        from vkd_ds.malloc import keep_freed_memory
+    tune_allocator = s.trainer.keep_freed_memory and not dist.on_gpu()
+    if tune_allocator:
+        from vkd_ds.malloc import keep_freed_memory, return_freed_memory
 
-        allocator_tuned = keep_freed_memory()
+        return_freed_memory()  # until the teacher is loaded (vkd_ds/malloc.py)
     world = dist.world_size()
     check_global_batch(s, world)
     run_dir = Path(s.run.dir).resolve()
@@ -193,7 +254,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     objective = prepared.objective
     eager = objective.attention > 0
     gate_settings = s.gate
-    teacher = teacher_engine = None
+    teacher = teacher_engine = teacher_load = None
     if s.teacher.cache:  # the settings refused every term that would need the live teacher
         from vkd_ds.teacher_cache import CachedTeacher
 
@@ -201,12 +262,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, splits, dist.device())
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
     elif objective.needs_teacher or gate_settings.enabled:
+        teacher_load = _TeacherLoadClock()
         teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds, eager)
+        teacher_load.stop(teacher_engine, bool(teacher_ds["bf16"]["enabled"]))
         head = None
         if objective.teacher_valence or gate_settings.enabled:
             head = load_head(s.valence.teacher_head, int(s.valence.k), prepared.teacher_width).to(dist.device())
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
+    allocator_tuned = tune_allocator and keep_freed_memory()
     # Read (and its files checked) once, before any engine state is touched.
     meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
     if meta is not None and checkpoint.needs_universal(
@@ -274,13 +338,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             s.teacher.cache,
             m["bytes_per_token"],
         )
-    if teacher_engine is not None:
-        local, total = engines.local_param_count(teacher_engine)
+    if teacher_load is not None:
+        figures = teacher_load.figures
         log.info(
-            "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s)",
-            total / 1e6,
-            local / 1e6,
+            "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s); loaded in %.1f s, "
+            "peak RSS while loading %s GiB (ranks 0..%d), %.2f GiB of teacher weights per rank at most",
+            figures["parameters"] / 1e6,
+            figures["ranks"][0]["parameters"] / 1e6,
             s.teacher.offload_param,
+            figures["seconds"],
+            ", ".join(f"{r['peak_rss_gb']:.2f}" for r in figures["ranks"]),
+            world - 1,
+            max(r["weights_gb"] for r in figures["ranks"]),
         )
 
     if allocator_tuned:
@@ -362,6 +431,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if client_state is not None:
         trainer.restore(client_state)
         log.info("resumed from %s at step %d", resume_from, trainer.step)
+    trainer.startup = {"teacher_load": teacher_load.figures if teacher_load is not None else None}
+    # From here a step's `mem_peak_rss_gb` is training's own peak; loading's is in startup.json.
+    reset_peak_rss()
     result = trainer.fit()
     if trainer.step >= s.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
         log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))

@@ -21,6 +21,7 @@ from vkd_ds.data import Example, GlobalBatchSampler, collate, global_batch_order
 from vkd_ds.evaluation import evaluate
 from vkd_ds.gate import MercyGate
 from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
+from vkd_ds.memory import peak_rss_bytes
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.rollout import Samples
@@ -105,6 +106,9 @@ class Trainer:
         # before the row reached metrics.csv (during the eval that follows it) loses nothing.
         self.last_metrics: dict[str, float] | None = None
         self.resumed_metrics: dict[str, float] | None = None
+        # How this start went (the teacher's load): rank 0 writes it to startup.json after the first
+        # step, with the time from the process's start to that step's end.
+        self.startup: dict = {}
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -369,10 +373,14 @@ class Trainer:
         last_eval = self._recover_resumed_row(sinks)
         preemption = Preemption(cfg.preempt_signals)
         preempted = False
+        first_step = True
         try:
             while self.step < stop_at and not preempted:
                 metrics = self.train_step()
                 self.last_metrics = metrics
+                if first_step:
+                    self._record_startup()
+                    first_step = False
                 # A signal may reach some ranks only, or mid-step: the ranks agree at each step's end.
                 preempted = dist.any_rank(preemption.received is not None)
                 # The checkpoint comes before the eval: a failing or killed eval must not cost it.
@@ -417,6 +425,13 @@ class Trainer:
             summary = {"step": self.step, **last_eval}
             (self.run_dir / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         return last_eval
+
+    def _record_startup(self) -> None:
+        seconds = time.time() - psutil.Process().create_time()
+        self.log.info("first step done %.1f s after the process started", seconds)
+        if dist.is_main():
+            figures = {**self.startup, "first_step": self.step, "time_to_first_step_s": seconds}
+            checkpoint.write_atomic(self.run_dir / "startup.json", json.dumps(figures, indent=2) + "\n")
 
     def _recover_resumed_row(self, sinks) -> dict[str, float]:
         """Collective. When the checkpoint resumed from holds a metrics row that metrics.csv lacks (the
@@ -558,10 +573,8 @@ def _rss_gb() -> float:
 
 
 def _peak_rss_gb() -> float:
-    """This process's peak resident memory since it started (Linux reports kilobytes)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory since training began (train() resets it after loading)."""
+    return peak_rss_bytes() / 2**30
 
 
 def _short(value) -> str:
