@@ -10,7 +10,9 @@
    reloaded with transformers;
 3. a NaN gradient injected at step 3 (VKD_FAULT_NAN_GRAD): the step is skipped and counted;
 4. grad_accum 1 against 2 (micro-batch 8 against 4 x 2) in bf16: the largest relative loss drift;
-5. bench/teacher_offload.py and 6. bench/kd_mfu.py (1.1 B teacher, 141 M student).
+5. bench/teacher_offload.py and 6. bench/kd_mfu.py (1.1 B teacher, 141 M student);
+7. bench/chunk_tokens.py --device cuda (issue #18): `loss.chunk_tokens=auto`'s plan on the GPU against
+   fixed chunk sizes at vocabularies 32,768 and 151,936, logits and fused-head paths, bf16.
 
 One process (one GPU). The summary so far is written to DIR/summary.json (and stderr) after each
 check, so a run cut short still tells what it saw. `--smoke` runs everything at toy size on a machine
@@ -131,6 +133,13 @@ def main() -> int:
     mfu = run([sys.executable, "bench/kd_mfu.py", "--procs", "1", "--out", str(out / "mfu"), *size]
               + (["--steps", "4", "--skip", "1"] if args.smoke else []), env, timeout=1800)  # fmt: skip
     summary["kd_mfu"] = last_json(mfu.stdout) if mfu.returncode == 0 else mfu.stderr[-800:]
+    save(summary, out)
+    chunk_args = ["--device", "cpu", "--tokens", "64", "--vocab", "1024", "--fixed", "8", "16", "--repeats", "1"]
+    if not args.smoke:
+        chunk_args = ["--device", "cuda", "--tokens", "8192", "--vocab", "32768", "151936"]
+        chunk_args += ["--fixed", "64", "256", "512", "1024", "2048", "4096"]
+    chunks = run([sys.executable, "bench/chunk_tokens.py", *chunk_args], env)
+    summary["chunk_tokens"] = last_json(chunks.stdout) if chunks.returncode == 0 else chunks.stderr[-800:]
     summary["seconds"] = round(time.time() - started, 1)
     save(summary, out)
     print(json.dumps(summary))

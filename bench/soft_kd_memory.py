@@ -1,6 +1,6 @@
 """Peak memory and time of chunked vs dense soft KD, forward + backward (SPEC §2, issue #3).
 
-    python bench/soft_kd_memory.py [--tokens 8192] [--vocab 32768 131072] [--repeats 3]
+    python bench/soft_kd_memory.py [--tokens 8192] [--vocab 32768 128256 151936] [--repeats 3]
 
 Each (vocab, implementation) runs in a fresh process so peaks do not mix. Memory is
 the process's peak RSS (VmHWM, reset just before) during forward + backward minus
@@ -8,11 +8,13 @@ its RSS just before (inputs already allocated): the extra memory the loss needs,
 the gradient w.r.t. the student's logits included. Time is the median of the
 repeats. Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
 
-Cases: fp32 logits at 32k; bf16 logits (what GPU training holds) at 32k and 128k.
+Cases: fp32 logits at 32k; bf16 logits (what GPU training holds) at 32k, 128,256 (Llama 3) and
+151,936 (Qwen 2/3).
 `dense` is the SPEC formula on the whole tensors in fp32 (bf16 inputs upcast);
 `dense_native` computes in the logits' dtype, as a naive bf16 loop would. Chunked
-uses `loss.chunk_tokens` tokens per fp32 chunk. A case that exceeds the
-address-space limit reports its error instead of figures.
+uses `loss.chunk_tokens` positions per fp32 chunk (`auto`, the default: what training plans on
+this machine, losses.plan_chunk_rows; glibc's default allocator, as the figures were first
+taken). A case that exceeds the address-space limit reports its error instead of figures.
 """
 
 from __future__ import annotations
@@ -67,15 +69,19 @@ def dense_native_soft_kd(student, teacher, mask, temperature):
 
 
 def run_case(
-    impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, limit_gb: float, chunk_tokens: int
+    impl: str, vocab: int, tokens: int, dtype_name: str, repeats: int, limit_gb: float, chunk_tokens: str
 ) -> dict:
     import torch
 
-    from vkd_ds.losses import soft_kd
+    from vkd_ds.losses import plan_chunk_rows, soft_kd
+    from vkd_ds.memory import free_device_bytes
 
     resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
+    if chunk_tokens == "auto":
+        chunk_tokens = plan_chunk_rows(vocab, 256, dtype, False, free_device_bytes(False, 1))
+    chunk_tokens = int(chunk_tokens)
     batch = 8
     seq = tokens // batch
     student = torch.randn(batch, seq, vocab, dtype=dtype).mul_(2).requires_grad_(True)
@@ -113,7 +119,7 @@ def run_case(
     }
 
 
-CASES = [(32768, "float32"), (32768, "bfloat16"), (131072, "bfloat16")]
+CASES = [(32768, "float32"), (32768, "bfloat16"), (128256, "bfloat16"), (151936, "bfloat16")]
 
 
 def main() -> None:
@@ -121,7 +127,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, nargs="+", default=None, help="only these vocabulary sizes")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="loss.chunk_tokens (default: the config's)")
+    parser.add_argument("--chunk-tokens", default="auto", help="loss.chunk_tokens: auto (the default) or a number")
     parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit of each case's process")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -35,7 +35,7 @@ def test_defaults_are_the_spec_defaults():
         "beta": 0.5,
         "alpha": 0.1,
         "temperature": 4.0,
-        "chunk_tokens": 256,
+        "chunk_tokens": "auto",
         "fused_head": False,
     }
     assert cfg.weighting.lam == 6.0 and cfg.weighting.z_max == 3.0 and cfg.weighting.normalize is True

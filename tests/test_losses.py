@@ -134,20 +134,37 @@ def test_combine_terms_skips_zero_weights():
     assert got.tolist() == [2.5, 4.5]
 
 
-def test_large_vocabularies_take_smaller_chunks_with_the_same_values():
-    """At vocabulary 65536 a 256-token chunk would be 64 MiB of fp32: it is cut to 64 rows (16 MiB)
-    and the per-token values and gradients stay those of the dense formula."""
-    from vkd_ds.losses import chunk_rows
+def test_auto_plans_smaller_chunks_for_larger_vocabularies_with_the_same_values():
+    """`loss.chunk_tokens=auto` on a CPU: one fp32 [rows, vocab] buffer stays within 16 MiB (64 rows at
+    vocabulary 65536), on a GPU within 512 MiB, and either within an eighth of the free memory; an
+    integer is taken as it is. At 65536 the per-token values and gradients stay the dense formula's."""
+    from vkd_ds.losses import chunk_row_bytes, chunk_rows, plan_chunk_rows
 
-    assert chunk_rows(256, 8192) == 256 and chunk_rows(256, 65536) == 64 and chunk_rows(256, 10**9) == 1
+    plenty = 64 * 2**30
+    assert plan_chunk_rows(8192, 256, torch.float32, False, plenty) == 512
+    assert plan_chunk_rows(65536, 256, torch.float32, False, plenty) == 64
+    assert plan_chunk_rows(151936, 2048, torch.float32, False, plenty) == 24  # 27, to a multiple of 8
+    assert plan_chunk_rows(151936, 2048, torch.bfloat16, True, plenty) == 880
+    # Short of memory: an eighth of it, whatever the device allows.
+    row = chunk_row_bytes(151936, 2048, torch.bfloat16)
+    assert row == 151936 * 14 + 4 * 2048
+    assert plan_chunk_rows(151936, 2048, torch.bfloat16, True, 8 * 100 * row) == 96
+    assert plan_chunk_rows(10**9, 8, torch.float32, False, plenty) == 1
+    # The fused head: where the CPU cap leaves under 64 rows, 512 (each chunk reads the whole head).
+    assert plan_chunk_rows(151936, 256, torch.float32, False, plenty, fused=True) == 512
+    assert plan_chunk_rows(32768, 256, torch.float32, False, plenty, fused=True) == 128
+    assert chunk_rows(256, 65536) == 256 and chunk_rows(7, 8) == 7
+    with pytest.raises(ValueError, match="never planned"):
+        chunk_rows(None, 8)
     torch.manual_seed(1)
-    batch, seq, vocab = 2, 70, 65536  # 140 positions: three chunks of at most 64
+    batch, seq, vocab = 2, 70, 65536
     student = torch.randn(batch, seq, vocab, requires_grad=True)
     teacher = torch.randn(batch, seq, vocab)
     targets = torch.randint(0, vocab, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
-    soft = token_divergence(student, teacher, mask, temperature=2.0, vocab_size=vocab, chunk_tokens=256)
-    ours = soft + token_ce(student, targets, mask, vocab, 256)
+    rows = plan_chunk_rows(vocab, 256, torch.float32, False, plenty)  # 140 positions: three chunks
+    soft = token_divergence(student, teacher, mask, temperature=2.0, vocab_size=vocab, chunk_tokens=rows)
+    ours = soft + token_ce(student, targets, mask, vocab, rows)
     (grad,) = torch.autograd.grad(ours.sum(), student)
     dense = dense_soft_kd(student, teacher, mask, 2.0, vocab) + dense_ce(student, targets, mask, vocab)
     (dense_grad,) = torch.autograd.grad(dense.sum(), student)

@@ -81,3 +81,48 @@ def test_tied_embeddings_one_file_and_bf16(tiny_assets, tmp_path):
     with torch.no_grad():
         expected = reference(input_ids=engine["input_ids"]).logits.float()
     torch.testing.assert_close(engine["logits"], expected, atol=1e-2, rtol=1e-2)
+
+
+def _async_io_missing() -> str | None:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False):
+        return None
+    return "DeepSpeed's async_io needs libaio (apt-get install libaio-dev; .ci/run installs it)"
+
+
+@pytest.mark.distributed
+def test_nvme_offload_loads_swapped_partitions_and_trains_like_cpu_offload(tiny_assets, tmp_path):
+    """teacher.offload_param=nvme for real, on this machine's disk (DeepSpeed's async I/O; its first use
+    compiles the op, about 5 minutes on 2 cores): the partitions big enough to swap are written
+    through the swapper, the logits equal transformers' load, and training matches CPU offload."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import train_job
+    from vkd_ds.metrics import read_metrics
+    from vkd_ds.terms import only_terms
+
+    missing = _async_io_missing()
+    if missing:
+        pytest.skip(missing)
+    # 512 × 2048 MLP weights: 2 MiB partitions per rank, over DeepSpeed's 1 MiB swap minimum.
+    teacher = save_tiny_model(tmp_path / "teacher", hidden_size=512, intermediate_size=2048, num_hidden_layers=2)
+    nvme = tmp_path / "nvme"
+    ranks, engine = _load(tmp_path, tiny_assets, teacher, "teacher.offload_param=nvme", f"teacher.nvme_path={nvme}")
+    assert all(r["nvme_params"] >= 6 for r in ranks), ranks  # gate, up and down of 2 layers at least
+    assert all(len(r["nvme_dirs"]) == 2 for r in ranks), ranks  # a swap folder per process, while it runs
+    assert not list(nvme.glob("vkd-ds-*"))  # removed when the processes exit
+    reference = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        expected = reference(input_ids=engine["input_ids"]).logits
+    torch.testing.assert_close(engine["logits"], expected, atol=1e-5, rtol=1e-5)
+
+    losses = {}
+    for offload in ("cpu", "nvme"):
+        run_dir = tmp_path / f"run_{offload}"
+        overrides = [*base_overrides(tiny_assets, run_dir), f"teacher.path={teacher}", *only_terms("ce", "soft")]
+        overrides += ["weighting.lam=0", "valence.teacher_head=null", "trainer.max_steps=2"]
+        overrides += [f"teacher.offload_param={offload}", f"teacher.nvme_path={nvme}"]
+        train_job(overrides)
+        losses[offload] = [(r["loss"], r["loss/soft"]) for r in read_metrics(run_dir / "metrics.csv")]
+    assert losses["nvme"] == losses["cpu"]

@@ -97,10 +97,24 @@ def student_lr_schedule(cfg: Settings, ds_config: dict[str, Any]):
     return lr_scheduler_factory(int(trainer.warmup_steps), int(trainer.max_steps), float(trainer.min_lr_ratio))
 
 
+TEACHER_MAX_LIVE_PARAMETERS = 3 * 10**7  # gathered teacher elements kept at once (one larger is still gathered)
+TEACHER_PREFETCH_ELEMENTS = 10**7  # gathered ahead of use
+
+
 def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
     """DeepSpeed JSON of the frozen teacher: ZeRO-3 inference, params offloaded."""
     precision = resolve_precision(cfg, on_gpu)
-    zero: dict[str, Any] = {"stage": 3}
+    zero: dict[str, Any] = {
+        "stage": 3,
+        # The frozen teacher runs one forward per micro-batch and never reuses a layer within it:
+        # release each layer's gathered weights after use, and gather little ahead. DeepSpeed's
+        # defaults (1e9 live parameters, reuse distance 1e9, prefetch 5e7) kept up to a billion
+        # gathered elements alive, nearly the whole of a 1.1 B teacher on every rank
+        # (bench/large_teacher.py: training peaked at 7.3 GB per rank with them; see the README).
+        "stage3_max_live_parameters": TEACHER_MAX_LIVE_PARAMETERS,
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": TEACHER_PREFETCH_ELEMENTS,
+    }
     if cfg.teacher.offload_param != "none":
         zero["offload_param"] = _offload(cfg.teacher.offload_param, cfg.teacher.nvme_path, on_gpu)
     return {

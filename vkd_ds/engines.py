@@ -74,18 +74,20 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
     rank holds the whole teacher; another format goes through transformers, which loads it on rank 0."""
     from vkd_ds import dist
     from vkd_ds.models import load_model_config
-    from vkd_ds.teacher_load import build_teacher_model, check_checkpoint, check_teacher_fits
+    from vkd_ds.teacher_load import build_teacher_model, check_checkpoint, check_teacher_fits, nvme_swap_config
 
     # Before a byte of weights is read: will this node's (or GPU's) shards fit? Decided together,
     # so a rank that refuses does not leave the others waiting in a collective.
-    parameters = check_checkpoint(load_model_config(path, "teacher.path"), path)
+    shape = check_checkpoint(load_model_config(path, "teacher.path"), path)
     refusal = None
     try:
-        check_teacher_fits(parameters, ds_config, dist.world_size(), dist.local_world_size(), dist.on_gpu())
+        check_teacher_fits(shape.parameters, ds_config, dist.world_size(), dist.local_world_size(), dist.on_gpu())
     except VkdError as err:
         refusal = err
     if dist.any_rank(refusal is not None):
         raise refusal or VkdError("teacher.path: the teacher does not fit on another node (its rank 0 log says why)")
+    if ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
+        ds_config = nvme_swap_config(ds_config, shape.largest, dist.world_size())
     attention = _attention_kwargs(eager_attention)
     try:
         model, _ = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
@@ -148,7 +150,7 @@ def local_param_count(engine) -> tuple[int, int]:
     local = total = 0
     for param in engine.module.parameters():
         if hasattr(param, "ds_tensor"):
-            local += param.ds_tensor.numel()
+            local += param.partition_numel()  # ds_tensor itself is empty while swapped out to NVMe
             total += param.ds_numel
         else:
             local += param.numel()

@@ -33,3 +33,25 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of this machine (the kernel's estimate of what can be allocated without swap)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def free_device_bytes(on_gpu: bool, local_ranks: int) -> int:
+    """Memory free to this rank now: its GPU's free memory, or its part of this machine's available
+    host memory (shared by its `local_ranks` ranks)."""
+    if on_gpu:
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
+    return available_host_bytes() // max(1, local_ranks)

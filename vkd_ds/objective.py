@@ -7,12 +7,13 @@ the collectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import Divergence, shift_for_next_token, token_ce
+from vkd_ds.malloc import teacher_phase
 from vkd_ds.settings import Settings
 from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
 from vkd_ds.valence import ValenceHead, cached_normalized_entropy, saliency
@@ -22,7 +23,7 @@ from vkd_ds.valence import ValenceHead, cached_normalized_entropy, saliency
 class Objective:
     lambdas: dict[str, float]
     divergence: Divergence  # the soft term's D, its temperature and parameters (loss.divergence, ...)
-    chunk_tokens: int
+    chunk_tokens: int | None  # positions per loss chunk; None: `auto`, until `planned`
     vocab_size: int
     layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
     feat_normalize: bool = False  # layer-normalize both hidden states (no affine) before the MSE
@@ -49,7 +50,7 @@ class Objective:
             divergence=Divergence(
                 cfg.loss.divergence, float(cfg.loss.temperature), float(cfg.loss.beta), float(cfg.loss.alpha)
             ),
-            chunk_tokens=int(cfg.loss.chunk_tokens),
+            chunk_tokens=None if cfg.loss.chunk_tokens == "auto" else int(cfg.loss.chunk_tokens),
             vocab_size=vocab_size,
             layer_map=list(layer_map) if captures else [],
             feat_normalize=bool(cfg.feat.normalize),
@@ -108,6 +109,16 @@ class Objective:
             self.chunk_tokens,
             entropy=entropy,
         )
+
+    def planned(self, hidden: int, dtype, on_gpu: bool, free_bytes: int) -> Objective:
+        """This objective with `loss.chunk_tokens=auto` planned (losses.plan_chunk_rows) for a student of
+        width `hidden` whose logits are `dtype`; itself when the config set a number."""
+        if self.chunk_tokens is not None:
+            return self
+        from vkd_ds.losses import plan_chunk_rows
+
+        rows = plan_chunk_rows(self.vocab_size, hidden, dtype, on_gpu, free_bytes, fused=self.fused_head)
+        return replace(self, chunk_tokens=rows)
 
     def fused_inputs(
         self,
@@ -186,7 +197,8 @@ class Teacher:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        with teacher_phase():
+            logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         hiddens, attentions, last = self.capture.take()
         out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
         if self.valence_head is not None:

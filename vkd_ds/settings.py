@@ -60,6 +60,20 @@ def number(low=None, high=None, *, integer=False, optional=False, above=None):
     return check
 
 
+def auto_or(check_value):
+    """The string `auto`, or a value `check_value` accepts."""
+
+    def check(key, value):
+        if value == "auto":
+            return value
+        try:
+            return check_value(key, value)
+        except VkdError as err:
+            raise VkdError(f"{err} (or auto)") from None
+
+    return check
+
+
 def check_choice(key: str, value, choices) -> Any:
     if value not in choices:
         raise VkdError(f"config key `{key}` must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -234,7 +248,7 @@ class LossSettings:
     beta: float = _checked(fraction(low_open=True, high_open=True))  # jsd's mixture weight of the teacher
     alpha: float = _checked(fraction(high_open=True))  # the skew divergences' mixture weight
     temperature: float = _checked(number(low=1e-3))
-    chunk_tokens: int = _checked(number(low=1, integer=True))
+    chunk_tokens: int | str = _checked(auto_or(number(low=1, integer=True)))  # auto: planned at start
     fused_head: bool = _checked(flag)
 
     @classmethod

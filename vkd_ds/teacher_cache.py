@@ -531,6 +531,7 @@ def write_cache(cfg) -> dict:
     from vkd_ds import dist, engines
     from vkd_ds.data import collate
     from vkd_ds.ds_config import teacher_ds_config
+    from vkd_ds.memory import free_device_bytes
     from vkd_ds.metrics import setup_logging
     from vkd_ds.objective import Objective, Teacher
     from vkd_ds.valence import load_head
@@ -547,7 +548,13 @@ def write_cache(cfg) -> dict:
     if manifest["valence"] is not None:
         head = load_head(s.valence.teacher_head, int(s.valence.k), plan.teacher_width).to(dist.device())
         head.requires_grad_(False)
-    objective = Objective.from_settings(s, [], manifest["vocab_size"])
+    # The teacher's logits go through the chunked loss code here: plan the chunks for their width.
+    objective = Objective.from_settings(s, [], manifest["vocab_size"]).planned(
+        plan.teacher_width,
+        torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32,
+        dist.on_gpu(),
+        free_device_bytes(dist.on_gpu(), dist.local_world_size()),
+    )
     teacher = Teacher(engine, objective, head)
     if dist.is_main():
         directory.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from vkd_ds.errors import VkdError
+from vkd_ds.memory import available_host_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -181,7 +182,9 @@ def _copy_into(param: torch.Tensor, handle: SafetensorsReader, key: str, rank: i
         start, end = _partition_range(param, rank)
         if end <= start:
             return 0  # this rank's partition is all padding
-        if param.ds_tensor.numel() == 0:  # swapped out to NVMe (offload_param=nvme)
+        from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+        if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:  # swapped out (offload_param=nvme)
             return _copy_into_swapped(param, handle, key, start, end)
         block = handle.read(key, start, end)
         param.ds_tensor.data[: end - start].copy_(block)
@@ -193,7 +196,7 @@ def _copy_into_swapped(param, handle: SafetensorsReader, key: str, start: int, e
     swapper.swap_in([param], async_op=False)
     block = handle.read(key, start, end)
     param.ds_tensor.data[: end - start].copy_(block)
-    swapper.swap_out([param], async_op=False)
+    swapper.swap_out_and_release([param])
     return block.numel()
 
 
@@ -219,8 +222,14 @@ def build_teacher_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype
 # -- will it fit? -------------------------------------------------------------------------------
 
 
-def check_checkpoint(config, directory: str | Path) -> int:
-    """The teacher's parameter count, from a model built from `config` on the meta device; where
+@dataclass(frozen=True)
+class TeacherShape:
+    parameters: int
+    largest: int  # elements of its largest parameter
+
+
+def check_checkpoint(config, directory: str | Path) -> TeacherShape:
+    """The teacher's parameter count and largest parameter, from a model built from `config` on the meta device; where
     `directory` holds a safetensors checkpoint, its headers are checked against that model first:
     every parameter present with its shape, nothing the model lacks. Reads headers only."""
     from transformers import AutoModelForCausalLM
@@ -252,24 +261,12 @@ def check_checkpoint(config, directory: str | Path) -> int:
     missing = sorted(set(params) - found) if found else []
     if missing:
         raise VkdError(f"teacher.path: the checkpoint in {directory} lacks {_names(missing)}")
-    return sum(p.numel() for p in params.values())
+    return TeacherShape(sum(p.numel() for p in params.values()), max(p.numel() for p in params.values()))
 
 
 def _names(missing: list[str]) -> str:
     shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     return f"{len(missing)} parameter(s): {shown}"
-
-
-def available_host_bytes() -> int:
-    """MemAvailable of this machine (the kernel's estimate of what can be allocated without swap)."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @dataclass(frozen=True)
@@ -340,6 +337,32 @@ def check_teacher_fits(
     if not estimate.fits:
         raise VkdError(estimate.message())
     return estimate
+
+
+def nvme_swap_config(ds_config: dict[str, Any], largest: int, world_size: int) -> dict[str, Any]:
+    """`ds_config` with its NVMe parameter swap sized for this teacher, in a folder of this process.
+
+    DeepSpeed swaps each partition through pinned buffers that must hold the largest partition (its
+    default, 1e8 elements in 5 buffers, is 2 GB of locked memory per rank); the teacher gathers
+    little ahead (ds_config.TEACHER_PREFETCH_ELEMENTS), so 4 buffers. Two jobs given one nvme_path
+    would overwrite each other's swap files (both write rank0/, rank1/, ...): each process swaps
+    under its own folder, removed when it exits (a killed one leaves it behind; safe to delete)."""
+    import atexit
+    import copy
+    import shutil
+    import socket
+
+    ds = copy.deepcopy(ds_config)
+    offload = ds["zero_optimization"]["offload_param"]
+    folder = Path(offload["nvme_path"]) / f"vkd-ds-{socket.gethostname()}-{os.getpid()}"
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    offload["nvme_path"] = str(folder)
+    offload.setdefault("buffer_size", max(-(-largest // world_size), 2**20))
+    offload.setdefault("buffer_count", NVME_BUFFERS)
+    return ds
+
+
+NVME_BUFFERS = 4
 
 
 def _disk_free(path: str | None) -> int:

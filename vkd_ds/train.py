@@ -6,6 +6,7 @@ tokenizer, vocabularies, data) runs before the run directory is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
-from vkd_ds.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from vkd_ds.memory import free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import (
     check_buildable,
@@ -71,7 +72,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     if s.teacher.path is not None:
         from vkd_ds.teacher_load import check_checkpoint
 
-        teacher_parameters = check_checkpoint(teacher_config, s.teacher.path)
+        teacher_parameters = check_checkpoint(teacher_config, s.teacher.path).parameters
     check_buildable(student_config, "student.path" if s.student.path is not None else "student.config")
     max_len = s.data.max_seq_len
     files = [load_data_file(s.data.train_path, tokenizer, max_len)]
@@ -251,7 +252,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
     ds_config, teacher_ds = checked_deepspeed_configs(s, world, dist.on_gpu())
-    objective = prepared.objective
+    objective = prepared.objective.planned(
+        hidden_width(prepared.student_config),
+        torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32,
+        dist.on_gpu(),
+        free_device_bytes(dist.on_gpu(), dist.local_world_size()),
+    )
+    prepared = dataclasses.replace(prepared, objective=objective)
     eager = objective.attention > 0
     gate_settings = s.gate
     teacher = teacher_engine = teacher_load = None
@@ -365,11 +372,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if "soft" in objective.active or "ce" in objective.active:
         d = objective.divergence
         log.info(
-            "token losses: soft KD %s at T=%g; %s, %d tokens per chunk",
+            "token losses: soft KD %s at T=%g; %s, %d tokens per chunk (%s)",
             d.kind,
             d.temperature,
             "from the fused LM head (no logits)" if objective.fused_head else "from the logits",
             objective.chunk_tokens,
+            "loss.chunk_tokens" if s.loss.chunk_tokens != "auto" else "planned: loss.chunk_tokens=auto",
         )
     if objective.layer_map:
         widths = (hidden_width(prepared.student_config), prepared.teacher_width)

@@ -34,7 +34,16 @@ local, total = engines.local_param_count(teacher)
 ids = torch.arange(2 * 12).view(2, 12) % teacher.module.config.vocab_size
 with torch.no_grad():
     logits = teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-report = {"rank": dist.rank(), "local": local, "total": total, "before": before, "peak_extra": peak - before}
+swapped = [p for p in teacher.module.parameters() if str(getattr(p.ds_tensor, "final_location", None)).endswith("nvme")]
+report = {
+    "rank": dist.rank(),
+    "local": local,
+    "total": total,
+    "before": before,
+    "peak_extra": peak - before,
+    "nvme_params": len(swapped),
+    "nvme_dirs": [str(path) for path in Path(cfg.teacher.nvme_path or out_dir).glob("vkd-ds-*")],
+}
 (out_dir / f"rank_{dist.rank()}.json").write_text(json.dumps(report))
 if dist.is_main():
     torch.save({"input_ids": ids, "logits": logits.float()}, out_dir / "logits.pt")
