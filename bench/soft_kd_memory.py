@@ -73,7 +73,7 @@ def run_case(
 ) -> dict:
     import torch
 
-    from vkd_ds.losses import plan_chunk_rows, soft_kd
+    from vkd_ds.losses import plan_chunk_rows, token_divergence
     from vkd_ds.memory import free_device_bytes
 
     resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
@@ -99,7 +99,7 @@ def run_case(
             elif impl == "dense_native":
                 loss = dense_native_soft_kd(student, teacher, mask, 4.0)
             else:
-                loss = soft_kd(student, teacher, mask, 4.0, chunk_tokens=chunk_tokens)
+                loss = token_divergence(student, teacher, mask, "forward_kl", 4.0, chunk_tokens=chunk_tokens)
             (loss * seq_weights).sum().backward()
             times.append(time.perf_counter() - started)
             student.grad = None

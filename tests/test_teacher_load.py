@@ -125,4 +125,10 @@ def test_nvme_offload_loads_swapped_partitions_and_trains_like_cpu_offload(tiny_
         overrides += [f"teacher.offload_param={offload}", f"teacher.nvme_path={nvme}"]
         train_job(overrides)
         losses[offload] = [(r["loss"], r["loss/soft"]) for r in read_metrics(run_dir / "metrics.csv")]
+        # startup.json: what each rank held of the teacher (swapped out or not) and when step 1 ended.
+        startup = json.loads((run_dir / "startup.json").read_text())
+        load = startup["teacher_load"]
+        assert sum(r["parameters"] for r in load["ranks"]) == pytest.approx(load["parameters"], rel=1e-3)
+        assert all(r["peak_rss_gb"] >= r["rss_before_gb"] > 0 for r in load["ranks"])
+        assert startup["first_step"] == 1 and startup["time_to_first_step_s"] > load["seconds"] > 0
     assert losses["nvme"] == losses["cpu"]
