@@ -29,25 +29,6 @@ import sys
 import time
 
 
-def _rss_gb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-def _reset_peak() -> None:
-    # Writing 5 to clear_refs resets the process's peak RSS (VmHWM), Linux >= 4.0.
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
-def _peak_gb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def dense_soft_kd(student, teacher, mask, temperature):
     import torch.nn.functional as F
 
@@ -74,7 +55,7 @@ def run_case(
     import torch
 
     from vkd_ds.losses import plan_chunk_rows, token_divergence
-    from vkd_ds.memory import free_device_bytes
+    from vkd_ds.memory import GIB, free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 
     resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
     torch.manual_seed(0)
@@ -88,8 +69,8 @@ def run_case(
     teacher = torch.randn(batch, seq, vocab, dtype=dtype).mul_(2)
     mask = torch.ones(batch, seq, dtype=torch.bool)
     seq_weights = torch.rand(batch)
-    before = _rss_gb()
-    _reset_peak()
+    before = rss_bytes() / GIB
+    reset_peak_rss()
     times = []
     try:
         for _ in range(repeats):
@@ -112,7 +93,7 @@ def run_case(
         "tokens": tokens,
         "dtype": dtype_name,
         "inputs_gb": 2 * student.numel() * student.element_size() / 2**30,
-        "extra_peak_gb": _peak_gb() - before,
+        "extra_peak_gb": peak_rss_bytes() / GIB - before,
         "seconds": statistics.median(times),
         "repeats": repeats,
         **({"chunk_tokens": chunk_tokens} if impl == "chunked" else {}),

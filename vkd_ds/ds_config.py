@@ -108,9 +108,10 @@ def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
         "stage": 3,
         # The frozen teacher runs one forward per micro-batch and never reuses a layer within it:
         # release each layer's gathered weights after use, and gather little ahead. DeepSpeed's
-        # defaults (1e9 live parameters, reuse distance 1e9, prefetch 5e7) kept up to a billion
-        # gathered elements alive, nearly the whole of a 1.1 B teacher on every rank
-        # (bench/large_teacher.py: training peaked at 7.3 GB per rank with them; see the README).
+        # defaults (1e9 live parameters, reuse distance 1e9, prefetch 5e7) keep up to a billion
+        # gathered elements alive once the first forward has traced the model
+        # (bench/teacher_forward_memory.py, a 1.1 B teacher on 2 ranks: 6.36 GB per rank at its
+        # peak from the second forward on, and 13-16 s a forward, against 3.33 GB and 10 s).
         "stage3_max_live_parameters": TEACHER_MAX_LIVE_PARAMETERS,
         "stage3_max_reuse_distance": 0,
         "stage3_prefetch_bucket_size": TEACHER_PREFETCH_ELEMENTS,

@@ -90,7 +90,7 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
         ds_config = nvme_swap_config(ds_config, shape.largest, dist.world_size())
     attention = _attention_kwargs(eager_attention)
     try:
-        model, _ = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
+        model = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
         if model is None:
             with _zero3_construction(ds_config):
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config), **attention)

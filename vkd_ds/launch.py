@@ -57,8 +57,7 @@ def start_training(overrides: list[str]) -> int:
     check_global_batch(cfg, num_procs)
     _, teacher_ds = checked_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
     s = prepared.settings
-    loads_teacher = not s.teacher.cache and (prepared.objective.needs_teacher or s.gate.enabled)
-    if loads_teacher and not (num_procs_are_gpus() and s.teacher.offload_param == "none"):
+    if prepared.loads_teacher and not (num_procs_are_gpus() and s.teacher.offload_param == "none"):
         from vkd_ds.teacher_load import check_teacher_fits
 
         # Host memory or disk, shared by the ranks this command starts here, on one machine. (GPU

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 # are mapped and page-faulted afresh each time (bench/soft_kd_memory.py --vocab 32768: 7.6 s -> 2.9 s;
 # bench/chunk_tokens.py measures the choice against fixed sizes). On a GPU there is no
 # such cliff, and every chunk costs a few dozen kernel launches: 512 MiB buffers keep a 152k
-# vocabulary at about 860 rows a chunk instead of 27.
+# vocabulary at 880 rows a chunk instead of 24 (tests/test_losses.py).
 CPU_CHUNK_BYTES = 16 * 2**20
 GPU_CHUNK_BYTES = 512 * 2**20
 # A chunk's working set is at most this share of the memory free when training starts.

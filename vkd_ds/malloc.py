@@ -47,8 +47,9 @@ def keep_freed_memory() -> bool:
 def teacher_phase():
     """While the ZeRO-3 teacher runs, under `keep_freed_memory`: each layer's gathered weights (up to
     tens of MiB, in a dozen sizes) are allocated and freed once per forward. Kept in the heap they
-    fragment it and the resident set grows step after step (bench/large_teacher.py, a 1.1 B teacher:
-    +0.5 GiB per rank in 3 forwards, peak 3.9 GiB against 3.3 with them mapped). So the threshold
+    fragment it and the resident set grows step after step (bench/teacher_forward_memory.py, a 1.1 B
+    teacher on 2 ranks: peak 3.86 GB after 3 forwards kept, 3.33 GB mapped, at about 6 % more time
+    a forward, 10.1 s against 9.5). So the threshold
     drops to LOADING_MMAP_THRESHOLD for the teacher's forward and is restored after: those blocks are
     mapped and unmapped, and the loss's chunks still reuse the heap. A no-op otherwise."""
     if not _kept:
@@ -65,8 +66,9 @@ def teacher_phase():
 def return_freed_memory() -> bool:
     """For the teacher's load, before `keep_freed_memory`: building under zero.Init allocates each
     parameter whole, partitions it and frees the whole. Under glibc's dynamic threshold those
-    blocks end up in the heap, whose holes the next, differently sized ones do not fit: one rank
-    of tests/test_teacher_load.py peaked 150 MB (two thirds of its share) above its share. A fixed
+    blocks end up in the heap, whose holes the next, differently sized ones do not fit
+    (bench/teacher_load_peak.py, glibc's defaults, a 1.1 B teacher: one rank peaked 3.06-3.24 GB
+    against the other's 2.73-2.80; with this, in training, 2.92 GB: bench/large_teacher.py). A fixed
     threshold of 128 KiB maps every such block and unmaps it on free. False where not glibc."""
     mallopt = _mallopt()
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD))

@@ -1,15 +1,19 @@
-"""This process's resident set, now and at its peak since a reset (Linux /proc)."""
+"""This process's resident set, now and at its peak since a reset (the peak from Linux /proc), and the
+memory free to it."""
 
 from __future__ import annotations
 
 import os
 import resource
 
+import psutil
+
+GIB = 2**30
+
 
 def rss_bytes() -> int:
     """Resident set size now."""
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
 
 
 def reset_peak_rss() -> bool:
@@ -25,26 +29,26 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """Peak resident set since the last `reset_peak_rss` (or the process's start)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kib = _proc_kib("/proc/self/status", "VmHWM:")
+    return kib * 1024 if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def available_host_bytes() -> int:
     """MemAvailable of this machine (the kernel's estimate of what can be allocated without swap)."""
+    kib = _proc_kib("/proc/meminfo", "MemAvailable:")
+    return kib * 1024 if kib is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _proc_kib(path: str, field: str) -> int | None:
+    """A `field: N kB` line of a /proc file, in KiB; None where there is none."""
     try:
-        with open("/proc/meminfo") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return None
 
 
 def free_device_bytes(on_gpu: bool, local_ranks: int) -> int:

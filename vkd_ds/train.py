@@ -19,7 +19,7 @@ from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
-from vkd_ds.memory import free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
+from vkd_ds.memory import GIB, free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import (
     check_buildable,
@@ -47,6 +47,13 @@ class Prepared:
     settings: Settings
     cache_manifest: dict | None = None  # teacher.cache's, checked against this run
     teacher_parameters: int | None = None  # teacher.path's, its checkpoint checked against its config
+
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether the ranks load teacher.path: a term needs its outputs, or the gate its valence
+        baseline; never with teacher.cache (the settings refused every term that needs it live)."""
+        s = self.settings
+        return not s.teacher.cache and (self.objective.needs_teacher or s.gate.enabled)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
@@ -161,9 +168,6 @@ def build_student(s: Settings, prepared: Prepared, ds_config: dict, seed: int):
     )
 
 
-GIB = 2**30
-
-
 class _TeacherLoadClock:
     """Each rank's time, peak resident set and share of the teacher while the teacher engine is built;
     `figures` (every rank's, gathered) once stopped."""
@@ -268,7 +272,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         splits = _data_splits(s, prepared.train_data, prepared.valid_data)
         teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, splits, dist.device())
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
-    elif objective.needs_teacher or gate_settings.enabled:
+    elif prepared.loads_teacher:
         teacher_load = _TeacherLoadClock()
         teacher_engine = engines.build_teacher_engine(s.teacher.path, teacher_ds, eager)
         teacher_load.stop(teacher_engine, bool(teacher_ds["bf16"]["enabled"]))

@@ -21,7 +21,7 @@ from vkd_ds.data import Example, GlobalBatchSampler, collate, global_batch_order
 from vkd_ds.evaluation import evaluate
 from vkd_ds.gate import MercyGate
 from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
-from vkd_ds.memory import peak_rss_bytes
+from vkd_ds.memory import GIB, peak_rss_bytes, rss_bytes
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.rollout import Samples
@@ -569,12 +569,12 @@ def _faults(variable: str) -> set[tuple[int, int]]:
 
 
 def _rss_gb() -> float:
-    return psutil.Process().memory_info().rss / 2**30
+    return rss_bytes() / GIB
 
 
 def _peak_rss_gb() -> float:
     """This process's peak resident memory since training began (train() resets it after loading)."""
-    return peak_rss_bytes() / 2**30
+    return peak_rss_bytes() / GIB
 
 
 def _short(value) -> str:
