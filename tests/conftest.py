@@ -16,6 +16,12 @@ from vkd_ds.terms import loss_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Token stores of the tests' data go to a directory of this test session, not ~/.cache (the launched
+# jobs inherit it). Every xdist worker shares the controller's, as every rank of a job does.
+if "VKD_DS_DATA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["VKD_DS_DATA_CACHE"] = tempfile.mkdtemp(prefix="vkd-ds-test-stores-")
 
 # A student small enough that a 2-process ZeRO-3 step takes well under a second.
 TINY_STUDENT = [

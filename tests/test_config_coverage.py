@@ -229,6 +229,12 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
             and job.config["data"]["tokenizer_path"] == job.paths["tokenizer_copy"]
         ),
     ),
+    # The job's token store (train only: the misc job sets data.valid_path=null) is written there.
+    "data.store_dir": Run(
+        "misc",
+        ("data.store_dir={store_dir}",),
+        lambda job, jobs: len(list(Path(job.paths["store_dir"]).glob("*/manifest.json"))) == 1,  # valid_path=null
+    ),
     "data.max_seq_len": Run(
         "wide", ("data.max_seq_len=24",), lambda job, jobs: value(job, "tokens") < value(jobs["ref"], "tokens")
     ),
@@ -370,8 +376,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     # The job is the reference but for this key (runs repeat bit for bit), so any change is its effect;
     # the tiny student's weights are small, so decoupled decay moves the loss little.
     "trainer.weight_decay": Run("opt_wd", ("trainer.weight_decay=10.0",), differs("loss", step=3, at_least=1e-6)),
-    "trainer.betas": Run("opt_betas", ("trainer.betas=[0.5,0.5]",), differs("loss", step=3)),
-    "trainer.grad_clip": Run("opt_clip", ("trainer.grad_clip=0.01",), differs("loss", step=2)),
+    # Alone in their jobs (no other key adds float noise), and weak in 2 steps of a tiny student
+    # (about 1.5e-5 of the loss): anything above 1e-6 is the key's own effect.
+    "trainer.betas": Run("opt_betas", ("trainer.betas=[0.5,0.5]",), differs("loss", step=3, at_least=1e-6)),
+    "trainer.grad_clip": Run("opt_clip", ("trainer.grad_clip=0.01",), differs("loss", step=2, at_least=1e-6)),
     "trainer.seed": Run("opt_lr", ("trainer.seed=7",), differs("loss/ce")),
     "trainer.save_every": Run(
         "misc", ("trainer.save_every=1",), lambda job, jobs: job.log.count("saved checkpoint") == 3
@@ -677,6 +685,7 @@ def jobs(tiny_assets, tmp_path_factory) -> Jobs:
         "reversed_train": str(root / "reversed_train.jsonl"),
         "labelled_train": str(root / "labelled_train.jsonl"),
         "tokenizer_copy": str(root / "tokenizer_copy"),
+        "store_dir": str(root / "stores"),
         "head_k4": str(save_head(ValenceHead(48, 4), root / "head_k4.safetensors")),
         "fit_out": str(root / "fitted_head.safetensors"),
     }

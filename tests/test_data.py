@@ -1,4 +1,4 @@
-"""JSONL parsing, masks and the resumable global-batch sampler."""
+"""JSONL parsing, masks and the resumable global-batch sampler (the token store: test_token_store.py)."""
 
 import json
 
@@ -10,13 +10,17 @@ from vkd_ds.data import (
     collate,
     eval_shards,
     global_batch_order,
-    load_data_file,
     load_examples,
     rank_rows,
     read_jsonl,
 )
 from vkd_ds.errors import VkdError
 from vkd_ds.models import load_tokenizer
+from vkd_ds.token_store import open_split
+
+
+def store_of(path, tokenizer, max_seq_len, tmp_path):
+    return open_split(str(path), "data.train_path", tokenizer, max_seq_len, str(tmp_path / "stores"))
 
 
 def write_lines(path, lines):
@@ -74,22 +78,24 @@ def test_empty_records_are_skipped_and_counted_and_a_file_of_them_refused(tiny_a
         json.dumps({"prompt": "", "completion": ""}),
         json.dumps({"prompt": "The", "completion": ""}),  # EOS is still a target
     ]
-    data = load_data_file(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 64)
-    assert len(data.examples) == 2 and data.empty_records == [f"{tmp_path / 'd.jsonl'}:2", f"{tmp_path / 'd.jsonl'}:3"]
-    assert "skipped 2 record(s) with empty text" in data.notes()[0]
-    with pytest.raises(VkdError, match=r"all 2 records have empty text"):
-        load_data_file(write_lines(tmp_path / "e.jsonl", lines[1:3]), tokenizer, 64)
+    data = store_of(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 64, tmp_path)
+    assert len(data) == 2 and data.manifest["counts"]["skipped"]["empty"] == [2, f"{tmp_path / 'd.jsonl'}:2"]
+    assert f"skipped 2 record(s) with empty text (first: {tmp_path / 'd.jsonl'}:2)" in data.notes()[0]
+    with pytest.raises(VkdError, match=r"no record with text to train on \(skipped 2 record\(s\) with empty text"):
+        store_of(write_lines(tmp_path / "e.jsonl", lines[1:3]), tokenizer, 64, tmp_path)
 
 
 def test_prompt_only_records_after_truncation_are_counted(tiny_assets, tmp_path):
     tokenizer = load_tokenizer(str(tiny_assets / "tokenizer"))
     long_prompt = " ".join(["The list type"] * 20)
     lines = [json.dumps({"prompt": long_prompt, "completion": " type"}), json.dumps({"text": "The list type"})]
-    data = load_data_file(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 8)
-    assert data.prompt_only == [f"{tmp_path / 'd.jsonl'}:1"]
-    assert not any(data.examples[0].loss_mask) and any(data.examples[1].loss_mask)
+    data = store_of(write_lines(tmp_path / "d.jsonl", lines), tokenizer, 8, tmp_path)
+    assert data.manifest["counts"]["skipped"]["prompt_only"] == [1, f"{tmp_path / 'd.jsonl'}:1"]
+    assert not any(data[0].loss_mask) and any(data[1].loss_mask)
     assert any("no target token" in note for note in data.notes())
-    assert load_data_file(write_lines(tmp_path / "ok.jsonl", lines[1:]), tokenizer, 8).notes() == []
+    # The pair was also longer than the row: cut, and counted with its dropped tokens.
+    assert any("cut 1 prompt/completion record(s)" in note for note in data.notes())
+    assert store_of(write_lines(tmp_path / "ok.jsonl", lines[1:]), tokenizer, 8, tmp_path).notes() == []
 
 
 def test_prompt_completion_masks_the_prompt(tiny_assets, tmp_path):
@@ -108,11 +114,14 @@ def test_prompt_completion_masks_the_prompt(tiny_assets, tmp_path):
     assert batch["loss_mask"].sum() == sum(pair.loss_mask) + sum(text.loss_mask)
 
 
-def test_truncation(tiny_assets, tmp_path):
+def test_a_long_text_becomes_windows_in_memory_as_in_the_store(tiny_assets, tmp_path):
     tokenizer = load_tokenizer(str(tiny_assets / "tokenizer"))
     path = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "word " * 200})])
-    (example,) = load_examples(path, tokenizer, max_seq_len=16)
-    assert len(example.input_ids) == 16
+    examples = load_examples(path, tokenizer, max_seq_len=16)
+    assert len(examples) > 1 and all(len(ex.input_ids) <= 16 for ex in examples)
+    stored = store_of(path, tokenizer, 16, tmp_path)
+    assert [ex.input_ids for ex in examples] == [ex.input_ids for ex in stored]
+    assert [ex.loss_mask for ex in examples] == [ex.loss_mask for ex in stored]
 
 
 def test_sampler_two_ranks_concatenate_to_one():

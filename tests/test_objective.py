@@ -211,7 +211,7 @@ def test_fit_valence_head_learns_the_labels(tiny_assets, tmp_path):
             f"teacher.path={tiny_assets / 'teacher'}",
             f"data.train_path={data}",
             f"data.tokenizer_path={tiny_assets / 'tokenizer'}",
-            "data.max_seq_len=32",
+            "data.max_seq_len=160",  # one row per record: every row sees the words its label depends on
             "valence.fit.labels=data",
             "valence.fit.steps=60",
             "valence.fit.lr=0.05",

@@ -58,7 +58,7 @@ def test_on_policy_with_text_records_and_no_room_for_a_completion_is_refused(tin
 
     common = [*asset_overrides(tiny_assets), f"run.dir={tmp_path / 'run'}", "data.max_seq_len=48"]
     common += ["loss.seq=0", "seq_kd.n_gen=8", "onpolicy.fraction=0.5"]
-    with pytest.raises(VkdError, match=r"onpolicy.fraction > 0 samples from prompts, and \d+ record\(s\) of"):
+    with pytest.raises(VkdError, match=r"onpolicy.fraction > 0 samples from prompts, and \d+ row\(s\) of"):
         prepare(compose(common + ["seq_kd.prompt_tokens=48"]))
     prepare(compose(common + ["seq_kd.prompt_tokens=16"]))
     # Prompt/completion records bring their own prompts: no refusal.

@@ -1,5 +1,6 @@
 """Kill -9 at random moments, and in the middle of writing a checkpoint: resume=auto continues
-with exactly the loss curve of the run that was never killed (2 ranks, ZeRO-3)."""
+with exactly the loss curve of the run that was never killed (2 ranks, ZeRO-3), on a corpus
+prepared with `vkd-ds prepare-data`."""
 
 import random
 
@@ -13,6 +14,7 @@ from tests.conftest import (
     save_tiny_model,
     steps_logged,
     train_job,
+    vkd_cli,
 )
 from vkd_ds import checkpoint
 from vkd_ds.metrics import read_metrics
@@ -25,10 +27,24 @@ COMMON = ["trainer.max_steps=200", "trainer.save_every=5", "trainer.micro_batch_
 COMMON += ["onpolicy.fraction=0.25", "seq_kd.n_gen=8"]
 
 
+def prepared_stores(overrides: list[str], store_dir) -> list[str]:
+    """`vkd-ds prepare-data` of the run's data; overrides that name the prepared stores instead."""
+    result = vkd_cli(["prepare-data", *overrides, f"data.store_dir={store_dir}"])
+    assert result.returncode == 0, result.stderr
+    stores = dict(line.split(" token store ") for line in result.stdout.splitlines() if " token store " in line)
+    assert len(stores) == 2, result.stdout  # train and valid
+    (train,) = [v for k, v in stores.items() if k.startswith("train:")]
+    (valid,) = [v for k, v in stores.items() if k.startswith("valid:")]
+    return [f"data.train_path={train}", f"data.valid_path={valid}"]
+
+
 def test_kill_9_at_random_moments_and_mid_checkpoint_then_resume_exactly(tiny_assets, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train_job(base_overrides(tiny_assets, straight) + COMMON)
+    # The killed run reads stores prepared beforehand (the straight one its JSONL, through the store
+    # that training prepares itself): the same rows, and the same curve.
     overrides = base_overrides(tiny_assets, killed) + COMMON
+    overrides += prepared_stores(base_overrides(tiny_assets, killed), tmp_path / "prepared")
 
     # Rank 1 dies (SIGKILL) with step 10's shards on disk, before the checkpoint is published.
     result = deepspeed_launch(["launcher/train.py", *overrides], 2, env={"VKD_FAULT_KILL_IN_SAVE": "10:1"})

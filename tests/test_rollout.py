@@ -99,7 +99,7 @@ def test_prompts_come_from_the_prompt_or_a_prefix_of_the_text(tiny_assets):
         ("a:1", {"prompt": "def f(x):", "completion": " return x"}),
         ("a:2", {"text": "the quick brown fox " * 8}),
     ]
-    pair, text = tokenize(records, tokenizer, 64)
+    pair, text = tokenize(records, tokenizer, 128)
     settings = SamplingSettings(n_gen=8, prompt_tokens=5, max_seq_len=64)
     assert prompt_of(pair, settings) == pair.input_ids[: pair.prompt_len]
     assert pair.prompt_len == len(tokenizer.encode("def f(x):", add_special_tokens=False)) + 1  # + BOS

@@ -1,4 +1,4 @@
-"""The `vkd-ds` command: demo, train, eval, cache-teacher, fit-valence-head, export, report."""
+"""The `vkd-ds` command: demo, train, prepare-data, eval, cache-teacher, fit-valence-head, export, report."""
 
 from __future__ import annotations
 
@@ -59,6 +59,28 @@ def cmd_eval(argv: list[str]) -> int:
     return run_launcher(launch_args, num_procs)
 
 
+def cmd_prepare_data(overrides: list[str]) -> int:
+    """`vkd-ds prepare-data [hydra overrides]`: tokenize data.train_path (and data.valid_path) into
+    token stores under data.store_dir, or find them there; prints where each store is."""
+    from vkd_ds.config import compose
+    from vkd_ds.models import load_tokenizer
+    from vkd_ds.settings import DataSettings, build_section
+    from vkd_ds.token_store import open_splits
+
+    cfg = compose(overrides)
+    data = build_section(DataSettings, cfg, "data")
+    if not data.tokenizer_path:
+        raise VkdError(
+            "config key `data.tokenizer_path` is required (set it, or teacher.path, whose tokenizer it defaults to)"
+        )
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    for split, (_, rows) in open_splits(data, tokenizer).items():
+        print(rows.summary(split), flush=True)
+        for note in rows.notes():
+            print(f"note: {note}", flush=True)
+    return 0
+
+
 def cmd_fit_valence_head(overrides: list[str]) -> int:
     from vkd_ds.config import compose
     from vkd_ds.fit_head import fit_valence_head
@@ -111,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         "vkd-ds cache-teacher cache.dir=DIR [hydra overrides]",
         add_help=False,
     )
+    sub.add_parser(
+        "prepare-data",
+        help="tokenize data.train_path/valid_path once into token stores (train does it when needed): "
+        "vkd-ds prepare-data data.tokenizer_path=DIR data.train_path=... [data.store_dir=DIR]",
+        add_help=False,
+    )
     fit = sub.add_parser(
         "fit-valence-head",
         help="fit the teacher's valence head (teacher frozen): vkd-ds fit-valence-head [hydra overrides]",
@@ -144,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(argv[1:])
         if argv[:1] == ["cache-teacher"]:
             return start_cache_teacher(argv[1:])
+        if argv[:1] == ["prepare-data"]:
+            return cmd_prepare_data(argv[1:])
         if argv[:1] == ["fit-valence-head"]:
             return cmd_fit_valence_head(argv[1:])
         args = build_parser().parse_args(argv)

@@ -1,4 +1,6 @@
-"""JSONL data: parsing with file:line errors, tokenization, batching, resumable sampling.
+"""Records, examples and batches: record checks with file:line errors, tokenization of small
+in-memory record lists (`vkd-ds fit-valence-head`), collation, resumable sampling. Training reads
+its rows from a token store (vkd_ds.token_store), which applies the same rules.
 
 A record is `{"text": ...}` or `{"prompt": ..., "completion": ...}` (the loss
 covers the completion only), with an optional `"valence"` label in [0, 1]: one
@@ -9,7 +11,6 @@ tokens. `vkd-ds fit-valence-head` fits the teacher's valence head on them.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ class Example:
     source: str  # "file:line", for messages
     valence: list[float] | None = None  # the label of each token (special tokens copy a neighbour's)
     prompt_len: int | None = None  # tokens of BOS + prompt, for prompt/completion records
+    index: int = -1  # the row's key in its token store (TokenRows.key_base + row), -1 if none
 
 
 def _where(path: Path, line_no: int) -> str:
@@ -35,32 +37,18 @@ def _where(path: Path, line_no: int) -> str:
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """Parse a JSONL file into (file:line, record) pairs; one clear error for the first bad line."""
+    from vkd_ds.corpus import read_records
+
     path = Path(path)
     if not path.is_file():
         raise VkdError(f"data file not found: {path}")
-    records = []
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = _where(path, line_no)
-            try:
-                # utf-8-sig on the first line: editors write a byte-order mark at the start of a file.
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise VkdError(f"{where}: not valid UTF-8 (byte {err.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise VkdError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from None
-            _check_record(record, where)
-            records.append((where, record))
+    records = [(f"{path}:{line}", record) for line, record, _ in read_records(str(path))]
     if not records:
         raise VkdError(f"data file {path} holds no records")
     return records
 
 
-def _check_record(record, where: str) -> None:
+def check_record(record, where: str) -> None:
     if not isinstance(record, dict):
         raise VkdError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     has_text = "text" in record
@@ -94,7 +82,10 @@ def _check_valence(value, where: str) -> None:
 
 
 def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> list[Example]:
-    """Token ids and loss masks; sequences longer than max_seq_len are truncated."""
+    """Token ids and loss masks by the token store's rules: a text longer than max_seq_len becomes
+    windows (token_store.windows), a prompt/completion pair is cut at max_seq_len."""
+    from vkd_ds.token_store import windows
+
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
@@ -102,21 +93,23 @@ def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> li
         if "text" in record:
             body = tokenizer.encode(record["text"], add_special_tokens=False)
             ids = bos + body
-            # The first token has no predecessor, so it is never a target.
-            mask = [0] + [1] * (len(ids) - 1)
-            tail = []
-            prompt_len = None
-        else:
-            prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
-            completion = tokenizer.encode(record["completion"], add_special_tokens=False)
-            body = prompt + completion
-            ids = bos + body + eos
-            mask = [0] * (len(bos) + len(prompt)) + [1] * (len(completion) + len(eos))
-            tail = eos
-            prompt_len = len(bos) + len(prompt)
+            if len(ids) < 2:
+                raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
+            valence = token_valence(record["valence"], body, bos, [], where) if "valence" in record else None
+            for w, (a, b) in enumerate(windows(len(ids), max_seq_len)):
+                # The first token of a window has no predecessor in it, so it is never a target.
+                source = where if w == 0 else f"{where} (window {w + 1})"
+                examples.append(Example(ids[a:b], [0] + [1] * (b - a - 1), source, valence and valence[a:b]))
+            continue
+        prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
+        completion = tokenizer.encode(record["completion"], add_special_tokens=False)
+        body = prompt + completion
+        ids = bos + body + eos
+        mask = [0] * (len(bos) + len(prompt)) + [1] * (len(completion) + len(eos))
+        prompt_len = len(bos) + len(prompt)
         valence = None
         if "valence" in record:
-            valence = _token_valence(record["valence"], body, bos, tail, where)[:max_seq_len]
+            valence = token_valence(record["valence"], body, bos, eos, where)[:max_seq_len]
         ids, mask = ids[:max_seq_len], mask[:max_seq_len]
         if len(ids) < 2:
             raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
@@ -124,7 +117,7 @@ def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> li
     return examples
 
 
-def _token_valence(value, body: list[int], bos: list[int], tail: list[int], where: str) -> list[float]:
+def token_valence(value, body: list[int], bos: list[int], tail: list[int], where: str) -> list[float]:
     """One label per token of bos + body + tail: BOS takes the first label, EOS the last."""
     if not isinstance(value, list):
         return [float(value)] * (len(bos) + len(body) + len(tail))
@@ -144,44 +137,10 @@ def is_empty(record: dict) -> bool:
     return not (record["prompt"].strip() or record["completion"].strip())
 
 
-@dataclass
-class DataFile:
-    """A data file's examples, and what was left out or cannot train, to say at the start of a run."""
-
-    path: str
-    examples: list[Example]
-    empty_records: list[str]  # file:line of records skipped for empty text
-    prompt_only: list[str]  # file:line of examples with no target (a prompt that fills data.max_seq_len)
-
-    def notes(self) -> list[str]:
-        notes = []
-        if self.empty_records:
-            notes.append(
-                f"{self.path}: skipped {len(self.empty_records)} record(s) with empty text "
-                f"(first: {self.empty_records[0]})"
-            )
-        if self.prompt_only:
-            notes.append(
-                f"{self.path}: {len(self.prompt_only)} record(s) have no target token after truncation to "
-                f"data.max_seq_len (their prompt fills it; first: {self.prompt_only[0]}); they add nothing to the loss"
-            )
-        return notes
-
-
-def load_data_file(path: str | Path, tokenizer, max_seq_len: int) -> DataFile:
-    """Read, check and tokenize a JSONL file; records with empty text are skipped (and counted),
-    a file of nothing but empty records is refused."""
-    records = read_jsonl(path)
-    empty = [where for where, record in records if is_empty(record)]
-    if len(empty) == len(records):
-        raise VkdError(f"data file {path}: all {len(records)} records have empty text; there is nothing to train on")
-    examples = tokenize([(w, r) for w, r in records if not is_empty(r)], tokenizer, max_seq_len)
-    prompt_only = [ex.source for ex in examples if not any(ex.loss_mask)]
-    return DataFile(str(path), examples, empty, prompt_only)
-
-
 def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
-    return load_data_file(path, tokenizer, max_seq_len).examples
+    """A small JSONL file's examples, in memory (benches, fit-valence-head); records with empty text
+    are skipped. Training reads a token store instead (vkd_ds.token_store)."""
+    return tokenize([(w, r) for w, r in read_jsonl(path) if not is_empty(r)], tokenizer, max_seq_len)
 
 
 def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) -> dict[str, torch.Tensor]:
@@ -201,7 +160,9 @@ def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) 
         input_ids[row, :n] = torch.tensor(ex.input_ids)
         attention_mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(ex.loss_mask, dtype=torch.bool)
-    batch_out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    # Each row's key in its token store: where a teacher cache finds the row's stored outputs.
+    row_keys = torch.tensor([ex.index for ex in examples], dtype=torch.long)
+    batch_out = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "row": row_keys}
     if valence_k is not None:
         target = torch.zeros((batch, length, valence_k))
         valence_mask = torch.zeros((batch, length), dtype=torch.bool)
@@ -231,28 +192,65 @@ class GlobalBatchSampler:
     take consecutive slices. So one rank with micro-batch 2b sees exactly the
     concatenation of what two ranks with b see, and the position to resume from
     is just the step.
+
+    With a `mixture` ([(first, stop, weight)] row ranges of weighted sources), an epoch holds as
+    many rows as the data, source i's share of them in proportion to its weight: its rows come from
+    its own endless stream of permutations (repeated where it is up-weighted, a new subset each
+    epoch where it is down-weighted), and the epoch's rows are shuffled together.
     """
 
-    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum: int, world_size: int, seed: int):
-        self.num_examples = num_examples
+    def __init__(
+        self,
+        num_examples: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        world_size: int,
+        seed: int,
+        mixture: list[tuple[int, int, float]] | None = None,
+    ):
         self.micro = micro_batch_size
         self.accum = grad_accum
         self.world = world_size
         self.seed = seed
+        self.mixture = mixture
+        self.num_examples = num_examples
+        if mixture:
+            total = sum(w for _, _, w in mixture)
+            self.shares = [max(1, round(num_examples * w / total)) for _, _, w in mixture]
+            self.num_examples = sum(self.shares)
         self._perm_epoch = -1
-        self._perm: list[int] = []
+        self._perm = torch.empty(0, dtype=torch.long)
 
     @property
     def global_batch_size(self) -> int:
         return self.micro * self.accum * self.world
 
+    def _permutation(self, n: int, seed: int) -> torch.Tensor:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+    def _mixture_epoch(self, epoch: int) -> torch.Tensor:
+        parts = []
+        for i, ((first, stop, _), share) in enumerate(zip(self.mixture, self.shares, strict=True)):
+            size = stop - first
+            positions = torch.arange(epoch * share, (epoch + 1) * share)
+            rounds, offsets = positions // size, positions % size
+            rows = torch.empty(share, dtype=torch.long)
+            for r in rounds.unique().tolist():
+                chosen = rounds == r
+                rows[chosen] = self._permutation(size, (self.seed * 1_000_003 + i) * 1_000_003 + r)[offsets[chosen]]
+            parts.append(rows + first)
+        combined = torch.cat(parts)
+        return combined[self._permutation(combined.numel(), self.seed * 1_000_003 + epoch)]
+
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, self.num_examples)
         if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.num_examples, generator=gen).tolist()
+            if self.mixture:
+                self._perm = self._mixture_epoch(epoch)
+            else:
+                self._perm = self._permutation(self.num_examples, self.seed * 1_000_003 + epoch)
             self._perm_epoch = epoch
-        return self._perm[offset]
+        return int(self._perm[offset])
 
     def indices(self, step: int, micro_step: int, rank: int) -> list[int]:
         start = step * self.global_batch_size + (micro_step * self.world + rank) * self.micro

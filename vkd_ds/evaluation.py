@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -56,7 +57,7 @@ def evaluate(
     engine,
     teacher: Teacher | None,
     objective: Objective,
-    valid_data: list[Example],
+    valid_data: Sequence[Example],
     pad_id: int,
     micro_batch_size: int,
     max_batches: int | None,

@@ -100,12 +100,25 @@ def validate_fit(cfg: DictConfig) -> None:
     )
 
 
-def _examples(path: str, tokenizer, cfg: DictConfig):
-    from vkd_ds.data import is_empty, read_jsonl, tokenize
+def _examples(value, key: str, tokenizer, cfg: DictConfig):
+    """The records of `value` (data.train_path's inputs, any kind vkd_ds.corpus reads), in memory:
+    fitting the head is a short job on the first records' worth of batches."""
+    from omegaconf import OmegaConf
 
-    records = [(where, record) for where, record in read_jsonl(path) if not is_empty(record)]
+    from vkd_ds.corpus import file_kind, read_records, resolve_sources
+    from vkd_ds.data import is_empty, tokenize
+
+    if not isinstance(value, str):
+        value = OmegaConf.to_container(value, resolve=True)
+    records = []
+    for source in resolve_sources(value, key):
+        for path in source.files:
+            kind = file_kind(path)
+            for number, record, _ in read_records(path):
+                if not is_empty(record):
+                    records.append((path if kind == "text" else f"{path}:{number}", record))
     if not records:
-        raise VkdError(f"data file {path}: every record has empty text; there is nothing to fit on")
+        raise VkdError(f"{key}: every record has empty text; there is nothing to fit on")
     records = label_records(records, tokenizer, cfg.valence.fit.labels, float(cfg.valence.fit.lexicon_decay))
     return tokenize(records, tokenizer, int(cfg.data.max_seq_len))
 
@@ -123,8 +136,10 @@ def fit_valence_head(cfg: DictConfig, log=print) -> dict:
     validate_fit(cfg)
     load_model_config(cfg.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-    train = _examples(cfg.data.train_path, tokenizer, cfg)
-    valid = _examples(cfg.data.valid_path, tokenizer, cfg) if cfg.data.valid_path else train[: 8 * 16]
+    train = _examples(cfg.data.train_path, "data.train_path", tokenizer, cfg)
+    valid = (
+        _examples(cfg.data.valid_path, "data.valid_path", tokenizer, cfg) if cfg.data.valid_path else train[: 8 * 16]
+    )
     fit = cfg.valence.fit
     k = int(cfg.valence.k)
     out = Path(fit.out)

@@ -26,6 +26,7 @@ everything a step changes; the batch counts as consumed. With gate.enabled=false
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class MercyGate:
         engine,
         teacher,
         tokenizer,
-        probe_examples: list[Example],
+        probe_examples: Sequence[Example],
         seed: int,
         student_sampler: StudentSampler | None,
         max_seq_len: int,

@@ -233,12 +233,32 @@ class StudentSettings:
             raise VkdError("set `student.path` (a local Hugging Face directory) or `student.config` (a model config)")
 
 
+def data_inputs(*, optional: bool):
+    """A path or glob, a prepared token store, or a list of paths/globs and {path, weight} mappings
+    (vkd_ds.corpus.resolve_sources checks the files and weights when the store is prepared)."""
+
+    def check(key, value):
+        if value is None and optional:
+            return None
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, ListConfig) and len(value) and all(isinstance(v, (str, DictConfig)) for v in value):
+            return value
+        raise VkdError(
+            f"config key `{key}` must be a path, a glob or a list of them (each optionally "
+            f"{{path: ..., weight: ...}}); got {value!r}"
+        )
+
+    return check
+
+
 @dataclass(frozen=True)
 class DataSettings:
-    train_path: str = _checked(required)
-    valid_path: str | None = _checked(anything)
+    train_path: str | tuple = _checked(data_inputs(optional=False))
+    valid_path: str | tuple | None = _checked(data_inputs(optional=True))
     tokenizer_path: str | None = _checked(anything)
     max_seq_len: int = _checked(number(low=2, integer=True))
+    store_dir: str | None = _checked(anything)  # where token stores are written (null: $VKD_DS_DATA_CACHE or ~/.cache)
 
 
 @dataclass(frozen=True)
@@ -519,6 +539,11 @@ def check_keys(cfg: DictConfig, keys: tuple[str, ...]) -> None:
             node = node[section]
         spec = next(f for f in dataclasses.fields(cls) if f.name == name)
         spec.metadata["check"](key, _raw(node, name, ".".join(sections)))
+
+
+def build_section(cls, cfg: DictConfig, name: str):
+    """One section's settings alone (e.g. `vkd-ds prepare-data`, which reads `data` only)."""
+    return _build(cls, cfg[name], name)
 
 
 def _raw(node: DictConfig, name: str, prefix: str):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import LOG_ZERO, SparseTeacher, chunk_rows, shift_for_next_token
+from vkd_ds.token_store import VALID_KEY_BASE, tokenizer_fingerprint
 
 FORMAT = "vkd-ds teacher cache v1"
 MAX_OPEN_SHARDS = 32  # mapped at once by a training process (about 6 file descriptors each)
@@ -146,21 +147,6 @@ def teacher_fingerprint(path: str | Path) -> dict:
     }
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of how the tokenizer maps text to ids: its whole definition where it is a fast one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)]
-    return hashlib.sha256((text + json.dumps(special)).encode()).hexdigest()
-
-
-def record_key(input_ids, loss_mask) -> bytes:
-    """A record's identity in the cache: its token ids and loss mask (what its rows depend on)."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    mask = np.asarray(loss_mask, dtype=np.bool_)
-    return hashlib.blake2b(ids.tobytes() + mask.tobytes(), digest_size=16).digest()
-
-
 def valid_positions(loss_mask) -> int:
     """Positions with a target: position t predicts token t+1 (losses.shift_for_next_token)."""
     return int(sum(loss_mask[1:]))
@@ -185,7 +171,7 @@ def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec:
     if not 1 <= spec.top_k <= vocab:
         raise VkdError(f"config key `cache.top_k` must be in [1, {vocab}] (the vocabulary), got {spec.top_k}")
     splits = {}
-    for split, (path, examples) in files.items():
+    for split, (_, examples) in files.items():
         shards = []
         for number, first in enumerate(range(0, len(examples), spec.records_per_shard)):
             chunk = examples[first : first + spec.records_per_shard]
@@ -197,8 +183,8 @@ def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec:
                 }
             )
         splits[split] = {
-            "data": str(Path(path).resolve()),
-            "data_sha256": file_sha256(path),
+            "data": str(examples.folder),
+            "store": examples.fingerprint,  # the token store's: its rows are the cache's records, in order
             "records": len(examples),
             "positions": sum(s["positions"] for s in shards),
             "shards": shards,
@@ -334,8 +320,11 @@ def check_for_training(settings, tokenizer, files: dict[str, tuple[str, list]], 
         stored = m["splits"].get(split)
         if stored is None:
             raise VkdError(f"{where} has no {split} split, and {key} is set: cache {path} too (vkd-ds cache-teacher)")
-        if stored["data_sha256"] != file_sha256(path) or stored["records"] != len(examples):
-            raise VkdError(f"{where} was made from another {split} data file ({stored['data']}) than {key} ({path})")
+        if stored.get("store") != examples.fingerprint or stored["records"] != len(examples):
+            raise VkdError(
+                f"{where} was made from other {split} data ({stored['data']}) than {key} ({path}) "
+                "(or by an older vkd-ds): write it again with vkd-ds cache-teacher"
+            )
     if needs_valence:
         if m["valence"] is None:
             raise VkdError(
@@ -444,19 +433,27 @@ class CachedTeacher:
         self.has_valence = manifest["valence"] is not None
         self.folders: list[tuple[Path, dict]] = []  # every shard's directory and manifest entry
         self.offsets: list[np.ndarray] = []  # each shard's record offsets into its positions
-        self.records: dict[bytes, tuple[int, int]] = {}  # record key -> (shard, record within it)
+        # A batch row's key (its token store row, valid rows from VALID_KEY_BASE on) gives its shard:
+        # the cache's records are the store's rows in order, records_per_shard to a shard.
+        self.first_shard: dict[int, int] = {}  # key base -> number of the split's first shard
+        self.records_per_shard = int(manifest["records_per_shard"])
         # Shards are mapped when a batch needs them, at most MAX_OPEN_SHARDS at a time: every mapping
         # holds a file descriptor, and a large cache has thousands of files.
         self.open_shards: OrderedDict[int, dict[str, _Mapped]] = OrderedDict()
         for split, (_, examples) in files.items():
+            self.first_shard[examples.key_base] = len(self.folders)
             for shard in manifest["splits"][split]["shards"]:
                 folder = self.directory / split / shard["name"]
-                number = len(self.folders)
                 self.folders.append((folder, shard))
                 self.offsets.append(np.load(folder / "offsets.npy"))
-                first, stop = shard["records"]
-                for local, ex in enumerate(examples[first:stop]):
-                    self.records.setdefault(record_key(ex.input_ids, ex.loss_mask), (number, local))
+
+    def _locate(self, key: int) -> tuple[int, int]:
+        """(shard number, record within it) of a batch row's store key."""
+        base = VALID_KEY_BASE if key >= VALID_KEY_BASE else 0
+        if key < 0 or base not in self.first_shard:
+            raise VkdError(f"teacher.cache ({self.directory}) has no entry for a row of this batch (not a data row)")
+        shard, local = divmod(key - base, self.records_per_shard)
+        return self.first_shard[base] + shard, local
 
     def _shard(self, number: int) -> dict[str, _Mapped]:
         if number in self.open_shards:
@@ -472,20 +469,15 @@ class CachedTeacher:
 
     def on_batch(self, batch: dict) -> dict:
         _, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        lengths = batch["attention_mask"].sum(1).tolist()
-        ids_rows = batch["input_ids"].cpu()
-        loss_rows = batch["loss_mask"].cpu()
+        keys = batch["row"].tolist()
         names = ("ids", "logp", "tail", "entropy", "target_logp", "valence")
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
         counts = mask.sum(1).tolist()
         touched: dict[int, _Mapped] = {}
-        for b, length in enumerate(lengths):
+        for b, key in enumerate(keys):
             if counts[b] == 0:
                 continue  # nothing to look up (eval's padding rows have their mask emptied)
-            key = record_key(ids_rows[b, :length].numpy(), loss_rows[b, :length].numpy())
-            found = self.records.get(key)
-            if found is None:
-                raise VkdError(f"teacher.cache ({self.directory}) has no entry for a record of this batch")
+            found = self._locate(int(key))
             offsets = self.offsets[found[0]]
             first, stop = int(offsets[found[1]]), int(offsets[found[1] + 1])
             if stop - first != counts[b]:
@@ -692,10 +684,10 @@ class CachePlan:
 def prepare_cache(cfg) -> CachePlan:
     """Every check of `vkd-ds cache-teacher`, with no side effects: the settings, the teacher,
     tokenizer and data, `cache.*`, and a cache dir that holds either nothing or this same cache."""
-    from vkd_ds.data import load_data_file
     from vkd_ds.features import hidden_width
     from vkd_ds.models import check_vocab, load_model_config, load_tokenizer
     from vkd_ds.settings import Settings
+    from vkd_ds.token_store import open_splits
     from vkd_ds.valence import load_head
 
     s = Settings.from_config(cfg)
@@ -706,9 +698,7 @@ def prepare_cache(cfg) -> CachePlan:
     teacher_config = load_model_config(s.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(s.data.tokenizer_path)
     check_vocab(len(tokenizer), teacher_config.vocab_size, f"teacher ({s.teacher.path})")
-    files = {"train": (s.data.train_path, load_data_file(s.data.train_path, tokenizer, s.data.max_seq_len).examples)}
-    if s.data.valid_path:
-        files["valid"] = (s.data.valid_path, load_data_file(s.data.valid_path, tokenizer, s.data.max_seq_len).examples)
+    files = open_splits(s.data, tokenizer)
     width = hidden_width(teacher_config)
     valence_k = None
     if s.valence.teacher_head:

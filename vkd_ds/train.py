@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
 from vkd_ds.config import check_global_batch, to_yaml
-from vkd_ds.data import Example, load_data_file
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.memory import GIB, free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -32,6 +31,7 @@ from vkd_ds.models import (
 )
 from vkd_ds.objective import Objective
 from vkd_ds.settings import Settings
+from vkd_ds.token_store import TokenRows, open_splits
 from vkd_ds.valence import load_head
 
 
@@ -39,11 +39,11 @@ from vkd_ds.valence import load_head
 class Prepared:
     tokenizer: object
     student_config: object
-    train_data: list[Example]
-    valid_data: list[Example]
+    train_data: TokenRows
+    valid_data: TokenRows | list  # [] without data.valid_path
     objective: Objective
     teacher_width: int
-    data_notes: list[str]  # skipped empty records, records without a target: logged at start
+    data_notes: list[str]  # skipped, cut and prompt-only records: logged at start
     settings: Settings
     cache_manifest: dict | None = None  # teacher.cache's, checked against this run
     teacher_parameters: int | None = None  # teacher.path's, its checkpoint checked against its config
@@ -81,11 +81,10 @@ def prepare(cfg: DictConfig) -> Prepared:
 
         teacher_parameters = check_checkpoint(teacher_config, s.teacher.path).parameters
     check_buildable(student_config, "student.path" if s.student.path is not None else "student.config")
-    max_len = s.data.max_seq_len
-    files = [load_data_file(s.data.train_path, tokenizer, max_len)]
-    if s.data.valid_path:
-        files.append(load_data_file(s.data.valid_path, tokenizer, max_len))
-    train_data, valid_data = files[0].examples, files[1].examples if len(files) > 1 else []
+    # Tokenized once into token stores (found again by fingerprint on every later start).
+    splits = open_splits(s.data, tokenizer)
+    train_data = splits["train"][1]
+    valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
     objective = Objective.from_settings(s, layer_map, vocab)
@@ -108,8 +107,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     if s.teacher.cache:
         from vkd_ds.teacher_cache import check_for_training
 
-        manifest = check_for_training(s, tokenizer, _data_splits(s, train_data, valid_data), s.valence_feeds_the_loss)
-    notes = [note for file in files for note in file.notes()]
+        manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss)
+    notes = [note for _, rows in splits.values() for note in rows.notes()]
     return Prepared(
         tokenizer,
         student_config,
@@ -124,25 +123,25 @@ def prepare(cfg: DictConfig) -> Prepared:
     )
 
 
-def _data_splits(s: Settings, train_data: list[Example], valid_data: list[Example]) -> dict:
-    """{split: (data file, its examples)}: what a teacher cache holds."""
+def _data_splits(s: Settings, train_data: TokenRows, valid_data) -> dict:
+    """{split: (the config's value, its rows)}: what a teacher cache holds."""
     splits = {"train": (s.data.train_path, train_data)}
     if s.data.valid_path:
         splits["valid"] = (s.data.valid_path, valid_data)
     return splits
 
 
-def _check_prompts(s: Settings, train_data: list[Example]) -> None:
+def _check_prompts(s: Settings, train_data: TokenRows) -> None:
     """The student samples from prompts (L_seq, on-policy steps): a record without a prompt takes its
     first seq_kd.prompt_tokens tokens, which must leave room for a completion in data.max_seq_len."""
     samples = s.loss.weights["seq"] > 0 or s.onpolicy.fraction > 0
     if not samples or s.seq_kd.prompt_tokens < s.data.max_seq_len:
         return
-    textual = sum(1 for ex in train_data if not ex.prompt_len)
+    textual = train_data.text_rows
     if textual:
         user = "onpolicy.fraction > 0" if s.onpolicy.fraction > 0 else "loss.seq > 0"
         raise VkdError(
-            f"{user} samples from prompts, and {textual} record(s) of {s.data.train_path} have none: their "
+            f"{user} samples from prompts, and {textual} row(s) of data.train_path have none: their "
             f"prompt is their first seq_kd.prompt_tokens ({s.seq_kd.prompt_tokens}) tokens, which leaves no room "
             f"in data.max_seq_len ({s.data.max_seq_len}); lower seq_kd.prompt_tokens"
         )
@@ -337,6 +336,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_global_batch(s, world),
         run_dir,
     )
+    for split, rows in (("train", prepared.train_data), ("valid", prepared.valid_data)):
+        if rows:
+            log.info("data: %s", rows.summary(split))
     for note in prepared.data_notes:
         log.warning("data: %s", note)
     if s.teacher.cache:

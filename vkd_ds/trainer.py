@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +65,8 @@ class Trainer:
         teacher: Teacher | None,
         objective: Objective,
         tokenizer,
-        train_data: list[Example],
-        valid_data: list[Example],
+        train_data: Sequence[Example],
+        valid_data: Sequence[Example],
         run_dir: Path,
         gate: MercyGate | None,
         seq_kd: SequenceKD | None = None,
@@ -88,7 +89,10 @@ class Trainer:
         self.rank = dist.rank()
         self.device = dist.device()
         self.on_gpu = dist.on_gpu()
-        self.sampler = GlobalBatchSampler(len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed)
+        mixture = train_data.mixture() if hasattr(train_data, "mixture") else None
+        self.sampler = GlobalBatchSampler(
+            len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed, mixture
+        )
         self.step = 0
         self.log = get_logger()
         self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
