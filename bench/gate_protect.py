@@ -107,7 +107,7 @@ def probe_valence(run_dir: Path, assets: Path, head_path: Path, env: dict) -> fl
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from vkd_ds.data import load_examples
+    from vkd_ds.corpus import load_examples
     from vkd_ds.features import HiddenCapture
     from vkd_ds.losses import shift_for_next_token
     from vkd_ds.rollout import SamplingSettings, prompt_of, rollout_batch, row_uniforms, sample
@@ -255,7 +255,7 @@ def main() -> int:
     args = parser.parse_args()
     out = work_dir(args.out, "gate-protect")
     env = bench_env(args.procs)
-    from vkd_ds.data import read_jsonl
+    from vkd_ds.corpus import read_jsonl
     from vkd_ds.demo import FULL, build_assets
 
     assets = Path(args.assets) if args.assets else out / "assets"

@@ -49,7 +49,7 @@ def probe_teacher_logprob(run_dir: Path, assets: Path, probes: int, n_gen: int) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vkd_ds.data import load_data_file
+    from vkd_ds.corpus import load_examples
     from vkd_ds.export import export
     from vkd_ds.losses import shift_for_next_token, token_logprobs
     from vkd_ds.rollout import SamplingSettings, prompt_of, rollout_batch, row_uniforms, sample
@@ -61,7 +61,7 @@ def probe_teacher_logprob(run_dir: Path, assets: Path, probes: int, n_gen: int) 
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
     settings = SamplingSettings(n_gen=n_gen, prompt_tokens=16, max_seq_len=128)
-    records = load_data_file(str(assets / "valid.jsonl"), tokenizer, 128).examples[:probes]
+    records = load_examples(assets / "valid.jsonl", tokenizer, 128)[:probes]
     prompts = [prompt_of(ex, settings) for ex in records]
     uniforms = row_uniforms(0, 0, list(range(len(prompts))), n_gen)
     vocab = len(tokenizer)

@@ -5,14 +5,13 @@ import json
 import pytest
 import torch
 
+from vkd_ds.corpus import load_examples, read_jsonl
 from vkd_ds.data import (
     GlobalBatchSampler,
     collate,
     eval_shards,
     global_batch_order,
-    load_examples,
     rank_rows,
-    read_jsonl,
 )
 from vkd_ds.errors import VkdError
 from vkd_ds.models import load_tokenizer

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vkd_ds.data import collate, future_trajectory, load_examples
+from vkd_ds.corpus import load_examples
+from vkd_ds.data import collate, future_trajectory
 from vkd_ds.errors import VkdError
 from vkd_ds.features import HiddenCapture, resolve_layer_map, uniform_layer_map
 from vkd_ds.losses import Divergence, attention_kd, info_nce, sequence_features, token_ce, token_divergence

@@ -15,11 +15,11 @@ import pytest
 
 from tests.conftest import REPO, base_overrides, cpu_env
 from tests.conftest import vkd_cli_in_process as cli
-from vkd_ds.corpus import resolve_sources
-from vkd_ds.data import GlobalBatchSampler, load_examples
+from vkd_ds.corpus import load_examples, resolve_sources
+from vkd_ds.data import GlobalBatchSampler, windows
 from vkd_ds.errors import VkdError
 from vkd_ds.models import load_tokenizer
-from vkd_ds.token_store import MANIFEST, open_split, prepare_store, windows
+from vkd_ds.token_store import MANIFEST, open_split, prepare_store
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ def test_ranks_wait_for_rank_zeros_preparation_and_give_up_without_one(tiny_asse
         assert (folder / MANIFEST).is_file() and writer.wait(60) == 0
     finally:
         writer.kill()
-    monkeypatch.setattr("vkd_ds.token_store.WAIT_FOR_WRITER_S", 1.0)
+    monkeypatch.setattr("vkd_ds.token_store.writer.WAIT_FOR_WRITER_S", 1.0)
     with pytest.raises(VkdError, match="did not appear within 1 s .* a filesystem every node shares"):
         prepare_store(tmp_path / "elsewhere", sources, tokenizer, 64, wait=True)
 

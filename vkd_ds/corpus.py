@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from vkd_ds.data import Example, check_record, is_empty, tokenize
 from vkd_ds.errors import VkdError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -89,7 +90,12 @@ def _files_of(spec: str, where: str) -> tuple[str, ...]:
     path = Path(expanded)
     if not path.exists():
         raise VkdError(f"data file not found: {spec} ({where})")
-    if path.is_dir() and not is_arrow_dir(path) and not (path / "manifest.json").is_file():
+    if path.is_dir() and (path / "manifest.json").is_file():
+        raise VkdError(
+            f"{spec} ({where}) is a token store: give it alone as {where.split('[')[0]}, not in a list "
+            "(a store is already one split's data)"
+        )
+    if path.is_dir() and not is_arrow_dir(path):
         if (path / "dataset_dict.json").is_file():
             raise VkdError(f"{spec} ({where}) holds a DatasetDict: name one split's directory (e.g. {path / 'train'})")
         raise VkdError(
@@ -125,8 +131,6 @@ def read_records(path: str) -> Iterator[tuple[int, dict, float]]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict, float]]:
-    from vkd_ds.data import check_record
-
     size, done = max(1, path.stat().st_size), 0
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -159,8 +163,6 @@ def _columns_to_read(names: list[str], where: str) -> list[str]:
 
 
 def _table_records(batches, columns: list[str], where: str, rows: int) -> Iterator[tuple[int, dict, float]]:
-    from vkd_ds.data import check_record
-
     row = 0
     for batch in batches:
         values = {name: batch.column(name).to_pylist() for name in columns}
@@ -220,3 +222,20 @@ def _text_file(path: Path) -> Iterator[tuple[int, dict, float]]:
 def source_name(path: str, kind: str, number: int) -> str:
     """How a record is named in messages: file:line for JSONL, file:row for tables, the file for text."""
     return path if kind == "text" else f"{path}:{number}"
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """A small JSONL file's (file:line, record) pairs, in memory; one clear error for the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise VkdError(f"data file not found: {path}")
+    records = [(f"{path}:{line}", record) for line, record, _ in _jsonl(path)]
+    if not records:
+        raise VkdError(f"data file {path} holds no records")
+    return records
+
+
+def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
+    """A small JSONL file's examples, in memory (tests, benches); records with empty text are skipped.
+    Training reads a token store instead (vkd_ds.token_store), which applies the same rules."""
+    return tokenize([(w, r) for w, r in read_jsonl(path) if not is_empty(r)], tokenizer, max_seq_len)

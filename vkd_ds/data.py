@@ -35,19 +35,6 @@ def _where(path: Path, line_no: int) -> str:
     return f"{path}:{line_no}"
 
 
-def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
-    """Parse a JSONL file into (file:line, record) pairs; one clear error for the first bad line."""
-    from vkd_ds.corpus import read_records
-
-    path = Path(path)
-    if not path.is_file():
-        raise VkdError(f"data file not found: {path}")
-    records = [(f"{path}:{line}", record) for line, record, _ in read_records(str(path))]
-    if not records:
-        raise VkdError(f"data file {path} holds no records")
-    return records
-
-
 def check_record(record, where: str) -> None:
     if not isinstance(record, dict):
         raise VkdError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
@@ -81,11 +68,22 @@ def _check_valence(value, where: str) -> None:
             raise VkdError(f"{where}: {at} = {v} is outside [0, 1]")
 
 
+def windows(length: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """[start, stop) of the rows of a text document of `length` tokens: consecutive windows of
+    max_seq_len that overlap by one token (each window's first token is its context, not a target),
+    so every token from 1 on is a target of exactly one window."""
+    if length <= max_seq_len:
+        return [(0, length)]
+    spans, start = [], 0
+    while start + 1 < length:
+        spans.append((start, min(start + max_seq_len, length)))
+        start += max_seq_len - 1
+    return spans
+
+
 def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> list[Example]:
     """Token ids and loss masks by the token store's rules: a text longer than max_seq_len becomes
-    windows (token_store.windows), a prompt/completion pair is cut at max_seq_len."""
-    from vkd_ds.token_store import windows
-
+    windows (`windows`), a prompt/completion pair is cut at max_seq_len."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
@@ -135,12 +133,6 @@ def is_empty(record: dict) -> bool:
     if "text" in record:
         return not record["text"].strip()
     return not (record["prompt"].strip() or record["completion"].strip())
-
-
-def load_examples(path: str | Path, tokenizer, max_seq_len: int) -> list[Example]:
-    """A small JSONL file's examples, in memory (benches, fit-valence-head); records with empty text
-    are skipped. Training reads a token store instead (vkd_ds.token_store)."""
-    return tokenize([(w, r) for w, r in read_jsonl(path) if not is_empty(r)], tokenizer, max_seq_len)
 
 
 def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) -> dict[str, torch.Tensor]:

@@ -349,6 +349,7 @@ class Trainer:
             state["seq_kd"] = self.seq_kd.state_dict()
         state["gate"] = self.guard.state_dict()
         state["metrics"] = self.last_metrics
+        state["data"] = getattr(self.train_data, "fingerprint", None)  # the token store's
         return state
 
     def restore(self, client_state: dict) -> None:
@@ -357,6 +358,16 @@ class Trainer:
             self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
         self.guard.load_state_dict(client_state.get("gate", {}))
         self.resumed_metrics = client_state.get("metrics")
+        saved, now = client_state.get("data"), getattr(self.train_data, "fingerprint", None)
+        if saved is not None and now is not None and saved != now:
+            # The data order goes on by step, but over other rows: the curve is not the one that was
+            # interrupted (an edited data file, another max_seq_len or tokenizer make another store).
+            self.log.warning(
+                "resuming on other training data than the checkpoint's (token store %s now, %s then): "
+                "the run continues, its data order by step over the new rows",
+                now[:20],
+                saved[:20],
+            )
 
     def _due(self, every: int) -> bool:
         return (every > 0 and self.step % every == 0) or self.step == self.settings.trainer.max_steps
