@@ -85,8 +85,8 @@ def encode_batch_seconds(path: Path, tokenizer_dir: Path) -> float:
 
 
 class PeakPoller:
-    """The largest VmHWM / VmRSS seen of every process under `root` whose command line has
-    --local_rank (a rank), polled until stopped: vkd-ds resets VmHWM after building its engines, so
+    """The largest VmHWM / VmRSS seen of every rank under `root` (the deepspeed launcher's children
+    that run vkd-ds's entry point), polled until stopped: vkd-ds resets VmHWM after building its engines, so
     the peaks before and after are both seen."""
 
     def __init__(self, root: int):
@@ -97,6 +97,8 @@ class PeakPoller:
     def poll(self):
         import psutil
 
+        from vkd_ds.launch import ENTRY_MODULE  # a rank runs `python -m vkd_ds.launch --local_rank=N ...`
+
         while not self.stop.is_set():
             try:
                 children = psutil.Process(self.root).children(recursive=True)
@@ -104,21 +106,25 @@ class PeakPoller:
                 return
             for child in children:
                 try:
+                    # A rank is a child of DeepSpeed's per-node launch process; a short-lived fork of a
+                    # rank has the same command line but a rank for a parent, and is left out.
                     line = child.cmdline()
-                    if not any(a.startswith("--local_rank") for a in line) or not any("train.py" in a for a in line):
+                    if ENTRY_MODULE not in line or "deepspeed.launcher.launch" not in child.parent().cmdline():
                         continue
+                    rank = next(a.split("=", 1)[1] for a in line if a.startswith("--local_rank="))
                     with open(f"/proc/{child.pid}/status") as handle:
                         fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmHWM", "VmRSS")))
                     value = max(int(v.split()[0]) * 1024 for v in fields.values())
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), value)
-                except (OSError, psutil.Error, ValueError):
+                    self.peaks[rank] = max(self.peaks.get(rank, 0), value)
+                except (OSError, psutil.Error, ValueError, StopIteration, AttributeError):
                     continue
             time.sleep(0.05)
 
     def finish(self) -> list[float]:
+        """Each rank's peak in GB, by local rank."""
         self.stop.set()
         self.thread.join()
-        return sorted((v / 1e9 for v in self.peaks.values()), reverse=True)
+        return [self.peaks[rank] / 1e9 for rank in sorted(self.peaks, key=int)]
 
 
 def prepare(data: Path, assets: Path, stores: Path, env: dict) -> tuple[float, float, str]:
