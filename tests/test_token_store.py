@@ -284,3 +284,23 @@ def test_a_store_prepared_with_another_tokenizer_or_truncated_is_refused(tiny_as
     # And a store found by fingerprint under data.store_dir is checked the same way.
     line = refused(tiny_assets, tmp_path, store_dir=tmp_path / "p2")
     assert "is damaged: tokens.bin" in line
+
+
+@pytest.mark.distributed
+def test_a_two_rank_run_on_a_weighted_mixture_of_parquet_and_jsonl(tiny_assets, tmp_path):
+    """The mixture reaches the trainer's sampler: logged at start, trained on both inputs' rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import train_job
+    from vkd_ds.metrics import read_metrics
+
+    texts = [json.loads(line)["text"] for line in (tiny_assets / "train.jsonl").read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts[:60]}), tmp_path / "part.parquet")
+    write_jsonl(tmp_path / "rest.jsonl", [{"text": t} for t in texts[60:]])
+    part, rest = tmp_path / "part.parquet", tmp_path / "rest.jsonl"
+    mixture = f"data.train_path=[{{path: {part}, weight: 3}}, {{path: {rest}, weight: 1}}]"
+    run_dir = tmp_path / "run"
+    result = train_job([*base_overrides(tiny_assets, run_dir), mixture, "trainer.max_steps=3"])
+    assert f"mixture {part} 0.75, {rest} 0.25" in result.stderr
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.csv")] == ["1", "2", "3"]
