@@ -304,3 +304,23 @@ def test_a_two_rank_run_on_a_weighted_mixture_of_parquet_and_jsonl(tiny_assets, 
     result = train_job([*base_overrides(tiny_assets, run_dir), mixture, "trainer.max_steps=3"])
     assert f"mixture {part} 0.75, {rest} 0.25" in result.stderr
     assert [r["step"] for r in read_metrics(run_dir / "metrics.csv")] == ["1", "2", "3"]
+
+
+@pytest.mark.distributed
+def test_resuming_on_edited_data_says_so(tiny_assets, tmp_path):
+    """The checkpoint records its training store: a resume whose data file changed since (another
+    store) trains on, and warns that its rows are not the interrupted run's."""
+    from tests.conftest import train_job
+
+    data = tmp_path / "train.jsonl"
+    data.write_bytes((tiny_assets / "train.jsonl").read_bytes())
+    run_dir = tmp_path / "run"
+    overrides = [*base_overrides(tiny_assets, run_dir), f"data.train_path={data}", "trainer.save_every=2"]
+    first = train_job([*overrides, "trainer.max_steps=2"])
+    assert "resuming on other training data" not in first.stderr
+    same = train_job([*overrides, "trainer.max_steps=3"])
+    assert "resumed from" in same.stderr and "resuming on other training data" not in same.stderr
+    with data.open("a") as handle:
+        handle.write(json.dumps({"text": "The list type, appended after the checkpoint."}) + "\n")
+    edited = train_job([*overrides, "trainer.max_steps=4"])
+    assert "resuming on other training data than the checkpoint's" in edited.stderr
