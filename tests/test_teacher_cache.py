@@ -291,7 +291,7 @@ def _resident_kb_of(path) -> int:
 
 def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64, monkeypatch):
     """Every training record through CachedTeacher.on_batch: the shards stay memory-mapped, at most
-    MAX_OPEN_SHARDS at a time (here 2 of the 7 training shards: the others are closed as new ones are
+    MAX_OPEN_SHARDS at a time (here 2 of the training shards: the others are closed as new ones are
     mapped), and the pages a batch read are released once it is copied out."""
     import torch
 
@@ -302,11 +302,10 @@ def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64,
     from vkd_ds.config import compose
     from vkd_ds.data import collate
     from vkd_ds.teacher_cache import CachedTeacher
-    from vkd_ds.train import _data_splits, prepare
+    from vkd_ds.train import prepare
 
     prepared = prepare(compose(cached_overrides(tiny_assets, tiny_assets / "unused", cache64)))
-    splits = _data_splits(prepared.settings, prepared.train_data, prepared.valid_data)
-    teacher = CachedTeacher(cache64, prepared.cache_manifest, splits, torch.device("cpu"))
+    teacher = CachedTeacher(cache64, prepared.cache_manifest, prepared.data_splits, torch.device("cpu"))
     pad = prepared.tokenizer.pad_token_id
     positions = 0
     for first in range(0, len(prepared.train_data), 8):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,10 +28,6 @@ class Example:
     valence: list[float] | None = None  # the label of each token (special tokens copy a neighbour's)
     prompt_len: int | None = None  # tokens of BOS + prompt, for prompt/completion records
     index: int = -1  # the row's key in its token store (TokenRows.key_base + row), -1 if none
-
-
-def _where(path: Path, line_no: int) -> str:
-    return f"{path}:{line_no}"
 
 
 def check_record(record, where: str) -> None:
@@ -81,37 +76,60 @@ def windows(length: int, max_seq_len: int) -> list[tuple[int, int]]:
     return spans
 
 
+def record_texts(record: dict) -> list[str]:
+    """The texts of a record the tokenizer encodes, in order: its text, or its prompt and completion."""
+    return [record["text"]] if "text" in record else [record["prompt"], record["completion"]]
+
+
+@dataclass
+class Document:
+    """A record's tokens (BOS, body, EOS of a pair), their labels and the rows they make."""
+
+    ids: list[int]
+    labels: list[float] | None
+    spans: list[tuple[int, int]]  # [start, stop) of each row
+    target_from: int  # in each row, loss_mask[t] = t >= target_from
+    prompt_len: int | None  # BOS + prompt of a prompt/completion record
+    cut: int  # tokens of a pair past max_seq_len, dropped
+
+
+def document(record: dict, parts: list[list[int]], bos: list[int], eos: list[int], max_seq_len: int, where: str):
+    """The rows of a record whose record_texts encode to `parts`: a text longer than max_seq_len
+    becomes windows (`windows`), a prompt/completion pair is cut at max_seq_len."""
+    if "text" in record:
+        (body,) = parts
+        ids = bos + body
+        labels = token_valence(record["valence"], body, bos, [], where) if "valence" in record else None
+        # The first token of a window has no predecessor in it, so it is never a target.
+        return Document(ids, labels, windows(len(ids), max_seq_len), 1, None, 0)
+    prompt, completion = parts
+    body = prompt + completion
+    ids = bos + body + eos
+    labels = token_valence(record["valence"], body, bos, eos, where) if "valence" in record else None
+    cut = max(0, len(ids) - max_seq_len)
+    ids, labels = ids[:max_seq_len], labels and labels[:max_seq_len]
+    target_from = len(bos) + len(prompt)
+    return Document(ids, labels, [(0, len(ids))], target_from, min(target_from, len(ids)) or None, cut)
+
+
+def row_mask(length: int, target_from: int) -> list[int]:
+    return [0] * min(target_from, length) + [1] * max(0, length - target_from)
+
+
 def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> list[Example]:
-    """Token ids and loss masks by the token store's rules: a text longer than max_seq_len becomes
-    windows (`windows`), a prompt/completion pair is cut at max_seq_len."""
+    """Token ids and loss masks of small in-memory record lists, by the token store's rules (`document`)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
     for where, record in records:
-        if "text" in record:
-            body = tokenizer.encode(record["text"], add_special_tokens=False)
-            ids = bos + body
-            if len(ids) < 2:
-                raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
-            valence = token_valence(record["valence"], body, bos, [], where) if "valence" in record else None
-            for w, (a, b) in enumerate(windows(len(ids), max_seq_len)):
-                # The first token of a window has no predecessor in it, so it is never a target.
-                source = where if w == 0 else f"{where} (window {w + 1})"
-                examples.append(Example(ids[a:b], [0] + [1] * (b - a - 1), source, valence and valence[a:b]))
-            continue
-        prompt = tokenizer.encode(record["prompt"], add_special_tokens=False)
-        completion = tokenizer.encode(record["completion"], add_special_tokens=False)
-        body = prompt + completion
-        ids = bos + body + eos
-        mask = [0] * (len(bos) + len(prompt)) + [1] * (len(completion) + len(eos))
-        prompt_len = len(bos) + len(prompt)
-        valence = None
-        if "valence" in record:
-            valence = token_valence(record["valence"], body, bos, eos, where)[:max_seq_len]
-        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-        if len(ids) < 2:
+        parts = [tokenizer.encode(text, add_special_tokens=False) for text in record_texts(record)]
+        doc = document(record, parts, bos, eos, max_seq_len, where)
+        if len(doc.ids) < 2:
             raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
-        examples.append(Example(ids, mask, where, valence, min(prompt_len, len(ids)) if prompt_len else None))
+        for w, (a, b) in enumerate(doc.spans):
+            source = where if w == 0 else f"{where} (window {w + 1})"
+            labels = doc.labels[a:b] if doc.labels is not None else None
+            examples.append(Example(doc.ids[a:b], row_mask(b - a, doc.target_from), source, labels, doc.prompt_len))
     return examples
 
 

@@ -105,7 +105,7 @@ def _examples(value, key: str, tokenizer, cfg: DictConfig):
     fitting the head is a short job on the first records' worth of batches."""
     from omegaconf import OmegaConf
 
-    from vkd_ds.corpus import file_kind, read_records, resolve_sources
+    from vkd_ds.corpus import file_kind, read_records, resolve_sources, source_name
     from vkd_ds.data import is_empty, tokenize
 
     if not isinstance(value, str):
@@ -116,7 +116,7 @@ def _examples(value, key: str, tokenizer, cfg: DictConfig):
             kind = file_kind(path)
             for number, record, _ in read_records(path):
                 if not is_empty(record):
-                    records.append((path if kind == "text" else f"{path}:{number}", record))
+                    records.append((source_name(path, kind, number), record))
     if not records:
         raise VkdError(f"{key}: every record has empty text; there is nothing to fit on")
     records = label_records(records, tokenizer, cfg.valence.fit.labels, float(cfg.valence.fit.lexicon_decay))

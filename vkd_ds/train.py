@@ -45,6 +45,7 @@ class Prepared:
     teacher_width: int
     data_notes: list[str]  # skipped, cut and prompt-only records: logged at start
     settings: Settings
+    data_splits: dict | None = None  # open_splits' {split: (config value, rows)}: what a teacher cache holds
     cache_manifest: dict | None = None  # teacher.cache's, checked against this run
     teacher_parameters: int | None = None  # teacher.path's, its checkpoint checked against its config
 
@@ -118,17 +119,10 @@ def prepare(cfg: DictConfig) -> Prepared:
         teacher_width,
         notes,
         s,
+        splits,
         manifest,
         teacher_parameters,
     )
-
-
-def _data_splits(s: Settings, train_data: TokenRows, valid_data) -> dict:
-    """{split: (the config's value, its rows)}: what a teacher cache holds."""
-    splits = {"train": (s.data.train_path, train_data)}
-    if s.data.valid_path:
-        splits["valid"] = (s.data.valid_path, valid_data)
-    return splits
 
 
 def _check_prompts(s: Settings, train_data: TokenRows) -> None:
@@ -268,8 +262,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if s.teacher.cache:  # the settings refused every term that would need the live teacher
         from vkd_ds.teacher_cache import CachedTeacher
 
-        splits = _data_splits(s, prepared.train_data, prepared.valid_data)
-        teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, splits, dist.device())
+        teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, prepared.data_splits, dist.device())
     # The gate's baseline is the teacher's valence of its own continuations: it needs both.
     elif prepared.loads_teacher:
         teacher_load = _TeacherLoadClock()

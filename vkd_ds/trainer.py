@@ -30,6 +30,7 @@ from vkd_ds.seq_kd import SequenceKD, is_on_policy_step
 from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import SampleScores
+from vkd_ds.token_store import TokenRows
 from vkd_ds.valence import effective_sample_size, valence_weights
 
 
@@ -65,7 +66,7 @@ class Trainer:
         teacher: Teacher | None,
         objective: Objective,
         tokenizer,
-        train_data: Sequence[Example],
+        train_data: TokenRows,
         valid_data: Sequence[Example],
         run_dir: Path,
         gate: MercyGate | None,
@@ -89,9 +90,8 @@ class Trainer:
         self.rank = dist.rank()
         self.device = dist.device()
         self.on_gpu = dist.on_gpu()
-        mixture = train_data.mixture() if hasattr(train_data, "mixture") else None
         self.sampler = GlobalBatchSampler(
-            len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed, mixture
+            len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed, train_data.mixture()
         )
         self.step = 0
         self.log = get_logger()
@@ -349,7 +349,7 @@ class Trainer:
             state["seq_kd"] = self.seq_kd.state_dict()
         state["gate"] = self.guard.state_dict()
         state["metrics"] = self.last_metrics
-        state["data"] = getattr(self.train_data, "fingerprint", None)  # the token store's
+        state["data"] = self.train_data.fingerprint  # the token store's
         return state
 
     def restore(self, client_state: dict) -> None:
@@ -358,8 +358,8 @@ class Trainer:
             self.seq_kd.load_state_dict(client_state.get("seq_kd", {}))
         self.guard.load_state_dict(client_state.get("gate", {}))
         self.resumed_metrics = client_state.get("metrics")
-        saved, now = client_state.get("data"), getattr(self.train_data, "fingerprint", None)
-        if saved is not None and now is not None and saved != now:
+        saved, now = client_state.get("data"), self.train_data.fingerprint
+        if saved is not None and saved != now:  # None: a checkpoint from before token stores
             # The data order goes on by step, but over other rows: the curve is not the one that was
             # interrupted (an edited data file, another max_seq_len or tokenizer make another store).
             self.log.warning(

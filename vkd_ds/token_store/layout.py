@@ -62,12 +62,12 @@ def input_fingerprint(path: str) -> dict:
     return {"parts": entries}
 
 
-def fingerprint(files: list[str], tokenizer, max_seq_len: int) -> tuple[str, dict]:
+def fingerprint(files: list[str], tokenizer_sha256: str, max_seq_len: int) -> tuple[str, dict]:
     """The store's key, and what it is computed from (recorded in the manifest)."""
     what = {
         "format": FORMAT,
         "inputs": [input_fingerprint(f) for f in files],
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256,
         "max_seq_len": int(max_seq_len),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest(), what

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vkd_ds.corpus import Source, resolve_sources
-from vkd_ds.data import Example
+from vkd_ds.corpus import Source, resolve_sources, source_name
+from vkd_ds.data import Example, row_mask
 from vkd_ds.errors import VkdError
 from vkd_ds.token_store.layout import (
     FORMAT,
@@ -71,8 +71,7 @@ class TokenRows(Sequence):
         self.fingerprint = manifest["fingerprint"]
         self.token_dtype = np.dtype(manifest["token_dtype"])
         self.num_rows = manifest["counts"]["rows"]
-        # How a row names its record in messages: file:line (or :row), a plain text file by its name.
-        self.names = [e["path"] if e["kind"] == "text" else e["path"] + ":{}" for e in manifest["files"]]
+        self.files = manifest["files"]  # each input's path and kind (how its rows name their records)
         self.sources = sources
         self._fds: dict[str, int] = {}
 
@@ -103,11 +102,12 @@ class TokenRows(Sequence):
         r = self.row(index)
         length, target_from = int(r["length"]), int(r["target_from"])
         ids = self._read("tokens", self.token_dtype, int(r["start"]), length).tolist()
-        mask = [0] * min(target_from, length) + [1] * max(0, length - target_from)
+        mask = row_mask(length, target_from)
         valence = None
         if r["vstart"] >= 0:
             valence = self._read("valence", np.dtype("<f4"), int(r["vstart"]), length).tolist()
-        where = self.names[r["file"]].format(int(r["number"]))
+        entry = self.files[r["file"]]
+        where = source_name(entry["path"], entry["kind"], int(r["number"]))
         if r["window"]:
             where += f" (window {int(r['window']) + 1})"
         prompt_len = int(r["prompt_len"]) or None
@@ -119,7 +119,7 @@ class TokenRows(Sequence):
         windowed = f" ({c['windowed_records']:,} split into windows)" if c["windowed_records"] else ""
         text = (
             f"{split}: {c['records']:,} records{windowed} -> {c['rows']:,} rows of <= {self.manifest['max_seq_len']} "
-            f"tokens, {c['tokens']:,} tokens ({c['targets']:,} targets) from {len(self.names)} file(s); "
+            f"tokens, {c['tokens']:,} tokens ({c['targets']:,} targets) from {len(self.files)} file(s); "
             f"token store {self.folder}"
         )
         mixture = self.mixture()
@@ -141,7 +141,7 @@ class TokenRows(Sequence):
         if not self.sources or all(s.weight is None for s in self.sources):
             return None
         ranges, at = [], 0
-        rows = [entry["rows"] for entry in self.manifest["files"]]
+        rows = [entry["rows"] for entry in self.files]
         for source in self.sources:
             first = rows[at][0]
             stop = rows[at + len(source.files) - 1][1]
@@ -162,14 +162,23 @@ class TokenRows(Sequence):
 
 
 def open_split(
-    value, key: str, tokenizer, max_seq_len: int, store_dir: str | None, *, key_base: int = 0, wait: bool = False
+    value,
+    key: str,
+    tokenizer,
+    max_seq_len: int,
+    store_dir: str | None,
+    *,
+    key_base: int = 0,
+    wait: bool = False,
+    tokenizer_sha256: str | None = None,
 ) -> TokenRows:
     """A split's rows: `value` is a prepared store's directory, or the inputs (prepared here once,
-    or, with `wait`, by the job's rank 0)."""
+    or, with `wait`, by the job's rank 0). `tokenizer_sha256`: the tokenizer's fingerprint, if known."""
+    tokenizer_sha256 = tokenizer_sha256 or tokenizer_fingerprint(tokenizer)
     if is_store(value):
         folder = Path(os.path.expanduser(value))
         manifest = read_store_manifest(folder, key)
-        if manifest["made_from"]["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
+        if manifest["made_from"]["tokenizer_sha256"] != tokenizer_sha256:
             raise VkdError(
                 f"{key}: the token store {folder} was prepared with another tokenizer than data.tokenizer_path "
                 f"({getattr(tokenizer, 'name_or_path', '?')}); prepare it again with this one (vkd-ds prepare-data)"
@@ -182,7 +191,7 @@ def open_split(
         return TokenRows(folder, manifest, key_base)
     sources = resolve_sources(value, key)
     root = Path(os.path.expanduser(store_dir)) if store_dir else default_store_dir()
-    folder = prepare_store(root, sources, tokenizer, max_seq_len, wait=wait, key=key)
+    folder = prepare_store(root, sources, tokenizer, max_seq_len, wait=wait, key=key, tokenizer_sha256=tokenizer_sha256)
     manifest = read_store_manifest(folder, key)
     return TokenRows(folder, manifest, key_base, sources)
 
@@ -191,11 +200,20 @@ def open_splits(data, tokenizer) -> dict[str, tuple[object, TokenRows]]:
     """{split: (the config's value, its rows)} of data.train_path and data.valid_path (if set), from
     the settings' `data` section."""
     wait = waits_for_rank_zero()
+    tokenizer_sha256 = tokenizer_fingerprint(tokenizer)  # the whole tokenizer's JSON: hashed once
     splits = {}
     for split, value, base in (("train", data.train_path, 0), ("valid", data.valid_path, VALID_KEY_BASE)):
         if value is not None:
+            key = f"data.{split}_path"
             rows = open_split(
-                value, f"data.{split}_path", tokenizer, data.max_seq_len, data.store_dir, key_base=base, wait=wait
+                value,
+                key,
+                tokenizer,
+                data.max_seq_len,
+                data.store_dir,
+                key_base=base,
+                wait=wait,
+                tokenizer_sha256=tokenizer_sha256,
             )
             splits[split] = (value, rows)
     return splits

@@ -3,6 +3,7 @@ directory and published by one rename; or, on a rank that is not rank 0, waiting
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,10 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from vkd_ds.corpus import Source, file_kind, read_records
-from vkd_ds.data import is_empty, token_valence, windows
+from vkd_ds.checkpoint import write_atomic
+from vkd_ds.corpus import Source, file_kind, read_records, source_name
+from vkd_ds.data import Document, document, is_empty, record_texts
 from vkd_ds.errors import VkdError
-from vkd_ds.token_store.layout import FORMAT, MANIFEST, ROW_DTYPE, describe_notes, fingerprint, id_dtype
+from vkd_ds.token_store.layout import (
+    FORMAT,
+    MANIFEST,
+    ROW_DTYPE,
+    describe_notes,
+    fingerprint,
+    id_dtype,
+    tokenizer_fingerprint,
+)
 
 ENCODE_CHARS = 1 << 22  # characters per encode_batch call: large enough to keep every core busy
 PROGRESS_EVERY_S = 5.0
@@ -77,8 +87,8 @@ class _StoreWriter:
         self.rows: list[tuple] = []
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        # The Rust tokenizer's batch call spreads a batch over every core (transformers' own
-        # __call__ does the same work with Python-side conversions on top, ~35 % slower here).
+        # The Rust tokenizer's batch call spreads a batch over every core; transformers' own __call__
+        # does the same work with Python-side conversions on top.
         self.encode = (
             (lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)])
             if backend is not None and hasattr(backend, "encode_batch_fast")
@@ -87,61 +97,36 @@ class _StoreWriter:
 
     def add_batch(self, pending: list[tuple[int, int, str, dict]]) -> None:
         """Tokenize and store a batch of (file index, line, file:line, record)."""
-        texts = []
-        for _, _, _, record in pending:
-            texts.extend([record["text"]] if "text" in record else [record["prompt"], record["completion"]])
-        encoded = iter(self.encode(texts))
+        encoded = iter(self.encode([text for *_, record in pending for text in record_texts(record)]))
         for file_index, number, where, record in pending:
-            if "text" in record:
-                self._text(file_index, number, where, record, next(encoded))
-            else:
-                self._pair(file_index, number, where, record, next(encoded), next(encoded))
+            parts = [next(encoded) for _ in record_texts(record)]
+            self._document(
+                file_index, number, where, document(record, parts, self.bos, self.eos, self.max_seq_len, where)
+            )
         self._flush_rows()
 
-    def _labels(self, record: dict, body: list[int], tail: list[int], where: str) -> np.ndarray | None:
-        if "valence" not in record:
-            return None
-        return np.asarray(token_valence(record["valence"], body, self.bos, tail, where), dtype=np.float32)
-
-    def _store(self, ids: list[int], labels: np.ndarray | None) -> tuple[int, int]:
-        start = self.counts.tokens
-        self.files["tokens"].write(np.asarray(ids, dtype=self.dtype).tobytes())
-        self.counts.tokens += len(ids)
-        vstart = -1
-        if labels is not None:
-            vstart = self.files["valence"].bytes // 4
-            self.files["valence"].write(labels.tobytes())
-        return start, vstart
-
-    def _text(self, file_index: int, number: int, where: str, record: dict, body: list[int]) -> None:
-        ids = self.bos + body
-        if len(ids) < 2:
+    def _document(self, file_index: int, number: int, where: str, doc: Document) -> None:
+        if len(doc.ids) < 2:
             self.counts.note("short", where)
             return
-        labels = self._labels(record, body, [], where)
-        start, vstart = self._store(ids, labels)
-        spans = windows(len(ids), self.max_seq_len)
-        self.counts.records += 1
-        self.counts.windowed_records += len(spans) > 1
-        for w, (a, b) in enumerate(spans):
-            self._row(start + a, b - a, 1, 0, file_index, number, w, -1 if vstart < 0 else vstart + a)
-            self.counts.text_rows += 1
-
-    def _pair(self, file_index, number, where, record, prompt: list[int], completion: list[int]) -> None:
-        body = prompt + completion
-        ids = self.bos + body + self.eos
-        labels = self._labels(record, body, self.eos, where)
-        target_from = len(self.bos) + len(prompt)
-        if len(ids) > self.max_seq_len:
+        if doc.cut:
             self.counts.note("cut", where)
-            self.counts.cut_tokens += len(ids) - self.max_seq_len
-            ids = ids[: self.max_seq_len]
-            labels = None if labels is None else labels[: self.max_seq_len]
-        if target_from >= len(ids):
+            self.counts.cut_tokens += doc.cut
+        if doc.target_from >= len(doc.ids):
             self.counts.note("prompt_only", where)
-        start, vstart = self._store(ids, labels)
+        start = self.counts.tokens
+        self.files["tokens"].write(np.asarray(doc.ids, dtype=self.dtype).tobytes())
+        self.counts.tokens += len(doc.ids)
+        vstart = -1
+        if doc.labels is not None:
+            vstart = self.files["valence"].bytes // 4
+            self.files["valence"].write(np.asarray(doc.labels, dtype=np.float32).tobytes())
         self.counts.records += 1
-        self._row(start, len(ids), target_from, min(target_from, len(ids)), file_index, number, 0, vstart)
+        self.counts.windowed_records += len(doc.spans) > 1
+        for w, (a, b) in enumerate(doc.spans):
+            labels_at = -1 if vstart < 0 else vstart + a
+            self._row(start + a, b - a, doc.target_from, doc.prompt_len or 0, file_index, number, w, labels_at)
+            self.counts.text_rows += doc.prompt_len is None
 
     def _row(self, start, length, target_from, prompt_len, file_index, number, window, vstart) -> None:
         self.rows.append((start, length, target_from, prompt_len, file_index, number, window, vstart))
@@ -187,9 +172,11 @@ class _Progress:
             self.marker.touch()  # waiting ranks see a preparation that moves
 
 
-def _write(folder: Path, final: Path, files: list[str], sources: list[Source], tokenizer, max_seq_len: int, key: str):
-    """Every input into `folder` (a fresh partial directory, published as `final`); its manifest last."""
-    fp, what = fingerprint(files, tokenizer, max_seq_len)
+def _write(folder: Path, final: Path, sources: list[Source], tokenizer, max_seq_len: int, key: str, made_from):
+    """Every input into `folder` (a fresh partial directory, published as `final`); its manifest last.
+    `made_from`: (fingerprint, what it hashes)."""
+    fp, what = made_from
+    files = [f for s in sources for f in s.files]
     writer = _StoreWriter(folder, tokenizer, max_seq_len)
     sizes = [_input_bytes(f) for f in files]
     progress = _Progress(key, sum(sizes), len(files), final, folder / "progress")
@@ -199,7 +186,7 @@ def _write(folder: Path, final: Path, files: list[str], sources: list[Source], t
         first_row = writer.counts.rows + len(writer.rows)
         kind = file_kind(path)
         for number, record, fraction in read_records(path):
-            where = path if kind == "text" else f"{path}:{number}"
+            where = source_name(path, kind, number)
             if is_empty(record):
                 writer.counts.note("empty", where)
                 continue
@@ -220,7 +207,7 @@ def _write(folder: Path, final: Path, files: list[str], sources: list[Source], t
     if counts.rows == 0:
         raise VkdError(
             f"{', '.join(s.spec for s in sources)}: no record with text to train on "
-            f"({'; '.join(describe_notes(_counts_dict(counts))) or 'no records'})"
+            f"({'; '.join(describe_notes(dataclasses.asdict(counts))) or 'no records'})"
         )
     if counts.labelled_rows == 0:
         (folder / "valence.bin").unlink()
@@ -237,19 +224,11 @@ def _write(folder: Path, final: Path, files: list[str], sources: list[Source], t
             {"path": str(Path(f).resolve()), "kind": file_kind(f), "rows": r}
             for f, r in zip(files, file_rows, strict=True)
         ],
-        "counts": _counts_dict(counts),
+        "counts": dataclasses.asdict(counts),
         "arrays": written,
     }
-    text = json.dumps(manifest, indent=1) + "\n"
-    with open(folder / MANIFEST, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def _counts_dict(counts: Counts) -> dict:
-    return {k: v for k, v in counts.__dict__.items()}
 
 
 def _input_bytes(path: str) -> int:
@@ -285,12 +264,21 @@ def _alive(pid: int) -> bool:
 
 
 def prepare_store(
-    root: Path, sources: list[Source], tokenizer, max_seq_len: int, *, wait: bool = False, key: str = "data"
+    root: Path,
+    sources: list[Source],
+    tokenizer,
+    max_seq_len: int,
+    *,
+    wait: bool = False,
+    key: str = "data",
+    tokenizer_sha256: str | None = None,
 ) -> Path:
     """The directory of the store of `sources`: found complete under `root`, or written there now
-    (by this process), or, with `wait` (a rank that is not rank 0), written by another process."""
+    (by this process), or, with `wait` (a rank that is not rank 0), written by another process.
+    `tokenizer_sha256`: the tokenizer's fingerprint, where the caller has it already."""
     files = [f for s in sources for f in s.files]
-    fp = fingerprint(files, tokenizer, max_seq_len)[0]
+    made_from = fingerprint(files, tokenizer_sha256 or tokenizer_fingerprint(tokenizer), max_seq_len)
+    fp = made_from[0]
     name = fp[:20]
     final = root / name
     if (final / MANIFEST).is_file():
@@ -308,7 +296,7 @@ def prepare_store(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        _write(partial, final, files, sources, tokenizer, max_seq_len, key)
+        _write(partial, final, sources, tokenizer, max_seq_len, key, made_from)
         try:
             os.rename(partial, final)
         except OSError:
