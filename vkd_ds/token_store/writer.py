@@ -85,7 +85,6 @@ class _StoreWriter:
         self.files = {name: _HashedFile(folder / f"{name}.bin") for name in ("tokens", "rows", "valence")}
         self.counts = Counts()
         self.rows: list[tuple] = []
-        self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
         # The Rust tokenizer's batch call spreads a batch over every core; transformers' own __call__
         # does the same work with Python-side conversions on top.
