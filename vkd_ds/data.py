@@ -153,6 +153,47 @@ def is_empty(record: dict) -> bool:
     return not (record["prompt"].strip() or record["completion"].strip())
 
 
+def collate_packed(examples: list[Example], pad_id: int, rows: list[int]) -> dict[str, torch.Tensor]:
+    """A packed micro-batch (data.packing): `rows[j]` documents one after another in row j, right-padded
+    to the fullest row. `position_ids` restart at 0 for each document (and for the padding), which is
+    how transformers confines attention to a document (sequences.model_inputs); `sequence[r, t]` is
+    the document of each position (-1 on padding), `row` one store key per document. A document's
+    first token is never a target: nothing of its own precedes it."""
+    if sum(rows) != len(examples):
+        raise ValueError(f"{len(examples)} documents for packed rows of {rows}")
+    starts = [0]
+    for n in rows:
+        starts.append(starts[-1] + n)
+    groups = [examples[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    length = max(sum(len(ex.input_ids) for ex in group) for group in groups)
+    shape = (len(rows), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.bool)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    sequence = torch.full(shape, -1, dtype=torch.long)
+    doc = 0
+    for r, group in enumerate(groups):
+        at = 0
+        for ex in group:
+            n = len(ex.input_ids)
+            input_ids[r, at : at + n] = torch.tensor(ex.input_ids)
+            loss_mask[r, at + 1 : at + n] = torch.tensor(ex.loss_mask[1:], dtype=torch.bool)
+            position_ids[r, at : at + n] = torch.arange(n)
+            sequence[r, at : at + n] = doc
+            at, doc = at + n, doc + 1
+        attention_mask[r, :at] = 1
+        position_ids[r, at:] = torch.arange(length - at)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "sequence": sequence,
+        "row": torch.tensor([ex.index for ex in examples], dtype=torch.long),
+    }
+
+
 def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence. `loss_mask[b, t]` marks target tokens t >= 1.
 

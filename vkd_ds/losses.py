@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from vkd_ds.sequences import Sequences, selected
+
 # `loss.chunk_tokens=auto` (plan_chunk_rows). On a CPU each fp32 [rows, vocab] buffer of a chunk stays
 # at or under 16 MiB, well below glibc's largest mmap threshold (32 MiB, which vkd-ds fixes there,
 # vkd_ds/malloc.py): such blocks stay in the heap and are reused chunk after chunk, where larger ones
@@ -395,17 +397,18 @@ def cached_token_losses(
     divergence: Divergence,
     vocab_size: int,
     chunk_tokens: int = 1024,
+    sequences: Sequences | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE [B], sparse token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence`
     with a SparseTeacher give them, in one pass over the student's logits (_CachedTokenLosses)."""
-    batch, seq_len = mask.shape
-    flat_index = _selected(mask)
+    seqs = Sequences.of(mask, sequences)
+    flat_index = selected(mask)
     if len(teacher) != flat_index.numel():
         raise ValueError(f"the sparse teacher has {len(teacher)} rows for {flat_index.numel()} valid positions")
     ce, soft = _CachedTokenLosses.apply(
         student_logits, flat_index, targets.flatten(), teacher, divergence, vocab_size, chunk_tokens
     )
-    return _per_sequence_mean(ce, flat_index, batch, seq_len), _per_sequence_mean(soft, flat_index, batch, seq_len)
+    return seqs.mean_selected(ce, flat_index), seqs.mean_selected(soft, flat_index)
 
 
 RowsLoss = Callable[[torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
@@ -494,17 +497,6 @@ def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
     return (grad_rows.float() * scale_rows[:, None]).to(grad_rows.dtype)
 
 
-def _per_sequence_mean(per_token: torch.Tensor, flat_index: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    seq_of = torch.div(flat_index, seq_len, rounding_mode="floor")
-    sums = torch.zeros(batch, dtype=per_token.dtype, device=per_token.device).index_add(0, seq_of, per_token)
-    counts = torch.bincount(seq_of, minlength=batch).to(per_token.dtype)
-    return sums / counts.clamp(min=1.0)
-
-
-def _selected(mask: torch.Tensor) -> torch.Tensor:
-    return mask.flatten().nonzero(as_tuple=True)[0]
-
-
 def token_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -535,11 +527,13 @@ def divergence_per_sequence(
     divergence: Divergence,
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """`token_divergence` with the divergence given as a Divergence; `teacher` the teacher's logits
-    [B,S,Vt], or a SparseTeacher of the selected positions (the teacher cache's top-k and tail)."""
-    batch, seq_len = mask.shape
-    flat_index = _selected(mask)
+    [B,S,Vt], or a SparseTeacher of the selected positions (the teacher cache's top-k and tail).
+    `sequences`: which sequence each position is in (a packed batch's); default one per row."""
+    seqs = Sequences.of(mask, sequences)
+    flat_index = selected(mask)
     if isinstance(teacher, SparseTeacher):
         vocab = vocab_size or student_logits.shape[-1]
         if len(teacher) != flat_index.numel():
@@ -549,7 +543,7 @@ def divergence_per_sequence(
         vocab = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
         rows_loss = _teacher_rows(teacher.detach().flatten(0, 1), divergence, vocab, by_position=True)
     per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens)
-    return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+    return seqs.mean_selected(per_token, flat_index)
 
 
 def token_ce(
@@ -559,25 +553,24 @@ def token_ce(
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     token_weights: torch.Tensor | None = None,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """Next-token cross-entropy per sequence: mean over valid positions of -log p_S(targets[b,t]);
     with `token_weights` [B,S] the weighted sum Σ_t w[b,t]·(−log p_S(targets[b,t])) instead (no mean).
 
     student_logits [B,S,V], targets [B,S] (the token following each position), mask [B,S] -> [B] fp32.
     """
-    batch, seq_len = mask.shape
     vocab = vocab_size or student_logits.shape[-1]
-    flat_index = _selected(mask)
+    flat_index = selected(mask)
     per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
-    return _reduce_per_sequence(per_token, flat_index, batch, seq_len, token_weights)
+    return _reduce_per_sequence(per_token, flat_index, Sequences.of(mask, sequences), token_weights)
 
 
-def _reduce_per_sequence(per_token, flat_index, batch, seq_len, token_weights=None):
+def _reduce_per_sequence(per_token, flat_index, seqs: Sequences, token_weights=None):
     if token_weights is None:
-        return _per_sequence_mean(per_token, flat_index, batch, seq_len)
+        return seqs.mean_selected(per_token, flat_index)
     weighted = per_token * token_weights.detach().flatten()[flat_index].to(per_token.dtype)
-    seq_of = torch.div(flat_index, seq_len, rounding_mode="floor")
-    return torch.zeros(batch, dtype=per_token.dtype, device=per_token.device).index_add(0, seq_of, weighted)
+    return seqs.sum_selected(weighted, flat_index)
 
 
 @torch.no_grad()
@@ -586,7 +579,7 @@ def token_logprobs(
 ) -> torch.Tensor:
     """log p(targets[b,t]) at every valid position, 0 elsewhere: [B,S] fp32 (no gradient)."""
     vocab = vocab_size or logits.shape[-1]
-    flat_index = _selected(mask)
+    flat_index = selected(mask)
     nll = _ChunkedTokenLoss.apply(logits.detach(), flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
     out = torch.zeros(mask.numel(), dtype=torch.float32, device=logits.device)
     out[flat_index] = -nll
@@ -632,56 +625,61 @@ def weighted_batch_loss(
     return (weights * base).sum() / global_weight_sum
 
 
-def _masked_sequence_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """per_position [B,S] -> [B]: mean over valid positions, 0 for a sequence with none."""
-    mask = mask.to(per_position.dtype)
-    return (per_position * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-
-
-def valence_mse(v_student: torch.Tensor, v_teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def valence_mse(
+    v_student: torch.Tensor, v_teacher: torch.Tensor, mask: torch.Tensor, sequences: Sequences | None = None
+) -> torch.Tensor:
     """L_val per sequence: MSE(v_S, v_T) over valid positions and all k steps.
 
     v_student, v_teacher [B,S,k], mask [B,S] -> [B] fp32.
     """
     per_position = (v_student.float() - v_teacher.detach().float()).pow(2).mean(-1)
-    return _masked_sequence_mean(per_position, mask)
+    return Sequences.of(mask, sequences).mean(per_position, mask)
 
 
 def feature_kd(
-    student_hiddens: list[torch.Tensor], teacher_hiddens: list[torch.Tensor], projectors: list, mask: torch.Tensor
+    student_hiddens: list[torch.Tensor],
+    teacher_hiddens: list[torch.Tensor],
+    projectors: list,
+    mask: torch.Tensor,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """L_feat per sequence: Σ_l MSE(P_l(h_S^(l)), h_T^(m(l))) over the mapped layer pairs.
 
     Lists of [B,S,Hs] and [B,S,Ht] tensors (one per pair), `projectors[l]` a module mapping Hs -> Ht or
     None (identity, widths equal); the MSE averages over hidden units and valid positions -> [B] fp32.
     """
-    total = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    seqs = Sequences.of(mask, sequences)
+    total = torch.zeros(seqs.count, dtype=torch.float32, device=mask.device)
     for h_s, h_t, proj in zip(student_hiddens, teacher_hiddens, projectors, strict=True):
         projected = proj(h_s) if proj is not None else h_s
         per_position = (projected.float() - h_t.detach().float()).pow(2).mean(-1)
-        total = total + _masked_sequence_mean(per_position, mask)
+        total = total + seqs.mean(per_position, mask)
     return total
 
 
 def attention_kd(
-    student_attn: list[torch.Tensor], teacher_attn: list[torch.Tensor], mask: torch.Tensor
+    student_attn: list[torch.Tensor],
+    teacher_attn: list[torch.Tensor],
+    mask: torch.Tensor,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """The attention-map part of L_feat per sequence: Σ over mapped pairs of the mean over valid query
     positions of Σ_keys (A_S − A_T)², A the head-averaged attention probabilities [B,S,S].
 
-    Summing over keys (not averaging) keeps the value independent of how far a batch is padded.
+    Summing over keys (not averaging) keeps the value independent of how far a batch is padded, and of
+    packing: a packed row's block-diagonal attention gives every other document's keys 0 in both maps.
     """
-    total = torch.zeros(mask.shape[0], dtype=torch.float32, device=mask.device)
+    seqs = Sequences.of(mask, sequences)
+    total = torch.zeros(seqs.count, dtype=torch.float32, device=mask.device)
     for a_s, a_t in zip(student_attn, teacher_attn, strict=True):
         per_query = (a_s.float() - a_t.detach().float()).pow(2).sum(-1)
-        total = total + _masked_sequence_mean(per_query, mask)
+        total = total + seqs.mean(per_query, mask)
     return total
 
 
-def sequence_features(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_features(hidden: torch.Tensor, mask: torch.Tensor, sequences: Sequences | None = None) -> torch.Tensor:
     """[B,S,H] -> [B,H]: mean of the hidden states over each sequence's valid positions."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    return Sequences.of(mask, sequences).mean(hidden, mask)
 
 
 def info_nce(student_feats: torch.Tensor, teacher_feats: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -766,15 +764,16 @@ def fused_head_losses(
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     token_weights: torch.Tensor | None = None,
+    sequences: Sequences | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(CE [B], token divergence [B]) per sequence, as `token_ce` and `divergence_per_sequence` on
     logits = hidden @ weight.T + bias, without building those logits. hidden [B,S,H] (the LM head's
     input), weight [V,H], mask [B,S]; CE needs `targets` [B,S], the divergence `teacher_logits`
     [B,S,Vt] or a SparseTeacher (the teacher cache's); each is None when its input is. `token_weights`
     [B,S]: CE as `token_ce` with them."""
-    batch, seq_len = mask.shape
+    seqs = Sequences.of(mask, sequences)
     vocab = vocab_size or weight.shape[0]
-    index = _selected(mask)
+    index = selected(mask)
     sel_targets = targets.flatten()[index] if targets is not None else None
     soft_rows = None
     if isinstance(teacher_logits, SparseTeacher):
@@ -791,6 +790,6 @@ def fused_head_losses(
         vocab,
         chunk_tokens,
     )
-    ce = _reduce_per_sequence(ce, index, batch, seq_len, token_weights) if targets is not None else None
-    soft = _per_sequence_mean(soft, index, batch, seq_len) if teacher_logits is not None else None
+    ce = _reduce_per_sequence(ce, index, seqs, token_weights) if targets is not None else None
+    soft = seqs.mean_selected(soft, index) if teacher_logits is not None else None
     return ce, soft

@@ -184,20 +184,28 @@ class StudentModule(nn.Module):
             self.external_params += list(lm.get_output_embeddings().parameters())
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused: dict | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        fused: dict | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`fused` (with the fused LM head): the arguments of `losses.fused_head_losses` but the head's
-        (mask, targets and/or teacher_logits, divergence, vocab_size, chunk_tokens, token_weights);
-        then `ce` and `soft` per sequence replace `logits` in the output."""
+        (mask, targets and/or teacher_logits, divergence, vocab_size, chunk_tokens, token_weights,
+        sequences); then `ce` and `soft` per sequence replace `logits` in the output. `position_ids`
+        with no `attention_mask`: a packed batch (sequences.model_inputs)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
         if self.fused_head and fused is not None:
-            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = self.lm.base_model(**inputs)
             last = hidden.last_hidden_state
             head = self.lm.get_output_embeddings()
             ce, soft = fused_head_losses(last, head.weight, head.bias, **fused)
             hiddens, attentions, _ = self.capture.take()
             out = {"ce": ce, "soft": soft}
         else:
-            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self.lm(**inputs).logits
             hiddens, attentions, last = self.capture.take()
             out = {"logits": logits}
         if self.projectors is not None:

@@ -14,6 +14,7 @@ import torch
 from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import Divergence, shift_for_next_token, token_ce
 from vkd_ds.malloc import teacher_phase
+from vkd_ds.sequences import Sequences, model_inputs
 from vkd_ds.settings import Settings
 from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
 from vkd_ds.valence import ValenceHead, cached_normalized_entropy, saliency
@@ -95,11 +96,11 @@ class Objective:
     def teacher_layers(self) -> list[int]:
         return [t for _, t in self.layer_map]
 
-    def saliency(self, teacher_out: dict, mask: torch.Tensor) -> torch.Tensor:
+    def saliency(self, teacher_out: dict, mask: torch.Tensor, sequences: Sequences | None = None) -> torch.Tensor:
         """s_i of each sequence; the token entropy from the teacher's logits, or as a teacher cache stores it."""
         entropy = None
         if "entropy" in teacher_out:
-            entropy = cached_normalized_entropy(teacher_out["entropy"], mask, self.vocab_size)
+            entropy = cached_normalized_entropy(teacher_out["entropy"], mask, self.vocab_size, sequences)
         return saliency(
             teacher_out["valence"],
             teacher_out["logits"],
@@ -108,6 +109,7 @@ class Objective:
             self.vocab_size,
             self.chunk_tokens,
             entropy=entropy,
+            sequences=sequences,
         )
 
     def planned(self, hidden: int, dtype, on_gpu: bool, free_bytes: int) -> Objective:
@@ -140,6 +142,7 @@ class Objective:
             "divergence": self.divergence if divergence is None else divergence,
             "vocab_size": self.vocab_size,
             "chunk_tokens": self.chunk_tokens,
+            "sequences": Sequences.of_batch(batch),
         }
         return {"fused": fused}
 
@@ -155,10 +158,11 @@ class Objective:
         fused = self.fused_inputs(batch, None, True, False)
         if fused:
             fused["fused"]["token_weights"] = token_weights
-        out = engine(batch["input_ids"], batch["attention_mask"], **fused)
+        out = engine(**model_inputs(batch), **fused)
         if self.fused_head:
             return out["ce"]
-        return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens, token_weights)
+        sequences = Sequences.of_batch(batch)
+        return token_ce(out["logits"], targets, mask, self.vocab_size, self.chunk_tokens, token_weights, sequences)
 
     def terms(
         self, student_out: dict, teacher_out: dict | None, batch: dict, on_policy: bool = False
@@ -167,7 +171,7 @@ class Objective:
         rollouts: rollout_terms), and the valid-position mask [B,S]. `on_policy`: the batch is the
         student's own samples."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        inputs = TermInputs(self, student_out, teacher_out, targets, mask)
+        inputs = TermInputs(self, student_out, teacher_out, targets, mask, sequences=Sequences.of_batch(batch))
         names = self.active_at(rollout_step=False, on_policy=on_policy)
         return {name: TERMS[name].compute(inputs) for name in names}, mask
 
@@ -193,12 +197,18 @@ class Teacher:
 
     def on_batch(self, batch: dict) -> dict:
         """The teacher's outputs on a collated batch (what a teacher.cache's CachedTeacher also gives)."""
-        return self(batch["input_ids"], batch["attention_mask"])
+        return self(**model_inputs(batch))
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> dict:
+        """`position_ids` without `attention_mask`: a packed batch (model_inputs)."""
         with teacher_phase():
-            logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            out = self.engine(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            logits = out.logits
         hiddens, attentions, last = self.capture.take()
         out = {"logits": logits, "hiddens": hiddens, "attentions": attentions}
         if self.valence_head is not None:

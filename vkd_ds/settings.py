@@ -259,6 +259,8 @@ class DataSettings:
     tokenizer_path: str | None = _checked(anything)
     max_seq_len: int = _checked(number(low=2, integer=True))
     store_dir: str | None = _checked(anything)  # where token stores are written (null: $VKD_DS_DATA_CACHE or ~/.cache)
+    packing: bool | str = _checked(auto_or(flag))  # several documents per row (vkd_ds.packing); auto: when it helps
+    assistant_turns: str = _checked(choice(("all", "last")))  # the targets of `messages` records
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from vkd_ds.losses import (
     token_ce,
     valence_mse,
 )
+from vkd_ds.sequences import Sequences
 
 if TYPE_CHECKING:
     from vkd_ds.objective import Objective
@@ -59,6 +60,7 @@ class TermInputs:
     targets: torch.Tensor  # [B,S] next-token targets
     mask: torch.Tensor  # [B,S] valid positions
     rollout: SampleScores | None = None
+    sequences: Sequences | None = None  # which sequence each position is in (None: one per row)
     shared: dict = field(default_factory=dict)  # values two terms compute together (_one_pass)
 
 
@@ -85,7 +87,14 @@ def _one_pass(x: TermInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     if "ce_soft" not in x.shared:
         x.shared["ce_soft"] = cached_token_losses(
-            x.student["logits"], x.targets, teacher, x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens
+            x.student["logits"],
+            x.targets,
+            teacher,
+            x.mask,
+            obj.divergence,
+            obj.vocab_size,
+            obj.chunk_tokens,
+            x.sequences,
         )
     return x.shared["ce_soft"]
 
@@ -96,7 +105,7 @@ def _ce(x: TermInputs) -> torch.Tensor:
     if (pair := _one_pass(x)) is not None:
         return pair[0]
     obj = x.objective
-    return token_ce(x.student["logits"], x.targets, x.mask, obj.vocab_size, obj.chunk_tokens)
+    return token_ce(x.student["logits"], x.targets, x.mask, obj.vocab_size, obj.chunk_tokens, sequences=x.sequences)
 
 
 def _soft(x: TermInputs) -> torch.Tensor:
@@ -106,7 +115,7 @@ def _soft(x: TermInputs) -> torch.Tensor:
         return pair[1]
     obj = x.objective
     return divergence_per_sequence(
-        x.student["logits"], x.teacher["logits"], x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens
+        x.student["logits"], x.teacher["logits"], x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens, x.sequences
     )
 
 
@@ -121,9 +130,10 @@ def _feat(x: TermInputs) -> torch.Tensor:
     h_s, h_t = x.student["hiddens"], x.teacher["hiddens"]
     if obj.feat_normalize:
         h_s, h_t = [_standardize(h) for h in h_s], [_standardize(h) for h in h_t]
-    value = feature_kd(h_s, h_t, projectors, x.mask)
+    value = feature_kd(h_s, h_t, projectors, x.mask, x.sequences)
     if obj.attention > 0:
-        value = value + obj.attention * attention_kd(x.student["attentions"], x.teacher["attentions"], x.mask)
+        attention = attention_kd(x.student["attentions"], x.teacher["attentions"], x.mask, x.sequences)
+        value = value + obj.attention * attention
     return value
 
 
@@ -133,15 +143,15 @@ def _seq(x: TermInputs) -> torch.Tensor:
 
 
 def _val(x: TermInputs) -> torch.Tensor:
-    return valence_mse(x.student["valence"], x.teacher["valence"], x.mask)
+    return valence_mse(x.student["valence"], x.teacher["valence"], x.mask, x.sequences)
 
 
 def _reg(x: TermInputs) -> torch.Tensor:
     obj = x.objective
-    value = x.student["reg"].expand(x.mask.shape[0])
+    value = x.student["reg"].expand(Sequences.of(x.mask, x.sequences).count)
     if obj.contrastive > 0:
-        s_feats = sequence_features(x.student["hiddens"][-1], x.mask)
-        t_feats = sequence_features(x.teacher["hiddens"][-1], x.mask)
+        s_feats = sequence_features(x.student["hiddens"][-1], x.mask, x.sequences)
+        t_feats = sequence_features(x.teacher["hiddens"][-1], x.mask, x.sequences)
         value = value + obj.contrastive * info_nce(s_feats, t_feats, obj.contrastive_temperature)
     return value
 

@@ -29,7 +29,8 @@ from vkd_ds.models import (
     model_config_from_dict,
     student_config_from_dict,
 )
-from vkd_ds.objective import Objective
+from vkd_ds.objective import Objective, Teacher
+from vkd_ds.packing import PackedRows, leaks_across_documents, packed_rows
 from vkd_ds.settings import Settings
 from vkd_ds.token_store import TokenRows, open_splits
 from vkd_ds.valence import load_head
@@ -48,6 +49,7 @@ class Prepared:
     data_splits: dict | None = None  # open_splits' {split: (config value, rows)}: what a teacher cache holds
     cache_manifest: dict | None = None  # teacher.cache's, checked against this run
     teacher_parameters: int | None = None  # teacher.path's, its checkpoint checked against its config
+    packs: PackedRows | None = None  # the training rows packed (data.packing), None unpacked
 
     @property
     def loads_teacher(self) -> bool:
@@ -110,6 +112,7 @@ def prepare(cfg: DictConfig) -> Prepared:
 
         manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss)
     notes = [note for _, rows in splits.values() for note in rows.notes()]
+    packs = packed_rows(s.data.packing, train_data, int(s.data.max_seq_len))
     return Prepared(
         tokenizer,
         student_config,
@@ -122,6 +125,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         splits,
         manifest,
         teacher_parameters,
+        packs,
     )
 
 
@@ -228,7 +232,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from vkd_ds import engines
     from vkd_ds.ds_config import checked_deepspeed_configs, student_lr_schedule
     from vkd_ds.gate import MercyGate
-    from vkd_ds.objective import Teacher
     from vkd_ds.rollout import StudentSampler
     from vkd_ds.seq_kd import SeqKDSettings, SequenceKD
     from vkd_ds.trainer import Trainer
@@ -289,6 +292,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     student = build_student(s, prepared, ds_config, s.trainer.seed)
     engine, _, _ = engines.build_student_engine(student, ds_config, student_lr_schedule(s, ds_config))
+    if prepared.packs is not None and not s.eval_only:
+        _check_packed_attention(engine, teacher if isinstance(teacher, Teacher) else None, prepared)
     # One sampler (and, gathered, one plain copy of the student) for sequence KD and the gate.
     sampler, gate = None, None
     training = not s.eval_only
@@ -334,6 +339,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("data: %s", rows.summary(split))
     for note in prepared.data_notes:
         log.warning("data: %s", note)
+    if prepared.packs is not None:
+        log.info(
+            "data: %s; attention within each document: %s (transformers' packed-sequence masks, from positions "
+            "that restart per document; checked at start)",
+            prepared.packs.summary(),
+            _attention_implementations(engine, teacher),
+        )
     if s.teacher.cache:
         m = prepared.cache_manifest
         log.info(
@@ -434,6 +446,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_dir,
         gate,
         seq_kd,
+        prepared.packs,
     )
     if client_state is not None:
         trainer.restore(client_state)
@@ -483,3 +496,38 @@ def _evaluate_only(s: Settings, engine, teacher, prepared: Prepared, run_dir: Pa
             log.info("wrote %s", out)
         print(json.dumps(result, indent=2), flush=True)
     return result
+
+
+# A packed document's logits against the same document alone: fp32 agrees to ~1e-6, bf16 to ~1e-2; a
+# document that sees another moves by a sizeable share of its logits.
+PACKED_ATTENTION_TOLERANCE = 0.05
+
+
+def _attention_implementations(engine, teacher) -> str:
+    """The attention implementation of the student and of the live teacher, for the start-up log."""
+    parts = [f"{engine.module.lm.config._attn_implementation} (student)"]
+    if isinstance(teacher, Teacher):
+        parts.append(f"{teacher.engine.module.config._attn_implementation} (teacher)")
+    return ", ".join(parts)
+
+
+def _check_packed_attention(engine, teacher: Teacher | None, prepared: Prepared) -> None:
+    """Refuses packing for a model whose attention lets one packed document see another: transformers
+    derives block-diagonal masks from restarting positions for most architectures, not for all.
+    Collective (ZeRO-3 forwards): every rank runs it."""
+    vocab = len(prepared.tokenizer)
+    engine.eval()  # no dropout in the comparison
+    try:
+        leak = leaks_across_documents(lambda b: engine(**b)["logits"], vocab, dist.device())
+        who = "the student"
+        if teacher is not None and leak <= PACKED_ATTENTION_TOLERANCE:
+            leak = leaks_across_documents(lambda b: teacher(**b)["logits"], vocab, dist.device())
+            who = "the teacher"
+    finally:
+        engine.train()
+    if leak > PACKED_ATTENTION_TOLERANCE:
+        raise VkdError(
+            f"data.packing: {who}'s attention lets one packed document see another (its logits moved by "
+            f"{leak:.2g} of their size with another document before it): transformers does not derive "
+            "per-document masks for this model or attention implementation; set data.packing=false"
+        )

@@ -18,15 +18,17 @@ import psutil
 import torch
 
 from vkd_ds import checkpoint, dist
-from vkd_ds.data import Example, GlobalBatchSampler, collate, global_batch_order, rank_rows
+from vkd_ds.data import Example, GlobalBatchSampler, collate, collate_packed, global_batch_order
 from vkd_ds.evaluation import evaluate
 from vkd_ds.gate import MercyGate
 from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
 from vkd_ds.memory import GIB, peak_rss_bytes, rss_bytes
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
+from vkd_ds.packing import PackedRows
 from vkd_ds.rollout import Samples
 from vkd_ds.seq_kd import SequenceKD, is_on_policy_step
+from vkd_ds.sequences import Sequences, model_inputs
 from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import SampleScores
@@ -71,9 +73,11 @@ class Trainer:
         run_dir: Path,
         gate: MercyGate | None,
         seq_kd: SequenceKD | None = None,
+        packs: PackedRows | None = None,
     ):
         """`gate`: None with gate.enabled=false. `seq_kd`: the student's sampling, for L_seq and for
-        on-policy steps (None when neither is on)."""
+        on-policy steps (None when neither is on). `packs`: the training rows packed (data.packing),
+        which the sampler then draws instead of single rows."""
         self.settings = settings
         t = settings.trainer
         self.seq_kd = seq_kd
@@ -84,15 +88,19 @@ class Trainer:
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id
         self.train_data = train_data
+        self.packs = packs
         self.valid_data = valid_data
         self.run_dir = run_dir
         self.world = dist.world_size()
         self.rank = dist.rank()
         self.device = dist.device()
         self.on_gpu = dist.on_gpu()
+        units = train_data if packs is None else packs
         self.sampler = GlobalBatchSampler(
-            len(train_data), t.micro_batch_size, t.grad_accum, self.world, t.seed, train_data.mixture()
+            len(units), t.micro_batch_size, t.grad_accum, self.world, t.seed, units.mixture()
         )
+        # Documents in each packed row (1 each unpacked): what the per-document bookkeeping counts.
+        self.pack_sizes = None if packs is None else packs.sizes()
         self.step = 0
         self.log = get_logger()
         self.nan_faults = _faults("VKD_FAULT_NAN_LOSS")
@@ -124,16 +132,18 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
         self.clock.reset()
         step, accum = self.step, self.settings.trainer.grad_accum
-        examples = [[self.train_data[i] for i in self.sampler.indices(step, a, self.rank)] for a in range(accum)]
+        layouts = [self._documents(step, a) for a in range(accum)]
+        examples = [docs for docs, _ in layouts]
+        counts = self._document_counts(step)
         stats: dict[str, float] = {}
         on_policy = is_on_policy_step(self.settings.trainer.seed, step, self.onpolicy_fraction)
         if self.onpolicy_fraction > 0:
             stats["onpolicy"] = float(on_policy)
-        samples = self._on_policy_samples(step, examples) if on_policy else None
-        micro_batches = [b for b, _ in samples] if on_policy else [self._batch(ex) for ex in examples]
+        samples = self._on_policy_samples(step, examples, counts) if on_policy else None
+        micro_batches = [b for b, _ in samples] if on_policy else [self._batch(ex, rows) for ex, rows in layouts]
         teacher_outs = self._teacher_passes(micro_batches)
-        rollouts = self._rollouts(step, examples, stats, samples, teacher_outs)
-        weights, weight_sum = self._sequence_weights(micro_batches, teacher_outs, stats)
+        rollouts = self._rollouts(step, examples, counts, stats, samples, teacher_outs)
+        weights, weight_sum = self._sequence_weights(micro_batches, teacher_outs, counts, stats)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         self.guard.start_step(step)
         sums = StepSums.zeros(self.objective.active_at(rollout_step=rollouts[0] is not None, on_policy=on_policy))
@@ -153,23 +163,50 @@ class Trainer:
         self.step = step + 1
         return self._step_metrics(sums.all_reduced(), weight_sum, stats, lr, grad_norm, started)
 
-    def _batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in collate(examples, self.pad_id).items()}
+    def _documents(self, step: int, micro_step: int) -> tuple[list[Example], list[int] | None]:
+        """This rank's documents of a micro-step, and how many of them each packed row holds (None unpacked)."""
+        units = self.sampler.indices(step, micro_step, self.rank)
+        if self.packs is None:
+            return [self.train_data[i] for i in units], None
+        packs = [self.packs[i] for i in units]
+        return [doc for pack in packs for doc in pack], [len(pack) for pack in packs]
 
-    def _first_row(self, micro_step: int) -> int:
-        """The global-batch index of this rank's first sequence of a micro-step (it seeds the draws)."""
-        return (micro_step * self.world + self.rank) * self.settings.trainer.micro_batch_size
+    def _document_counts(self, step: int) -> torch.Tensor:
+        """[accum, world] documents of every rank's micro-batches of a step (the same on every rank:
+        the sampler is deterministic), in the stream order (micro-step, rank) of the global batch."""
+        accum, micro = self.settings.trainer.grad_accum, self.settings.trainer.micro_batch_size
+        if self.pack_sizes is None:
+            return torch.full((accum, self.world), micro, dtype=torch.long)
+        return torch.tensor(
+            [
+                [int(self.pack_sizes[self.sampler.indices(step, a, r)].sum()) for r in range(self.world)]
+                for a in range(accum)
+            ]
+        )
 
-    def _on_policy_samples(self, step: int, examples: list[list[Example]]) -> list[tuple[dict, Samples]]:
+    def _first_document(self, counts: torch.Tensor, micro_step: int) -> int:
+        """The global-batch index of this rank's first document of a micro-step (it seeds the draws)."""
+        return int(counts.flatten()[: micro_step * self.world + self.rank].sum())
+
+    def _batch(self, examples: list[Example], rows: list[int] | None) -> dict[str, torch.Tensor]:
+        batch = collate(examples, self.pad_id) if rows is None else collate_packed(examples, self.pad_id, rows)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _on_policy_samples(
+        self, step: int, examples: list[list[Example]], counts: torch.Tensor
+    ) -> list[tuple[dict, Samples]]:
         """On an on-policy step: every micro-batch's sequences replaced by the student's samples from
-        their prompts (as batches, the loss mask on the samples)."""
+        their prompts (as batches of one sample per row, the loss mask on the samples)."""
         with self.clock("rollout"):
-            return [self.seq_kd.sample_batch(ex, step, self._first_row(a)) for a, ex in enumerate(examples)]
+            return [
+                self.seq_kd.sample_batch(ex, step, self._first_document(counts, a)) for a, ex in enumerate(examples)
+            ]
 
     def _rollouts(
         self,
         step: int,
         examples: list[list[Example]],
+        counts: torch.Tensor,
         stats: dict,
         on_policy: list[tuple[dict, Samples]] | None,
         teacher_outs: list[dict | None],
@@ -186,7 +223,9 @@ class Trainer:
                     for (batch, drawn), out in zip(on_policy, teacher_outs, strict=True)
                 ]
             else:
-                samples = [self.seq_kd.rollout(ex, step, self._first_row(a)) for a, ex in enumerate(examples)]
+                samples = [
+                    self.seq_kd.rollout(ex, step, self._first_document(counts, a)) for a, ex in enumerate(examples)
+                ]
             advantages, seq_stats = self.seq_kd.advantages(samples)
         stats.update(seq_stats)
         # The student's log-prob of its samples comes later, with the micro-batch's forward.
@@ -201,18 +240,20 @@ class Trainer:
             return [self.teacher.on_batch(mb) for mb in micro_batches]
 
     def _sequence_weights(
-        self, micro_batches: list[dict], teacher_outs: list[dict | None], stats: dict
+        self, micro_batches: list[dict], teacher_outs: list[dict | None], counts: torch.Tensor, stats: dict
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """w_i of this rank's sequences per micro-batch, and Σ w over the global batch (the same
-        number on every rank: the denominator of L). Uniform without the teacher's valence."""
+        """w_i of this rank's sequences (documents) per micro-batch, and Σ w over the global batch (the
+        same number on every rank: the denominator of L). Uniform without the teacher's valence."""
         obj = self.objective
         if not obj.teacher_valence:
-            weights = [torch.ones(mb["input_ids"].shape[0], device=self.device) for mb in micro_batches]
-            return weights, torch.tensor(float(self.sampler.global_batch_size), device=self.device)
+            weights = [torch.ones(int(n), device=self.device) for n in counts[:, self.rank]]
+            return weights, torch.tensor(float(counts.sum()), device=self.device)
         with self.clock("weights"):
             masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
-            saliencies = [obj.saliency(t, m) for t, m in zip(teacher_outs, masks, strict=True)]
-            weights, weight_sum, weight_stats = self._weights(saliencies, masks)
+            sequences = [Sequences.of_batch(mb) for mb in micro_batches]
+            saliencies = [obj.saliency(t, m, q) for t, m, q in zip(teacher_outs, masks, sequences, strict=True)]
+            valid = [q.any(m) for q, m in zip(sequences, masks, strict=True)]
+            weights, weight_sum, weight_stats = self._weights(saliencies, valid, counts)
         stats.update(weight_stats)
         return weights, weight_sum
 
@@ -232,9 +273,7 @@ class Trainer:
         contributions added to `sums`. Returns the (detached) loss."""
         obj, clock = self.objective, self.clock
         with clock("student_forward"):
-            student_out = self.engine(
-                batch["input_ids"], batch["attention_mask"], **obj.train_inputs(batch, teacher_out, on_policy)
-            )
+            student_out = self.engine(**model_inputs(batch), **obj.train_inputs(batch, teacher_out, on_policy))
         with clock("loss"):
             terms, mask = obj.terms(student_out, teacher_out, batch, on_policy)
         if rollout is not None:
@@ -271,22 +310,31 @@ class Trainer:
             sums.teacher_valence += float(teacher_out["valence"].float().mean(-1)[mask].double().sum())
 
     def _weights(
-        self, saliencies: list[torch.Tensor], masks: list[torch.Tensor]
+        self, saliencies: list[torch.Tensor], valid: list[torch.Tensor], counts: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
         """w_i of this rank's micro-batches, from the saliencies of the whole global batch.
 
-        The gathered vector is ordered (micro-step, rank, row), the order in which one rank
+        The gathered vector is ordered (micro-step, rank, document), the order in which one rank
         with the concatenated batch would hold it, so every world size computes the same weights.
+        Micro-batches hold different numbers of documents when rows are packed: each is padded to the
+        step's largest for the gather, and the padding dropped again by `counts` (known on every rank).
         A sequence with no valid position gets weight 0 and stays out of the batch statistics.
         """
         obj = self.objective
-        valid = [m.any(1).to(s.dtype) for s, m in zip(saliencies, masks, strict=True)]
-        # [accum, micro, 2] per rank: each row's saliency and whether it has a valid position.
-        local = torch.stack([torch.stack(saliencies), torch.stack(valid)], dim=-1)
-        rows = global_batch_order(dist.all_gather(local))  # [global batch, 2]
+        slots = int(counts.max())
+        local = torch.zeros((len(saliencies), slots, 2), dtype=saliencies[0].dtype, device=saliencies[0].device)
+        for a, (s, v) in enumerate(zip(saliencies, valid, strict=True)):
+            local[a, : s.numel(), 0] = s
+            local[a, : s.numel(), 1] = v.to(s.dtype)
+        ordered = global_batch_order(dist.all_gather(local))  # [accum·world·slots, 2], (micro-step, rank, slot)
+        filled = (torch.arange(slots)[None, None, :] < counts[:, :, None]).flatten().to(ordered.device)
+        rows = ordered[filled]  # [documents of the global batch, 2]
         global_s, global_valid = rows[:, 0], rows[:, 1] > 0
         w = valence_weights(global_s, obj.lam, obj.z_max, obj.normalize, obj.eps, valid=global_valid)
-        mine = rank_rows(w, len(saliencies), self.world, self.rank)
+        starts = counts.flatten().cumsum(0) - counts.flatten()
+        mine = [
+            w[int(starts[a * self.world + self.rank]) :][: int(counts[a, self.rank])] for a in range(len(saliencies))
+        ]
         kept = global_s[global_valid].double() if bool(global_valid.any()) else global_s.double()
         stats = {
             "ess": float(effective_sample_size(w, global_valid)),

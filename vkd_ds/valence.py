@@ -19,6 +19,7 @@ from torch import nn
 
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import chunk_rows
+from vkd_ds.sequences import Sequences, selected
 
 DEFAULT_ALPHAS = (0.55, 0.20, 0.15, 0.10)
 
@@ -42,32 +43,33 @@ class ValenceHead(nn.Module):
 
 
 def normalized_entropy(
-    logits: torch.Tensor, mask: torch.Tensor, vocab_size: int | None = None, chunk_tokens: int = 1024
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_tokens: int = 1024,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """Mean over a sequence's valid positions of the token entropy at T = 1, divided by log(V): [B] in [0, 1].
 
     Computed in fp32 token chunks (no fp32 [tokens, V] copy). 0 for a sequence without valid positions.
     """
-    batch, seq_len = mask.shape
     vocab = vocab_size or logits.shape[-1]
     flat_logits = logits.flatten(0, 1)
-    index = mask.flatten().nonzero(as_tuple=True)[0]
+    index = selected(mask)
     entropy = torch.empty(index.numel(), dtype=torch.float32, device=logits.device)
     chunk_tokens = chunk_rows(chunk_tokens, vocab)
     for start in range(0, index.numel(), chunk_tokens):
         chunk = flat_logits[index[start : start + chunk_tokens], :vocab].float()
         log_p = F.log_softmax(chunk, dim=-1)
         entropy[start : start + chunk_tokens] = -(log_p.exp() * log_p).sum(-1)
-    seq_of = torch.div(index, seq_len, rounding_mode="floor")
-    sums = torch.zeros(batch, dtype=torch.float32, device=logits.device).index_add(0, seq_of, entropy)
-    counts = torch.bincount(seq_of, minlength=batch).float()
-    return sums / counts.clamp(min=1.0) / math.log(vocab)
+    return Sequences.of(mask, sequences).mean_selected(entropy, index) / math.log(vocab)
 
 
-def cached_normalized_entropy(entropy: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def cached_normalized_entropy(
+    entropy: torch.Tensor, mask: torch.Tensor, vocab_size: int, sequences: Sequences | None = None
+) -> torch.Tensor:
     """`normalized_entropy` from per-position entropies [B,S] (a teacher cache's): [B] in [0, 1]."""
-    m = mask.to(torch.float32)
-    return (entropy.float() * m).sum(1) / m.sum(1).clamp(min=1.0) / math.log(vocab_size)
+    return Sequences.of(mask, sequences).mean(entropy.float(), mask) / math.log(vocab_size)
 
 
 @torch.no_grad()
@@ -79,6 +81,7 @@ def saliency(
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     entropy: torch.Tensor | None = None,
+    sequences: Sequences | None = None,
 ) -> torch.Tensor:
     """s_i = α1·mean(V_i) + α2·min(V_i) + α3·(1 − H_i) + α4·C_i, per sequence [B], without gradient.
 
@@ -86,19 +89,29 @@ def saliency(
     H_i: `normalized_entropy` of the teacher's logits. C_i: mean cosine similarity of consecutive
     rows V_i[t], V_i[t+1] over the valid positions (1 when there are fewer than two: a single
     step is trivially coherent). A sequence without valid positions gets s_i = 0. `entropy` [B]: H_i
-    given (`cached_normalized_entropy`), the logits unused.
+    given (`cached_normalized_entropy`), the logits unused. `sequences`: a packed batch's (one
+    sequence per row by default).
     """
     a1, a2, a3, a4 = alphas
+    seqs = Sequences.of(mask, sequences)
     if entropy is None:
-        entropy = normalized_entropy(teacher_logits, mask, vocab_size, chunk_tokens)
-    out = torch.zeros(mask.shape[0], dtype=torch.float32, device=trajectory.device)
-    for b in range(mask.shape[0]):
-        rows = trajectory[b][mask[b]].float()  # [P, k]
-        if rows.shape[0] == 0:
-            continue
-        coherence = F.cosine_similarity(rows[:-1], rows[1:], dim=-1).mean() if rows.shape[0] > 1 else 1.0
-        out[b] = a1 * rows.mean() + a2 * rows.min() + a3 * (1.0 - entropy[b]) + a4 * coherence
-    return out
+        entropy = normalized_entropy(teacher_logits, mask, vocab_size, chunk_tokens, seqs)
+    index = selected(mask)
+    # The valid positions in row-major order: each sequence's in its own order, one sequence after another.
+    rows = trajectory.flatten(0, 1)[index].float()  # [N, k]
+    seq_of = seqs.of_positions(index)
+    counts = seqs.counts(index)
+    mean = seqs.mean_selected(rows.mean(-1), index)
+    minimum = torch.zeros(seqs.count, dtype=torch.float32, device=rows.device)
+    minimum = minimum.scatter_reduce(0, seq_of, rows.amin(-1), reduce="amin", include_self=False)
+    # Coherence: consecutive valid positions of the same sequence; 1 where a sequence has fewer than two.
+    same = seq_of[1:] == seq_of[:-1]
+    cosines = F.cosine_similarity(rows[:-1][same], rows[1:][same], dim=-1)
+    pairs = (counts - 1).clamp(min=0)
+    coherence = torch.zeros(seqs.count, dtype=torch.float32, device=rows.device).index_add(0, seq_of[1:][same], cosines)
+    coherence = torch.where(pairs > 0, coherence / pairs.clamp(min=1), torch.ones_like(coherence))
+    value = a1 * mean + a2 * minimum + a3 * (1.0 - entropy.to(rows.device)) + a4 * coherence
+    return torch.where(counts > 0, value, torch.zeros_like(value))
 
 
 def valence_weights(

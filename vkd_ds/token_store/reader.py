@@ -90,6 +90,15 @@ class TokenRows(Sequence):
     def __len__(self) -> int:
         return self.num_rows
 
+    def lengths(self) -> np.ndarray:
+        """Every row's length in tokens (what packing plans from), read in blocks of rows.bin."""
+        out = np.empty(self.num_rows, dtype=np.int64)
+        block = 1 << 20
+        for first in range(0, self.num_rows, block):
+            count = min(block, self.num_rows - first)
+            out[first : first + count] = self._read("rows", ROW_DTYPE, first, count)["length"]
+        return out
+
     def row(self, index: int) -> np.void:
         return self._read("rows", ROW_DTYPE, index, 1)[0]
 
