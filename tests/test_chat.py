@@ -8,6 +8,7 @@ Run with -s to see each rendered conversation with its target spans marked «...
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -619,3 +620,63 @@ def test_reasoning_without_an_answer_is_refused():
         VkdError, match=r"^train\.jsonl:10: assistant turn 1 has reasoning but no answer after </think>"
     ):
         render(messages, tokenizer("qwen3"), "train.jsonl:10")
+
+
+# --- Conversations as training data ----------------------------------------------------------------------------
+
+
+def test_conversations_in_a_token_store_keep_their_assistant_targets(tmp_path):
+    """`messages` records through the token store: each row's loss mask is the render's targets (all turns,
+    or the last with data.assistant_turns=last, another store); text records alongside keep theirs."""
+    from vkd_ds.token_store import open_split
+
+    tok = tokenizer("qwen2.5")
+    path = tmp_path / "chat.jsonl"
+    records = [{"messages": CONVERSATION}, {"text": "A plain document among conversations."}]
+    records.append({"messages": [ASK_1, {"role": "assistant", "content": ANSWER_1}], "valence": 0.75})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stores = {}
+    for turns in ("all", "last"):
+        rows = open_split(str(path), "data.train_path", tok, 512, str(tmp_path / "stores"), assistant_turns=turns)
+        stores[turns] = rows.folder
+        for row, record in zip(rows, records, strict=True):
+            if "messages" not in record:
+                assert row.loss_mask == [0] + [1] * (len(row.input_ids) - 1)
+                continue
+            rendered = render(record["messages"], tok, "chat", last_only=turns == "last")
+            print(f"\n--- {turns} ---\n{rendered.describe()}")
+            assert row.input_ids == rendered.ids and row.loss_mask == rendered.targets
+            assert row.prompt_len == rendered.prompt_len
+            assert row.valence == ([0.75] * len(row.input_ids) if "valence" in record else None)
+        assert rows.manifest["counts"]["targets"] == sum(sum(r.loss_mask[1:]) for r in rows)
+    assert stores["all"] != stores["last"]
+    with pytest.raises(VkdError, match="data.assistant_turns=all, this run has last"):
+        open_split(str(stores["all"]), "data.train_path", tok, 512, None, assistant_turns="last")
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"messages": [ASK_1]}, "chat.jsonl:2: the conversation has no assistant turn"),
+        ({"messages": CONVERSATION, "valence": [0.5]}, 'chat.jsonl:2: "valence" of a "messages" record must be one'),
+        ({"messages": CONVERSATION, "text": "x"}, 'chat.jsonl:2: a record needs one of "text"'),
+    ],
+)
+def test_bad_conversations_are_refused_with_their_line_and_nothing_is_published(record, message, tmp_path):
+    from vkd_ds.token_store import open_split
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(VkdError, match=message.replace("[", r"\[")):
+        open_split(str(path), "data.train_path", tokenizer("qwen2.5"), 512, str(tmp_path / "stores"))
+    assert not list((tmp_path / "stores").glob("*"))
+
+
+def test_conversations_need_a_tokenizer_with_a_chat_template(tmp_path):
+    from vkd_ds.token_store import open_split
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    with pytest.raises(VkdError, match="need a tokenizer with a chat template"):
+        open_split(str(path), "data.train_path", tokenizer("qwen2.5", template=None), 512, str(tmp_path / "s"))
+    assert not list((tmp_path / "s").glob("*"))

@@ -37,8 +37,8 @@ def test_malformed_line_names_file_and_line(tmp_path):
     "record, message",
     [
         ('["a list"]', "must be a JSON object"),
-        ('{"txt": "typo"}', 'either "text" or "prompt"'),
-        ('{"text": "a", "prompt": "b", "completion": "c"}', 'either "text" or "prompt"'),
+        ('{"txt": "typo"}', 'a record needs one of "text"'),
+        ('{"text": "a", "prompt": "b", "completion": "c"}', 'a record needs one of "text"'),
         ('{"prompt": "only a prompt"}', '"completion" must be a string'),
         ('{"text": 5}', '"text" must be a string'),
     ],
@@ -93,7 +93,7 @@ def test_prompt_only_records_after_truncation_are_counted(tiny_assets, tmp_path)
     assert not any(data[0].loss_mask) and any(data[1].loss_mask)
     assert any("no target token" in note for note in data.notes())
     # The pair was also longer than the row: cut, and counted with its dropped tokens.
-    assert any("cut 1 prompt/completion record(s)" in note for note in data.notes())
+    assert any("cut 1 prompt/completion or messages record(s)" in note for note in data.notes())
     assert store_of(write_lines(tmp_path / "ok.jsonl", lines[1:]), tokenizer, 8, tmp_path).notes() == []
 
 

@@ -1,15 +1,13 @@
 """Packed rows (data.packing): the packing plan, packed batches, and the point of it all: a document's
 losses, saliency and gradients are the same packed as alone in its row."""
 
-import json
-import random
-
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import base_overrides, train_job
 from tests.multirank import run_ranks
+from vkd_ds.assets import write_short_records
 from vkd_ds.data import Example, collate_packed
 from vkd_ds.metrics import read_metrics
 from vkd_ds.packing import best_fit_decreasing
@@ -44,17 +42,6 @@ def test_a_packed_batch_restarts_positions_and_never_targets_a_document_start():
     assert batch["loss_mask"].int().tolist() == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert batch["row"].tolist() == [10, 11, 12]
-
-
-def write_short_records(path, source, count: int, seed: int = 0) -> None:
-    """Records of 2 to 40 words cut from `source`'s text: a wide spread of short lengths."""
-    words = " ".join(json.loads(line)["text"] for line in source.read_text().splitlines()).split()
-    rng = random.Random(seed)
-    with path.open("w") as out:
-        for _ in range(count):
-            n = rng.choice([2, 3, 5, 8, 12, 20, 30, 40])
-            start = rng.randrange(len(words) - n)
-            out.write(json.dumps({"text": " ".join(words[start : start + n])}) + "\n")
 
 
 # Every term but L_seq, with the attention maps in L_feat and InfoNCE in L_reg (whose negatives are the

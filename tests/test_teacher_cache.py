@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import base_overrides, deepspeed_launch, vkd_cli_in_process
 from tests.test_reliability import kill_at_step, steps_logged
+from vkd_ds.assets import write_short_records
 from vkd_ds.metrics import read_metrics
 from vkd_ds.terms import loss_overrides
 
@@ -49,25 +50,34 @@ def cache64(tiny_assets, tmp_path_factory):
     return cache_dir
 
 
-def test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses(tiny_assets, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+def test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses(packed, tiny_assets, tmp_path):
     """k = V, fp32: the losses of every term the cache serves, the valence weights' statistics and
-    the held-out figures equal the live teacher's within 1e-5, 2 ranks; the teacher is never loaded."""
+    the held-out figures equal the live teacher's within 1e-5, 2 ranks; the teacher is never loaded.
+    Packed: short records several to a row (data.packing=true), each finding its own cached positions."""
     cache_dir = tmp_path / "full"
     vocab = 384
-    result = run_cache_teacher(cache_overrides(tiny_assets, cache_dir, f"cache.top_k={vocab}", "cache.precision=fp32"))
+    data = ["data.packing=false"]
+    if packed:
+        write_short_records(tmp_path / "short.jsonl", tiny_assets / "train.jsonl", 200)
+        data = [f"data.train_path={tmp_path / 'short.jsonl'}", "data.max_seq_len=128", "data.packing=true"]
+    result = run_cache_teacher(
+        cache_overrides(tiny_assets, cache_dir, f"cache.top_k={vocab}", "cache.precision=fp32", *data)
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     assert manifest["dtypes"]["logp"] == "<f4" and manifest["top_k"] == vocab
     steps = ["trainer.max_steps=3", "trainer.eval_every=3"]
     live = deepspeed_launch(
-        ["launcher/train.py", *base_overrides(tiny_assets, tmp_path / "live"), *CACHED_OBJECTIVE, *steps], 2
+        ["launcher/train.py", *base_overrides(tiny_assets, tmp_path / "live"), *CACHED_OBJECTIVE, *steps, *data], 2
     )
     cached = deepspeed_launch(
-        ["launcher/train.py", *cached_overrides(tiny_assets, tmp_path / "cached", cache_dir), *steps], 2
+        ["launcher/train.py", *cached_overrides(tiny_assets, tmp_path / "cached", cache_dir), *steps, *data], 2
     )
     for job in (live, cached):
         assert job.returncode == 0, job.stderr[-4000:]
     cached_log = (tmp_path / "cached" / "train.log").read_text()
+    assert ("data: packing:" in cached_log) == packed
     assert "teacher: not loaded" in cached_log and "parameters, " not in cached_log.split("student:")[0]
     rows_live = read_metrics(tmp_path / "live" / "metrics.csv")
     rows_cached = read_metrics(tmp_path / "cached" / "metrics.csv")

@@ -237,7 +237,7 @@ def test_a_parquet_file_without_a_text_column_is_refused(tiny_assets, tmp_path):
 
     pq.write_table(pa.table({"content": ["The list"], "id": [1]}), tmp_path / "bad.parquet")
     line = refused(tiny_assets, tmp_path, f"data.train_path={tmp_path / 'bad.parquet'}")
-    assert 'bad.parquet: no "text" column, nor "prompt" + "completion" (its columns: content, id)' in line
+    assert 'bad.parquet: no "text" column, nor "prompt" + "completion", nor "messages" (its columns: content, id)' in line
 
 
 def test_a_glob_that_matches_nothing_is_refused(tiny_assets, tmp_path):

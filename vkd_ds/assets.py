@@ -196,3 +196,15 @@ def write_bench_assets(
     tokenizer.save_pretrained(out / "teacher")
     save_head(ValenceHead(teacher_width, 8), out / "teacher_valence_head.safetensors")
     return out
+
+
+def write_short_records(path, source, count: int, seed: int = 0) -> None:
+    """`count` records of 2 to 40 words cut from the text of the JSONL `source`: short records with a wide
+    spread of lengths (what packing is for; tests/test_packing.py, bench/packing.py)."""
+    words = " ".join(json.loads(line)["text"] for line in source.read_text().splitlines()).split()
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for _ in range(count):
+            n = rng.choice([2, 3, 5, 8, 12, 20, 30, 40])
+            start = rng.randrange(len(words) - n)
+            out.write(json.dumps({"text": " ".join(words[start : start + n])}) + "\n")

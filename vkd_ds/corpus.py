@@ -156,9 +156,11 @@ def _columns_to_read(names: list[str], where: str) -> list[str]:
         wanted = ["text"]
     elif all(k in names for k in PAIR_KEYS):
         wanted = list(PAIR_KEYS)
+    elif "messages" in names:
+        wanted = ["messages"]
     else:
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-        raise VkdError(f'{where}: no "text" column, nor "prompt" + "completion" (its columns: {shown})')
+        raise VkdError(f'{where}: no "text" column, nor "prompt" + "completion", nor "messages" (its columns: {shown})')
     return wanted + (["valence"] if "valence" in names else [])
 
 

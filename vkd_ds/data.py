@@ -2,11 +2,13 @@
 in-memory record lists (`vkd-ds fit-valence-head`), collation, resumable sampling. Training reads
 its rows from a token store (vkd_ds.token_store), which applies the same rules.
 
-A record is `{"text": ...}` or `{"prompt": ..., "completion": ...}` (the loss
-covers the completion only), with an optional `"valence"` label in [0, 1]: one
-number for the whole sequence, or a list with one number per token of the
-text (of prompt + completion), as the tokenizer encodes it without special
-tokens. `vkd-ds fit-valence-head` fits the teacher's valence head on them.
+A record is `{"text": ...}`, `{"prompt": ..., "completion": ...}` (the loss
+covers the completion only) or `{"messages": [{"role": ..., "content": ...}, ...]}`
+(a conversation rendered with the tokenizer's chat template, the loss on the
+assistant turns: vkd_ds.chat), with an optional `"valence"` label in [0, 1]: one
+number for the whole sequence, or (text and pairs) a list with one number per
+token of the text (of prompt + completion), as the tokenizer encodes it without
+special tokens. `vkd-ds fit-valence-head` fits the teacher's valence head on them.
 """
 
 from __future__ import annotations
@@ -35,9 +37,16 @@ def check_record(record, where: str) -> None:
         raise VkdError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
     has_text = "text" in record
     has_pair = "prompt" in record or "completion" in record
-    if has_text == has_pair:
-        raise VkdError(f'{where}: a record needs either "text" or "prompt" + "completion"')
-    keys = ("text",) if has_text else ("prompt", "completion")
+    has_messages = "messages" in record
+    if has_text + has_pair + has_messages != 1:
+        raise VkdError(f'{where}: a record needs one of "text", "prompt" + "completion", or "messages"')
+    if has_messages:
+        from vkd_ds.chat import check_messages
+
+        check_messages(record["messages"], where)
+        if isinstance(record.get("valence"), list):
+            raise VkdError(f'{where}: "valence" of a "messages" record must be one number (no per-token labels)')
+    keys = ("text",) if has_text else ("prompt", "completion") if has_pair else ()
     for key in keys:
         if not isinstance(record.get(key), str):
             raise VkdError(f'{where}: "{key}" must be a string')
@@ -77,7 +86,10 @@ def windows(length: int, max_seq_len: int) -> list[tuple[int, int]]:
 
 
 def record_texts(record: dict) -> list[str]:
-    """The texts of a record the tokenizer encodes, in order: its text, or its prompt and completion."""
+    """The texts of a record the tokenizer encodes, in order: its text, or its prompt and completion
+    (none for a conversation, which is rendered whole: `chat_document`)."""
+    if "messages" in record:
+        return []
     return [record["text"]] if "text" in record else [record["prompt"], record["completion"]]
 
 
@@ -89,8 +101,9 @@ class Document:
     labels: list[float] | None
     spans: list[tuple[int, int]]  # [start, stop) of each row
     target_from: int  # in each row, loss_mask[t] = t >= target_from
-    prompt_len: int | None  # BOS + prompt of a prompt/completion record
-    cut: int  # tokens of a pair past max_seq_len, dropped
+    prompt_len: int | None  # BOS + prompt of a prompt/completion record (of a conversation: up to its last reply)
+    cut: int  # tokens of a pair (or a conversation) past max_seq_len, dropped
+    targets: list[int] | None = None  # a conversation's: 1 on its assistant turns (target_from then unused)
 
 
 def document(record: dict, parts: list[list[int]], bos: list[int], eos: list[int], max_seq_len: int, where: str):
@@ -112,24 +125,44 @@ def document(record: dict, parts: list[list[int]], bos: list[int], eos: list[int
     return Document(ids, labels, [(0, len(ids))], target_from, min(target_from, len(ids)) or None, cut)
 
 
+def chat_document(record: dict, tokenizer, max_seq_len: int, where: str, last_only: bool) -> Document:
+    """A `messages` record's one row: the conversation as the chat template renders it, its assistant
+    turns (or only the last, `last_only`) the targets, cut at max_seq_len like a prompt/completion pair."""
+    from vkd_ds.chat import render
+
+    rendered = render(record["messages"], tokenizer, where, last_only)
+    ids, targets = rendered.ids[:max_seq_len], rendered.targets[:max_seq_len]
+    labels = [float(record["valence"])] * len(ids) if "valence" in record else None
+    first = next((t for t, flag in enumerate(targets) if flag), len(ids))
+    prompt_len = min(rendered.prompt_len, len(ids)) or None
+    cut = max(0, len(rendered.ids) - max_seq_len)
+    return Document(ids, labels, [(0, len(ids))], first, prompt_len, cut, targets)
+
+
 def row_mask(length: int, target_from: int) -> list[int]:
     return [0] * min(target_from, length) + [1] * max(0, length - target_from)
 
 
-def tokenize(records: list[tuple[str, dict]], tokenizer, max_seq_len: int) -> list[Example]:
+def tokenize(
+    records: list[tuple[str, dict]], tokenizer, max_seq_len: int, assistant_turns: str = "all"
+) -> list[Example]:
     """Token ids and loss masks of small in-memory record lists, by the token store's rules (`document`)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
     for where, record in records:
-        parts = [tokenizer.encode(text, add_special_tokens=False) for text in record_texts(record)]
-        doc = document(record, parts, bos, eos, max_seq_len, where)
+        if "messages" in record:
+            doc = chat_document(record, tokenizer, max_seq_len, where, assistant_turns == "last")
+        else:
+            parts = [tokenizer.encode(text, add_special_tokens=False) for text in record_texts(record)]
+            doc = document(record, parts, bos, eos, max_seq_len, where)
         if len(doc.ids) < 2:
             raise VkdError(f"{where}: the record tokenizes to fewer than 2 tokens")
         for w, (a, b) in enumerate(doc.spans):
             source = where if w == 0 else f"{where} (window {w + 1})"
             labels = doc.labels[a:b] if doc.labels is not None else None
-            examples.append(Example(doc.ids[a:b], row_mask(b - a, doc.target_from), source, labels, doc.prompt_len))
+            mask = doc.targets[a:b] if doc.targets is not None else row_mask(b - a, doc.target_from)
+            examples.append(Example(doc.ids[a:b], mask, source, labels, doc.prompt_len))
     return examples
 
 
@@ -150,6 +183,8 @@ def is_empty(record: dict) -> bool:
     """A record with nothing to learn from: blank "text", or a blank prompt and completion."""
     if "text" in record:
         return not record["text"].strip()
+    if "messages" in record:
+        return False  # check_messages refused a conversation without a reply to learn
     return not (record["prompt"].strip() or record["completion"].strip())
 
 

@@ -120,7 +120,7 @@ def _examples(value, key: str, tokenizer, cfg: DictConfig):
     if not records:
         raise VkdError(f"{key}: every record has empty text; there is nothing to fit on")
     records = label_records(records, tokenizer, cfg.valence.fit.labels, float(cfg.valence.fit.lexicon_decay))
-    return tokenize(records, tokenizer, int(cfg.data.max_seq_len))
+    return tokenize(records, tokenizer, int(cfg.data.max_seq_len), str(cfg.data.assistant_turns))
 
 
 def fit_valence_head(cfg: DictConfig, log=print) -> dict:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import LOG_ZERO, SparseTeacher, chunk_rows, shift_for_next_token
+from vkd_ds.sequences import Sequences, selected
 from vkd_ds.token_store import VALID_KEY_BASE, tokenizer_fingerprint
 
 FORMAT = "vkd-ds teacher cache v1"
@@ -472,7 +473,8 @@ class CachedTeacher:
         keys = batch["row"].tolist()
         names = ("ids", "logp", "tail", "entropy", "target_logp", "valence")
         parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        counts = mask.sum(1).tolist()
+        # One key per document: a packed row's documents, each with its own cached positions, in row order.
+        counts = Sequences.of_batch(batch).counts(selected(mask)).tolist()
         touched: dict[int, _Mapped] = {}
         for b, key in enumerate(keys):
             if counts[b] == 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "vkd-ds token store v1"
+FORMAT = "vkd-ds token store v2"  # v2: per-token targets of conversations (targets.bin, tstart)
 MANIFEST = "manifest.json"
 ROW_DTYPE = np.dtype(
     [
@@ -21,6 +21,7 @@ ROW_DTYPE = np.dtype(
         ("number", "<i8"),  # line (JSONL) or row (Parquet/Arrow) in that file, 1-based
         ("window", "<i4"),  # which window of its document (0: the first)
         ("vstart", "<i8"),  # its first token's label in valence.bin (-1: unlabelled)
+        ("tstart", "<i8"),  # its first token's target flag in targets.bin (-1: loss_mask[t] = t >= target_from)
     ]
 )
 SAMPLE_BYTES = 1 << 20  # the head and tail of each input that its fingerprint hashes
@@ -42,7 +43,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     special = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)]
-    return hashlib.sha256((text + json.dumps(special)).encode()).hexdigest()
+    # The chat template decides how a conversation becomes tokens and which of them are targets.
+    template = getattr(tokenizer, "chat_template", None)
+    return hashlib.sha256((text + json.dumps(special) + json.dumps(template)).encode()).hexdigest()
 
 
 def input_fingerprint(path: str) -> dict:
@@ -62,13 +65,16 @@ def input_fingerprint(path: str) -> dict:
     return {"parts": entries}
 
 
-def fingerprint(files: list[str], tokenizer_sha256: str, max_seq_len: int) -> tuple[str, dict]:
+def fingerprint(
+    files: list[str], tokenizer_sha256: str, max_seq_len: int, assistant_turns: str = "all"
+) -> tuple[str, dict]:
     """The store's key, and what it is computed from (recorded in the manifest)."""
     what = {
         "format": FORMAT,
         "inputs": [input_fingerprint(f) for f in files],
         "tokenizer_sha256": tokenizer_sha256,
         "max_seq_len": int(max_seq_len),
+        "assistant_turns": assistant_turns,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest(), what
 
@@ -76,7 +82,8 @@ def fingerprint(files: list[str], tokenizer_sha256: str, max_seq_len: int) -> tu
 NOTE_TEXT = {
     "empty": "skipped {n} record(s) with empty text (first: {first})",
     "short": "skipped {n} record(s) that tokenize to fewer than 2 tokens (first: {first})",
-    "cut": "cut {n} prompt/completion record(s) longer than data.max_seq_len, {tokens} tokens dropped (first: {first})",
+    "cut": "cut {n} prompt/completion or messages record(s) longer than data.max_seq_len, {tokens} tokens dropped "
+    "(first: {first})",
     "prompt_only": "{n} record(s) have no target token after the cut to data.max_seq_len (their prompt "
     "fills it; first: {first}); they add nothing to the loss",
 }

@@ -111,7 +111,10 @@ class TokenRows(Sequence):
         r = self.row(index)
         length, target_from = int(r["length"]), int(r["target_from"])
         ids = self._read("tokens", self.token_dtype, int(r["start"]), length).tolist()
-        mask = row_mask(length, target_from)
+        if r["tstart"] >= 0:  # a conversation's row: its assistant turns, flagged token by token
+            mask = self._read("targets", np.dtype("u1"), int(r["tstart"]), length).tolist()
+        else:
+            mask = row_mask(length, target_from)
         valence = None
         if r["vstart"] >= 0:
             valence = self._read("valence", np.dtype("<f4"), int(r["vstart"]), length).tolist()
@@ -180,6 +183,7 @@ def open_split(
     key_base: int = 0,
     wait: bool = False,
     tokenizer_sha256: str | None = None,
+    assistant_turns: str = "all",
 ) -> TokenRows:
     """A split's rows: `value` is a prepared store's directory, or the inputs (prepared here once,
     or, with `wait`, by the job's rank 0). `tokenizer_sha256`: the tokenizer's fingerprint, if known."""
@@ -197,10 +201,25 @@ def open_split(
                 f"{key}: the token store {folder} was prepared with data.max_seq_len={manifest['max_seq_len']}, "
                 f"this run has {max_seq_len}; prepare it again (vkd-ds prepare-data)"
             )
+        made_with = manifest["made_from"].get("assistant_turns", "all")
+        if "targets" in manifest["arrays"] and made_with != assistant_turns:
+            raise VkdError(
+                f"{key}: the token store {folder} was prepared with data.assistant_turns={made_with}, "
+                f"this run has {assistant_turns}; prepare it again (vkd-ds prepare-data)"
+            )
         return TokenRows(folder, manifest, key_base)
     sources = resolve_sources(value, key)
     root = Path(os.path.expanduser(store_dir)) if store_dir else default_store_dir()
-    folder = prepare_store(root, sources, tokenizer, max_seq_len, wait=wait, key=key, tokenizer_sha256=tokenizer_sha256)
+    folder = prepare_store(
+        root,
+        sources,
+        tokenizer,
+        max_seq_len,
+        wait=wait,
+        key=key,
+        tokenizer_sha256=tokenizer_sha256,
+        assistant_turns=assistant_turns,
+    )
     manifest = read_store_manifest(folder, key)
     return TokenRows(folder, manifest, key_base, sources)
 
@@ -223,6 +242,7 @@ def open_splits(data, tokenizer) -> dict[str, tuple[object, TokenRows]]:
                 key_base=base,
                 wait=wait,
                 tokenizer_sha256=tokenizer_sha256,
+                assistant_turns=data.assistant_turns,
             )
             splits[split] = (value, rows)
     return splits

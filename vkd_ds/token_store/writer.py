@@ -18,7 +18,7 @@ import numpy as np
 
 from vkd_ds.checkpoint import write_atomic
 from vkd_ds.corpus import Source, file_kind, read_records, source_name
-from vkd_ds.data import Document, document, is_empty, record_texts
+from vkd_ds.data import Document, chat_document, document, is_empty, record_texts
 from vkd_ds.errors import VkdError
 from vkd_ds.token_store.layout import (
     FORMAT,
@@ -76,13 +76,15 @@ class _HashedFile:
 
 
 class _StoreWriter:
-    def __init__(self, folder: Path, tokenizer, max_seq_len: int):
+    def __init__(self, folder: Path, tokenizer, max_seq_len: int, assistant_turns: str = "all"):
         self.folder = folder
+        self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
+        self.last_turn_only = assistant_turns == "last"
         self.dtype = id_dtype(len(tokenizer))
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self.files = {name: _HashedFile(folder / f"{name}.bin") for name in ("tokens", "rows", "valence")}
+        self.files = {name: _HashedFile(folder / f"{name}.bin") for name in ("tokens", "rows", "valence", "targets")}
         self.counts = Counts()
         self.rows: list[tuple] = []
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -98,10 +100,12 @@ class _StoreWriter:
         """Tokenize and store a batch of (file index, line, file:line, record)."""
         encoded = iter(self.encode([text for *_, record in pending for text in record_texts(record)]))
         for file_index, number, where, record in pending:
-            parts = [next(encoded) for _ in record_texts(record)]
-            self._document(
-                file_index, number, where, document(record, parts, self.bos, self.eos, self.max_seq_len, where)
-            )
+            if "messages" in record:  # rendered whole by the chat template, with character offsets
+                doc = chat_document(record, self.tokenizer, self.max_seq_len, where, self.last_turn_only)
+            else:
+                parts = [next(encoded) for _ in record_texts(record)]
+                doc = document(record, parts, self.bos, self.eos, self.max_seq_len, where)
+            self._document(file_index, number, where, doc)
         self._flush_rows()
 
     def _document(self, file_index: int, number: int, where: str, doc: Document) -> None:
@@ -120,18 +124,24 @@ class _StoreWriter:
         if doc.labels is not None:
             vstart = self.files["valence"].bytes // 4
             self.files["valence"].write(np.asarray(doc.labels, dtype=np.float32).tobytes())
+        tstart = -1
+        if doc.targets is not None:
+            tstart = self.files["targets"].bytes
+            self.files["targets"].write(np.asarray(doc.targets, dtype=np.uint8).tobytes())
         self.counts.records += 1
         self.counts.windowed_records += len(doc.spans) > 1
         for w, (a, b) in enumerate(doc.spans):
             labels_at = -1 if vstart < 0 else vstart + a
-            self._row(start + a, b - a, doc.target_from, doc.prompt_len or 0, file_index, number, w, labels_at)
+            targets_at = -1 if tstart < 0 else tstart + a
+            row = (start + a, b - a, doc.target_from, doc.prompt_len or 0, file_index, number, w, labels_at, targets_at)
+            self.rows.append(row)
+            self.counts.rows += 1
+            if doc.targets is None:
+                self.counts.targets += max(0, b - a - max(1, doc.target_from))
+            else:
+                self.counts.targets += sum(doc.targets[a + 1 : b])  # a row's first token is never a target
+            self.counts.labelled_rows += labels_at >= 0
             self.counts.text_rows += doc.prompt_len is None
-
-    def _row(self, start, length, target_from, prompt_len, file_index, number, window, vstart) -> None:
-        self.rows.append((start, length, target_from, prompt_len, file_index, number, window, vstart))
-        self.counts.rows += 1
-        self.counts.targets += max(0, length - max(1, target_from))
-        self.counts.labelled_rows += vstart >= 0
 
     def _flush_rows(self) -> None:
         if self.rows:
@@ -171,12 +181,21 @@ class _Progress:
             self.marker.touch()  # waiting ranks see a preparation that moves
 
 
-def _write(folder: Path, final: Path, sources: list[Source], tokenizer, max_seq_len: int, key: str, made_from):
+def _write(
+    folder: Path,
+    final: Path,
+    sources: list[Source],
+    tokenizer,
+    max_seq_len: int,
+    key: str,
+    made_from,
+    assistant_turns: str = "all",
+):
     """Every input into `folder` (a fresh partial directory, published as `final`); its manifest last.
     `made_from`: (fingerprint, what it hashes)."""
     fp, what = made_from
     files = [f for s in sources for f in s.files]
-    writer = _StoreWriter(folder, tokenizer, max_seq_len)
+    writer = _StoreWriter(folder, tokenizer, max_seq_len, assistant_turns)
     sizes = [_input_bytes(f) for f in files]
     progress = _Progress(key, sum(sizes), len(files), final, folder / "progress")
     pending, chars, done_bytes = [], 0, 0
@@ -208,9 +227,10 @@ def _write(folder: Path, final: Path, sources: list[Source], tokenizer, max_seq_
             f"{', '.join(s.spec for s in sources)}: no record with text to train on "
             f"({'; '.join(describe_notes(dataclasses.asdict(counts))) or 'no records'})"
         )
-    if counts.labelled_rows == 0:
-        (folder / "valence.bin").unlink()
-        written.pop("valence")
+    for name, used in (("valence", counts.labelled_rows > 0), ("targets", writer.files["targets"].bytes > 0)):
+        if not used:  # no labelled record, no conversation
+            (folder / f"{name}.bin").unlink()
+            written.pop(name)
     manifest = {
         "format": FORMAT,
         "fingerprint": fp,
@@ -271,12 +291,13 @@ def prepare_store(
     wait: bool = False,
     key: str = "data",
     tokenizer_sha256: str | None = None,
+    assistant_turns: str = "all",
 ) -> Path:
     """The directory of the store of `sources`: found complete under `root`, or written there now
     (by this process), or, with `wait` (a rank that is not rank 0), written by another process.
     `tokenizer_sha256`: the tokenizer's fingerprint, where the caller has it already."""
     files = [f for s in sources for f in s.files]
-    made_from = fingerprint(files, tokenizer_sha256 or tokenizer_fingerprint(tokenizer), max_seq_len)
+    made_from = fingerprint(files, tokenizer_sha256 or tokenizer_fingerprint(tokenizer), max_seq_len, assistant_turns)
     fp = made_from[0]
     name = fp[:20]
     final = root / name
@@ -295,7 +316,7 @@ def prepare_store(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        _write(partial, final, sources, tokenizer, max_seq_len, key, made_from)
+        _write(partial, final, sources, tokenizer, max_seq_len, key, made_from, assistant_turns)
         try:
             os.rename(partial, final)
         except OSError:
