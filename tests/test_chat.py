@@ -680,3 +680,71 @@ def test_conversations_need_a_tokenizer_with_a_chat_template(tmp_path):
     with pytest.raises(VkdError, match="need a tokenizer with a chat template"):
         open_split(str(path), "data.train_path", tokenizer("qwen2.5", template=None), 512, str(tmp_path / "s"))
     assert not list((tmp_path / "s").glob("*"))
+
+
+# A template in the style of ChatML over the tiny assets' tokenizer: its EOS ends each turn.
+TINY_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ eos_token }}\n{% endfor %}"
+)
+
+
+def write_conversations(path, count: int, seed: int = 0) -> None:
+    """`count` conversations of one or two exchanges cut from pydoc text: short, of spread lengths."""
+    import random
+
+    words = " ".join(pydoc_records()[:40]).split()
+    rng = random.Random(seed)
+
+    def say(low, high):
+        start = rng.randrange(len(words) - high)
+        return " ".join(words[start : start + rng.randint(low, high)])
+
+    with path.open("w") as out:
+        for _ in range(count):
+            messages = [{"role": "system", "content": "Answer briefly."}]
+            for _ in range(rng.choice([1, 1, 2])):
+                messages += [{"role": "user", "content": say(3, 8)}, {"role": "assistant", "content": say(3, 20)}]
+            out.write(json.dumps({"messages": messages}) + "\n")
+
+
+def test_distilling_on_conversations_packed_with_on_policy_steps(tiny_assets, tmp_path):
+    """Conversations end to end, 2 ranks: packed several to a row, the loss on the replies only, the
+    on-policy steps sampling each conversation's last reply from the conversation before it."""
+    from transformers import AutoTokenizer
+
+    from tests.conftest import base_overrides, train_job
+    from vkd_ds.metrics import read_metrics
+    from vkd_ds.token_store import open_split
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    tok.chat_template = TINY_TEMPLATE
+    tok.save_pretrained(tmp_path / "tokenizer")
+    write_conversations(tmp_path / "chat.jsonl", 120)
+    write_conversations(tmp_path / "chat_valid.jsonl", 16, seed=1)
+    run = tmp_path / "run"
+    train_job(
+        [
+            *base_overrides(tiny_assets, run),
+            f"data.train_path={tmp_path / 'chat.jsonl'}",
+            f"data.valid_path={tmp_path / 'chat_valid.jsonl'}",
+            f"data.tokenizer_path={tmp_path / 'tokenizer'}",
+            "data.max_seq_len=128",
+            "data.packing=true",
+            "onpolicy.fraction=0.5",
+            "seq_kd.n_gen=6",
+            "trainer.max_steps=4",
+            "trainer.eval_every=4",
+        ]
+    )
+    log = (run / "train.log").read_text()
+    assert "data: packing:" in log
+    rows = read_metrics(run / "metrics.csv")
+    assert {r["onpolicy"] for r in rows} == {"0", "1"} and float(rows[-1]["eval/ce"]) > 0
+    assert all(float(r["fill"]) > 0.8 for r in rows if r["onpolicy"] == "0")
+    # The rows trained on: every target token is in an assistant reply (or its end of turn).
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    store = open_split(str(tmp_path / "chat.jsonl"), "data.train_path", loaded, 128, None)
+    for row in store[:20]:
+        targets = loaded.decode([t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m])
+        assert "system:" not in targets and "user:" not in targets and "assistant:" not in targets
+        assert row.prompt_len and loaded.decode(row.input_ids[: row.prompt_len]).rstrip().endswith("assistant:")

@@ -238,6 +238,19 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     "data.max_seq_len": Run(
         "wide", ("data.max_seq_len=24",), lambda job, jobs: value(job, "tokens") < value(jobs["ref"], "tokens")
     ),
+    "data.packing": Elsewhere(
+        "tests/test_packing.py::test_packed_two_ranks_equal_one_rank_with_short_documents",
+        "data.packing=true packs short documents several to a row (the start-up log says how), and 2 ranks "
+        "equal 1; tests/test_packing.py also shows each document's losses and gradients are its unpacked ones",
+    ),
+    "data.pack_length": Elsewhere(
+        "tests/test_packing.py::test_rows_of_another_length_and_their_refusal",
+        "data.pack_length=96 packs rows of 96 tokens; below data.max_seq_len it is refused",
+    ),
+    "data.assistant_turns": Elsewhere(
+        "tests/test_chat.py::test_conversations_in_a_token_store_keep_their_assistant_targets",
+        "data.assistant_turns=last makes another store whose conversations target their last reply only",
+    ),
     # --- loss ---------------------------------------------------------------------------------
     "loss.ce": Run("lambdas", ("loss.ce=0.5",), lambda_used("ce", 0.5)),
     "loss.soft": Run("lambdas", ("loss.soft=0.3",), lambda_used("soft", 0.3)),
@@ -366,8 +379,8 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     ),
     "metrics.wandb_project": Run("resumed", ("metrics.wandb_project=vkd-coverage",), wandb_run_continues),
     "trainer.max_steps": Run("seq", ("trainer.max_steps=5",), lambda job, jobs: len(job.rows) == 5),
-    "trainer.micro_batch_size": Run("misc", ("trainer.micro_batch_size=2",), logged("global batch 12 sequences")),
-    "trainer.grad_accum": Run("misc", ("trainer.grad_accum=3",), logged("global batch 12 sequences")),
+    "trainer.micro_batch_size": Run("misc", ("trainer.micro_batch_size=2",), logged("global batch 12 packed rows")),
+    "trainer.grad_accum": Run("misc", ("trainer.grad_accum=3",), logged("global batch 12 packed rows")),
     "trainer.global_batch_size": Refused(("trainer.global_batch_size=12",), "trainer.global_batch_size=12 does not"),
     "trainer.lr": Run("opt_lr", ("trainer.lr=0.01",), lr_follows_the_schedule),
     "trainer.min_lr_ratio": Run("opt_lr", ("trainer.min_lr_ratio=0.5",), lr_follows_the_schedule),

@@ -177,3 +177,44 @@ def test_packed_two_ranks_equal_one_rank_with_short_documents(tiny_assets, short
     torch.testing.assert_close(
         [float(r["grad_norm"]) for r in rows_two], [float(r["grad_norm"]) for r in rows_one], rtol=1e-4, atol=0
     )
+
+
+def test_rows_of_another_length_and_their_refusal(tiny_assets, short_records, tmp_path):
+    """data.pack_length: rows of that many tokens, each document whole (max_seq_len stays the longest);
+    shorter than data.max_seq_len is refused before anything starts."""
+    from tests.conftest import vkd_cli_in_process
+    from vkd_ds.config import compose
+    from vkd_ds.train import prepare
+
+    overrides = [*base_overrides(tiny_assets, tmp_path / "run"), f"data.train_path={short_records}"]
+    plain = prepare(compose([*overrides, "data.max_seq_len=48", "data.packing=true"])).packs
+    longer = prepare(compose([*overrides, "data.max_seq_len=48", "data.packing=true", "data.pack_length=96"])).packs
+    assert plain.capacity == 48 and longer.capacity == 96 and len(longer) < len(plain)
+    for packs in (plain, longer):
+        assert all(sum(len(d.input_ids) for d in packs[j]) <= packs.capacity for j in range(len(packs)))
+    result = vkd_cli_in_process(["train", *overrides, "data.max_seq_len=48", "data.pack_length=32"])
+    assert result.returncode == 2
+    assert "`data.pack_length` (32) must be at least data.max_seq_len (48)" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_packs_never_mix_the_inputs_of_a_mixture(tiny_assets, short_records, tmp_path):
+    """Weighted inputs are packed apart: each pack's documents come from one input, and the mixture's
+    ranges are those inputs' packs, so a weight is a share of packed rows."""
+    from vkd_ds.models import load_tokenizer
+    from vkd_ds.packing import PackedRows
+    from vkd_ds.token_store import open_split
+
+    lines = short_records.read_text().splitlines()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("\n".join(lines[:150]) + "\n")
+    second.write_text("\n".join(lines[150:]) + "\n")
+    value = [{"path": str(first), "weight": 1.0}, {"path": str(second), "weight": 3.0}]
+    rows = open_split(value, "data.train_path", load_tokenizer(str(tiny_assets / "tokenizer")), 64, str(tmp_path))
+    packs = PackedRows(rows, 64)
+    (a_first, a_stop, a_weight), (b_first, b_stop, b_weight) = packs.mixture()
+    assert (a_first, b_stop, a_weight, b_weight) == (0, len(packs), 1.0, 3.0) and a_stop == b_first
+    for j in range(len(packs)):
+        files = {doc.source.rsplit(":", 1)[0] for doc in packs[j]}
+        assert files == {str(first if j < a_stop else second)}, j
+    assert sum(packs.sizes()) == len(rows) and packs.fill() > 0.9

@@ -237,7 +237,8 @@ def test_a_parquet_file_without_a_text_column_is_refused(tiny_assets, tmp_path):
 
     pq.write_table(pa.table({"content": ["The list"], "id": [1]}), tmp_path / "bad.parquet")
     line = refused(tiny_assets, tmp_path, f"data.train_path={tmp_path / 'bad.parquet'}")
-    assert 'bad.parquet: no "text" column, nor "prompt" + "completion", nor "messages" (its columns: content, id)' in line
+    want = 'bad.parquet: no "text" column, nor "prompt" + "completion", nor "messages" (its columns: content, id)'
+    assert want in line
 
 
 def test_a_glob_that_matches_nothing_is_refused(tiny_assets, tmp_path):
@@ -324,3 +325,8 @@ def test_resuming_on_edited_data_says_so(tiny_assets, tmp_path):
         handle.write(json.dumps({"text": "The list type, appended after the checkpoint."}) + "\n")
     edited = train_job([*overrides, "trainer.max_steps=4"])
     assert "resuming on other training data than the checkpoint's" in edited.stderr
+    assert "resuming with other packing" not in edited.stderr  # the tiny rows pack (data.packing=auto)
+    unpacked = train_job([*overrides, "trainer.max_steps=5", "data.packing=false"])
+    assert "resuming with other packing than the checkpoint's (unpacked now, rows of 48 tokens packed then)" in (
+        unpacked.stderr
+    )

@@ -108,14 +108,15 @@ class PackedRows(Sequence):
 AUTO_FILL = 0.9  # data.packing=auto packs when rows are on average shorter than this share of a row
 
 
-def packed_rows(setting, rows, capacity: int) -> PackedRows | None:
-    """The training rows packed, or None: `data.packing` true, false, or auto (packs when the rows'
-    mean length is under AUTO_FILL of data.max_seq_len, where padding would waste a tenth or more)."""
+def packed_rows(setting, rows, max_seq_len: int, pack_length: int | None = None) -> PackedRows | None:
+    """The training rows packed into rows of `pack_length` tokens (None: max_seq_len), or None:
+    `data.packing` true, false, or auto (packs when the rows' mean length is under AUTO_FILL of
+    data.max_seq_len, where padding to the longest row would waste a tenth or more)."""
     if setting is False or len(rows) == 0:
         return None
-    if setting == "auto" and rows.lengths().mean() >= AUTO_FILL * capacity:
+    if setting == "auto" and rows.lengths().mean() >= AUTO_FILL * max_seq_len:
         return None
-    return PackedRows(rows, capacity)
+    return PackedRows(rows, pack_length or max_seq_len)
 
 
 @torch.no_grad()

@@ -260,6 +260,7 @@ class DataSettings:
     max_seq_len: int = _checked(number(low=2, integer=True))
     store_dir: str | None = _checked(anything)  # where token stores are written (null: $VKD_DS_DATA_CACHE or ~/.cache)
     packing: bool | str = _checked(auto_or(flag))  # several documents per row (vkd_ds.packing); auto: when it helps
+    pack_length: int | None = _checked(number(low=2, integer=True, optional=True))  # tokens per packed row
     assistant_turns: str = _checked(choice(("all", "last")))  # the targets of `messages` records
 
 
@@ -463,6 +464,11 @@ class Settings:
                 "gate.enabled=false"
             )
         max_len = self.data.max_seq_len
+        if self.data.pack_length is not None and self.data.pack_length < max_len:
+            raise VkdError(
+                f"config key `data.pack_length` ({self.data.pack_length}) must be at least data.max_seq_len "
+                f"({max_len}): a row of data.max_seq_len tokens must fit in a packed row"
+            )
         if self.seq_kd.n_gen >= max_len:
             raise VkdError(
                 f"config key `seq_kd.n_gen` ({self.seq_kd.n_gen}) must be below data.max_seq_len ({max_len}): "

@@ -112,7 +112,7 @@ def prepare(cfg: DictConfig) -> Prepared:
 
         manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss)
     notes = [note for _, rows in splits.values() for note in rows.notes()]
-    packs = packed_rows(s.data.packing, train_data, int(s.data.max_seq_len))
+    packs = packed_rows(s.data.packing, train_data, int(s.data.max_seq_len), s.data.pack_length)
     return Prepared(
         tokenizer,
         student_config,
@@ -325,13 +325,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log = setup_logging(run_dir, dist.is_main())
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
     log.info(
-        "vkd-ds: %d rank(s) on %s, %s, ZeRO-%d student%s, global batch %d sequences, run dir %s",
+        "vkd-ds: %d rank(s) on %s, %s, ZeRO-%d student%s, global batch %d %s, run dir %s",
         world,
         dist.device_description(),
         "bf16" if ds_config["bf16"]["enabled"] else "fp32",
         int(ds_config["zero_optimization"]["stage"]),
         "" if offload == "none" else f" (optimizer offloaded to {offload})",
         check_global_batch(s, world),
+        "sequences" if prepared.packs is None else f"packed rows of {prepared.packs.capacity} tokens",
         run_dir,
     )
     for split, rows in (("train", prepared.train_data), ("valid", prepared.valid_data)):

@@ -43,6 +43,8 @@ class StepSums:
     terms: dict[str, float]  # Σ_i w_i · term_i for each term computed at the step
     loss: float = 0.0  # Σ of the micro-batches' losses (each is its share of the global L)
     tokens: float = 0.0  # valid positions
+    real_tokens: float = 0.0  # the micro-batches' tokens that are not padding
+    positions: float = 0.0  # all their positions, padding included
     valence: float = 0.0  # Σ of the student's valence over valid positions (the proxy gate's)
     teacher_valence: float = 0.0  # Σ of the teacher's valence over the same positions (the gate's arming)
     valence_count: float = 0.0
@@ -54,10 +56,11 @@ class StepSums:
     def all_reduced(self) -> StepSums:
         """The terms, loss and tokens summed over every rank: one all-reduce of a float64 vector (the
         gate reduces its valence sums itself, before the step commits)."""
-        local = [*self.terms.values(), self.loss, self.tokens]
+        local = [*self.terms.values(), self.loss, self.tokens, self.real_tokens, self.positions]
         total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        *terms, loss, tokens = total
-        return StepSums(dict(zip(self.terms, terms, strict=True)), loss=loss, tokens=tokens)
+        *terms, loss, tokens, real_tokens, positions = total
+        terms = dict(zip(self.terms, terms, strict=True))
+        return StepSums(terms, loss=loss, tokens=tokens, real_tokens=real_tokens, positions=positions)
 
 
 class Trainer:
@@ -298,6 +301,8 @@ class Trainer:
             sums.terms[name] += float((w * terms[name].detach()).sum())
         sums.loss += float(loss.detach())
         sums.tokens += float(mask.sum())
+        sums.real_tokens += float(batch["attention_mask"].sum())
+        sums.positions += batch["attention_mask"].numel()
         return loss.detach()
 
     @staticmethod
@@ -361,6 +366,9 @@ class Trainer:
                 "grad_norm": _as_float(self.engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
                 "tokens": int(total.tokens),
                 "tokens_per_s": total.tokens / elapsed,
+                # Non-padding tokens per second, and their share of the rows (data.packing's point).
+                "real_tokens_per_s": total.real_tokens / elapsed,
+                "fill": total.real_tokens / max(total.positions, 1.0),
                 "step_time_s": elapsed,
                 "epoch": self.sampler.epoch_of(self.step),
                 "mem_rss_gb": float(rss[0]),
@@ -398,6 +406,7 @@ class Trainer:
         state["gate"] = self.guard.state_dict()
         state["metrics"] = self.last_metrics
         state["data"] = self.train_data.fingerprint  # the token store's
+        state["pack_length"] = None if self.packs is None else self.packs.capacity  # what the sampler draws
         return state
 
     def restore(self, client_state: dict) -> None:
@@ -415,6 +424,16 @@ class Trainer:
                 "the run continues, its data order by step over the new rows",
                 now[:20],
                 saved[:20],
+            )
+
+        packing = (client_state.get("pack_length"), None if self.packs is None else self.packs.capacity)
+        if "pack_length" in client_state and packing[0] != packing[1]:
+            # The sampler draws packs, or rows: the same step is another place in another stream.
+            self.log.warning(
+                "resuming with other packing than the checkpoint's (%s now, %s then): the run continues, "
+                "its data order by step over the new rows",
+                _packing_name(packing[1]),
+                _packing_name(packing[0]),
             )
 
     def _due(self, every: int) -> bool:
@@ -638,6 +657,10 @@ def _rss_gb() -> float:
 def _peak_rss_gb() -> float:
     """This process's peak resident memory since training began (train() resets it after loading)."""
     return peak_rss_bytes() / GIB
+
+
+def _packing_name(pack_length: int | None) -> str:
+    return "unpacked" if pack_length is None else f"rows of {pack_length} tokens packed"
 
 
 def _short(value) -> str:
