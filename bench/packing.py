@@ -1,11 +1,12 @@
 """Packed rows against one record per row: how full the rows are and real (non-padding) tokens per
 second, on the demo's corpus and on short records with a wide spread of lengths (2 to 40 words, cut
 from the demo's text by vkd_ds.assets.write_short_records), with the demo's settings (experiment=demo:
-data.max_seq_len=128, micro-batch 8 rows, 2 ranks, ZeRO-3, every term the demo runs).
+data.max_seq_len=128, 2 ranks, ZeRO-3, every term the demo runs).
 
-For each corpus, three layouts alternate --repeats times: unpacked (data.packing=false), packed
-(rows of data.max_seq_len) and packed into rows twice as long with half the micro-batch (the same
-row positions per micro-batch; data.pack_length=256 trainer.micro_batch_size=4); each run's
+For each corpus, three layouts alternate --repeats times: unpacked (data.packing=false, 8 rows per
+micro-batch), packed (8 rows of data.max_seq_len) and packed into rows twice as long with half the
+micro-batch (the same row positions per micro-batch: data.pack_length=256 trainer.micro_batch_size=4,
+the demo's own setting); each run's
 figure is the median over its steps after --skip of `real_tokens_per_s` (the non-padding tokens of
 the step's rows over the step's time) and `fill` (their share of the row positions). The ratio
 packed/unpacked compares runs of the same invocation, on the same machine, one at a time.
@@ -30,8 +31,9 @@ from pathlib import Path
 from common import REPO, bench_env, describe, median_of, run_parser, train, work_dir
 
 LAYOUTS = {
-    "unpacked": ["data.packing=false"],
-    "packed": ["data.packing=true"],
+    "unpacked": ["data.packing=false", "data.pack_length=null", "trainer.micro_batch_size=8"],
+    "packed": ["data.packing=true", "data.pack_length=null", "trainer.micro_batch_size=8"],
+    # The demo's own setting (configs/experiment/demo.yaml).
     "packed, rows of 256": ["data.packing=true", "data.pack_length=256", "trainer.micro_batch_size=4"],
 }
 

@@ -134,7 +134,10 @@ def chat_document(record: dict, tokenizer, max_seq_len: int, where: str, last_on
     ids, targets = rendered.ids[:max_seq_len], rendered.targets[:max_seq_len]
     labels = [float(record["valence"])] * len(ids) if "valence" in record else None
     first = next((t for t, flag in enumerate(targets) if flag), len(ids))
-    prompt_len = min(rendered.prompt_len, len(ids)) or None
+    # The prompt of on-policy steps and sequence KD: everything before the last reply that was kept
+    # (the conversation's last one unless the cut dropped it).
+    starts = [t for t, flag in enumerate(targets) if flag and (t == 0 or not targets[t - 1])]
+    prompt_len = starts[-1] if starts else None
     cut = max(0, len(rendered.ids) - max_seq_len)
     return Document(ids, labels, [(0, len(ids))], first, prompt_len, cut, targets)
 
