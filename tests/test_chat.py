@@ -748,3 +748,20 @@ def test_distilling_on_conversations_packed_with_on_policy_steps(tiny_assets, tm
         targets = loaded.decode([t for t, m in zip(row.input_ids, row.loss_mask, strict=True) if m])
         assert "system:" not in targets and "user:" not in targets and "assistant:" not in targets
         assert row.prompt_len and loaded.decode(row.input_ids[: row.prompt_len]).rstrip().endswith("assistant:")
+
+
+def test_fit_valence_head_labels_a_conversation_with_one_number():
+    """`vkd-ds fit-valence-head`'s lexicon labels: a conversation takes the mean mood of its replies
+    (per-token labels would not align with the rendered conversation), and then tokenizes as one row."""
+    from vkd_ds.data import tokenize
+    from vkd_ds.fit_head import label_records
+
+    tok = tokenizer("qwen2.5")
+    happy = [ASK_1, {"role": "assistant", "content": "A wonderful, lovely, excellent question; happy to help."}]
+    records = [("c:1", {"messages": CONVERSATION}), ("c:2", {"messages": happy})]
+    (_, plain), (_, glad) = label_records(records, tok, "auto", 0.8)
+    assert isinstance(plain["valence"], float) and 0.0 <= plain["valence"] <= 1.0
+    assert glad["valence"] > plain["valence"]
+    rows = tokenize([("c:2", glad)], tok, 512)
+    assert rows[0].valence == [glad["valence"]] * len(rows[0].input_ids)
+    assert rows[0].loss_mask == render(happy, tok, "c:2").targets

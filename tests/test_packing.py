@@ -42,6 +42,9 @@ def test_a_packed_batch_restarts_positions_and_never_targets_a_document_start():
     assert batch["loss_mask"].int().tolist() == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     assert batch["row"].tolist() == [10, 11, 12]
+    # Padding sits at position 0, however long the row: a packed row may exceed the model's context.
+    short = collate_packed([docs[2], docs[1]], pad_id=0, rows=[1, 1])
+    assert short["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]]
 
 
 # Every term but L_seq, with the attention maps in L_feat and InfoNCE in L_reg (whose negatives are the

@@ -208,7 +208,7 @@ def collate_packed(examples: list[Example], pad_id: int, rows: list[int]) -> dic
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
     loss_mask = torch.zeros(shape, dtype=torch.bool)
-    position_ids = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)  # restarting per document; 0 on padding
     sequence = torch.full(shape, -1, dtype=torch.long)
     doc = 0
     for r, group in enumerate(groups):
@@ -221,7 +221,8 @@ def collate_packed(examples: list[Example], pad_id: int, rows: list[int]) -> dic
             sequence[r, at : at + n] = doc
             at, doc = at + n, doc + 1
         attention_mask[r, :at] = 1
-        position_ids[r, at:] = torch.arange(length - at)
+        # Padding at position 0 (each pad then stands alone): its positions never exceed a document's,
+        # where a row (data.pack_length) may be longer than the model's context.
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,

@@ -70,7 +70,12 @@ def label_records(records: list[tuple[str, dict]], tokenizer, source: str, decay
     for where, record in records:
         if source == "data" and "valence" not in record:
             raise VkdError(f'{where}: valence.fit.labels=data but this record has no "valence" label')
-        if source == "lexicon" or (source == "auto" and "valence" not in record):
+        if (source == "lexicon" or (source == "auto" and "valence" not in record)) and "messages" in record:
+            # A conversation takes one label (no per-token labels): the mean mood of its replies.
+            replies = " ".join(m["content"] for m in record["messages"] if m["role"] == "assistant")
+            mood = running_mood(word_valence(replies, tokenizer), decay)
+            record = {**record, "valence": sum(mood) / len(mood) if mood else 0.5}
+        elif source == "lexicon" or (source == "auto" and "valence" not in record):
             parts = [record["text"]] if "text" in record else [record["prompt"], record["completion"]]
             words = [v for part in parts for v in word_valence(part, tokenizer)]
             record = {**record, "valence": running_mood(words, decay)}

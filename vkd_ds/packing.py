@@ -123,14 +123,15 @@ def packed_rows(setting, rows, max_seq_len: int, pack_length: int | None = None)
 def leaks_across_documents(forward, vocab_size: int, device) -> float:
     """How far a document's logits move when another document precedes it in a packed row (relative to
     their size; ~1e-6 in fp32 when attention stays within documents, of order 1 when it does not).
-    `forward(batch)` gives logits [R,S,V]. Collective under ZeRO-3: every rank calls it."""
+    Two rows, as a micro-batch has: transformers' flash-attention path finds packed documents only in
+    a batch of one row. `forward(batch)` gives logits [R,S,V]. Collective under ZeRO-3: every rank calls it."""
     generator = torch.Generator().manual_seed(0)
     first, second = torch.randint(0, vocab_size, (2, 7), generator=generator).tolist()
     first = first[:6]
     packed = {
-        "input_ids": torch.tensor([first + second], device=device),
+        "input_ids": torch.tensor([first + second, second + first], device=device),
         "attention_mask": None,
-        "position_ids": torch.tensor([list(range(6)) + list(range(7))], device=device),
+        "position_ids": torch.tensor([list(range(6)) + list(range(7)), list(range(7)) + list(range(6))], device=device),
     }
     alone = {"input_ids": torch.tensor([second], device=device), "attention_mask": torch.ones(1, 7, device=device)}
     together = forward(packed)[0, 6:].float()

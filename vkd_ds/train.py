@@ -530,5 +530,6 @@ def _check_packed_attention(engine, teacher: Teacher | None, prepared: Prepared)
         raise VkdError(
             f"data.packing: {who}'s attention lets one packed document see another (its logits moved by "
             f"{leak:.2g} of their size with another document before it): transformers does not derive "
-            "per-document masks for this model or attention implementation; set data.packing=false"
+            "per-document masks for this model or attention implementation (flash attention: only in a "
+            "batch of one row); set data.packing=false, or another attention implementation"
         )
