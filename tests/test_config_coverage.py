@@ -472,7 +472,7 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
         "32 records per shard: 7 training shards",
     ),
     "assets_dir": Elsewhere(
-        "tests/test_demo.py::test_quick_demo_with_sequence_kd_distilled_student_beats_ce_only",
+        "tests/test_demo.py::test_quick_demo_with_sequence_kd_end_to_end",
         "the demo writes its assets to assets_dir and its path keys refer to it",
     ),
     "resume": Run("resumed", ("resume=auto",), lambda job, jobs: "resumed from" in job.log and len(job.rows) == 3),

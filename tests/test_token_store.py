@@ -330,3 +330,18 @@ def test_resuming_on_edited_data_says_so(tiny_assets, tmp_path):
     assert "resuming with other packing than the checkpoint's (unpacked now, rows of 48 tokens packed then)" in (
         unpacked.stderr
     )
+
+
+def test_a_store_of_another_format_is_refused_with_what_to_do(tokenizer, tmp_path):
+    """A store an older vkd-ds wrote (another format line), named directly: one line saying so."""
+    import shutil
+
+    source = write_jsonl(tmp_path / "a.jsonl", [{"text": "The list type."}])
+    rows = open_split(str(source), "data.train_path", tokenizer, 64, str(tmp_path / "stores"))
+    old = tmp_path / "old_store"
+    shutil.copytree(rows.folder, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["format"] = "vkd-ds token store v1"
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(VkdError, match="was prepared by another vkd-ds .'vkd-ds token store v1'"):
+        open_split(str(old), "data.train_path", tokenizer, 64, None)

@@ -24,6 +24,8 @@ from vkd_ds.token_store.layout import (
 )
 from vkd_ds.token_store.writer import prepare_store
 
+FORMAT_NAME = FORMAT.rsplit(" v", 1)[0]  # "vkd-ds token store", whatever the version
+
 
 def is_store(path) -> bool:
     if not isinstance(path, str):
@@ -33,7 +35,8 @@ def is_store(path) -> bool:
     if not manifest.is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("format") == FORMAT
+        # Any version: read_store_manifest refuses another one with what to do.
+        return str(json.loads(manifest.read_text()).get("format", "")).startswith(FORMAT_NAME)
     except (OSError, ValueError):
         return False
 
@@ -44,8 +47,13 @@ def read_store_manifest(folder: Path, key: str) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise VkdError(f"{key}: cannot read the token store's manifest {path}: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT_NAME):
         raise VkdError(f"{key}: {path} is not a vkd-ds token store manifest (no {FORMAT!r})")
+    if manifest["format"] != FORMAT:
+        raise VkdError(
+            f"{key}: the token store {folder} was prepared by another vkd-ds ({manifest['format']!r}, this one "
+            f"reads {FORMAT!r}); prepare it again from its inputs (vkd-ds prepare-data)"
+        )
     for name, entry in manifest["arrays"].items():
         file = folder / f"{name}.bin"
         size = file.stat().st_size if file.is_file() else None
