@@ -61,13 +61,15 @@ class PackedRows(Sequence):
     (documents) of packed row j. Packs never mix two sources of a mixture, whose weights then
     apply to packed rows (about tokens) rather than documents."""
 
-    def __init__(self, rows, capacity: int):
+    def __init__(self, rows, capacity: int, lengths: np.ndarray | None = None):
+        """`lengths`: the rows' lengths where the caller has read them already."""
         self.rows = rows
         self.capacity = capacity
         self.fingerprint = rows.fingerprint
-        lengths = rows.lengths()
+        lengths = rows.lengths() if lengths is None else lengths
         self.tokens = int(lengths.sum())
-        groups = rows.mixture() or [(0, len(rows), 1.0)]
+        mixture = rows.mixture()
+        groups = mixture or [(0, len(rows), 1.0)]
         members, offsets, self._mixture = [], [np.zeros(1, dtype=np.int64)], []
         packs = 0
         for first, stop, weight in groups:
@@ -78,7 +80,7 @@ class PackedRows(Sequence):
             offsets.append(o[1:] + offsets[-1][-1])
         self.members = np.concatenate(members)
         self.offsets = np.concatenate(offsets)
-        self.weighted = rows.mixture() is not None
+        self.weighted = mixture is not None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -114,9 +116,10 @@ def packed_rows(setting, rows, max_seq_len: int, pack_length: int | None = None)
     data.max_seq_len, where padding to the longest row would waste a tenth or more)."""
     if setting is False or len(rows) == 0:
         return None
-    if setting == "auto" and rows.lengths().mean() >= AUTO_FILL * max_seq_len:
+    lengths = rows.lengths()  # one pass over rows.bin, for the decision and the packing
+    if setting == "auto" and lengths.mean() >= AUTO_FILL * max_seq_len:
         return None
-    return PackedRows(rows, pack_length or max_seq_len)
+    return PackedRows(rows, pack_length or max_seq_len, lengths)
 
 
 @torch.no_grad()
