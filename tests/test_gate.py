@@ -88,8 +88,8 @@ def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, eng
         optim = after["optim"]["optimizer_state_dict"]
         state = (optim.get("optimizer_state_dict") or optim["base_optimizer_state"])["state"]
         assert {"exp_avg", "exp_avg_sq", "step"} <= set(state[0]) and int(state[0]["step"]) == 2
-        # To DeepSpeed a reverted step is one it skipped: counted in global_steps and skipped_steps.
-        assert (after["model"]["global_steps"], after["model"]["skipped_steps"]) == (4, 2)
+        # DeepSpeed's counters as if the rejected steps never happened (vkd-ds counts them).
+        assert (after["model"]["global_steps"], after["model"]["skipped_steps"]) == (2, 0)
         assert (before["model"]["global_steps"], before["model"]["skipped_steps"]) == (2, 0)
     assert column(run_dir, "gate/armed") == ["0", "0", "1", "1"]
     assert column(run_dir, "gate/rejected") == ["0", "0", "1", "2"]
@@ -104,6 +104,28 @@ def test_a_rejected_step_leaves_weights_optimizer_and_lr_bit_identical(mode, eng
     assert result.stderr.count("Mercy gate blocked – low projected valence trajectory") == 2
     log = (run_dir / "train.log").read_text()
     assert "(step 3: projected" in log and "mercy gate: armed at step 3" in log
+
+
+def test_a_rejected_step_leaves_every_ranks_live_state_as_if_it_never_happened(tiny_assets, tmp_path):
+    """ZeRO-3 on 2 ranks, the proxy gate deciding through StepGuard.commit: batches b1, b2 (rejected),
+    b3 against b1, b3 on a second engine of the same seed. Every rank's live tensors (the gathered
+    persistent parameters a forward reads, not a saved checkpoint, which re-gathers first), its
+    partitions, master weights, Adam state, LR and DeepSpeed counters after the revert, the next
+    step's loss and everything after it: bit for bit."""
+    overrides = base_overrides(tiny_assets, tmp_path / "unused") + ["trainer.micro_batch_size=2"]
+    overrides += ["gate.enabled=true", "gate.warmup_steps=0", "gate.arm_mse=1e9", "gate.ratio=0.9"]
+    result = deepspeed_launch(["tests/scripts/revert_live.py", str(tmp_path), *overrides], 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)
+        rejected, never = saved["a"], saved["b"]
+        assert rejected["rejected"] == 1 and rejected["loss2"] != rejected["loss1"]
+        # The tiny student's parameters are all under the persistence threshold: gathered on every rank.
+        assert any(key.startswith("data:") for key in never["reverted"])
+        for point in ("reverted", "after"):
+            assert_identical(rejected[point], never[point], f"rank {rank} {point}")
+        assert rejected["loss3"] == never["loss3"]
+        assert not torch.equal(rejected["before"]["lr"], rejected["after"]["lr"])  # the schedule moves
 
 
 def test_the_proxy_arms_below_arm_mse_and_kill_9_before_and_after_resumes_exactly(tiny_assets, tmp_path):

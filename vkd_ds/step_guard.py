@@ -31,53 +31,99 @@ class GuardCounts:
 
 
 class StepSnapshot:
-    """This rank's share of everything an optimizer step changes, copied to CPU: its partition of
-    the parameters (and the whole of ZeRO-3's persistent small parameters), the fp32 master
-    partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of
-    every parameter group (the LR the scheduler wrote), the LR scheduler's state, the optimizer's
-    loss scaler and DeepSpeed's skipped_steps.
+    """This rank's share of everything an optimizer step changes, copied aside before the step and
+    written back to revert it: its parameters (under ZeRO-3 its partitions), the fp32 master
+    partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of every
+    parameter group (the LR the scheduler wrote), the LR scheduler's state, the loss scaler and
+    DeepSpeed's step counters. A reverted step leaves all of it as if the step never happened.
 
-    Memory: about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
-    when separate, moments 8), on CPU, taken only when a step may be reverted."""
+    Under ZeRO-3 a rank's live parameters are more than its partitions: DeepSpeed's step frees the
+    parameters and re-gathers the small persistent ones (norms, biases, every tensor under
+    stage3_param_persistence_threshold) into new buffers, and ZeRO++'s secondary partitions copy the
+    primary ones. So the revert is bracketed the way DeepSpeed brackets a checkpoint load: every
+    gathered copy released, the partitions written, the persistent parameters gathered again from
+    them (a collective: every rank reverts the same step).
+
+    The copies go to host buffers allocated at the first snapshot and reused (pinned when the state
+    is on a GPU): about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
+    when separate, moments 8), held from the first step that may be reverted on."""
 
     MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+    COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
     def __init__(self, engine):
         self.engine = engine
+        self._buffers: dict[tuple, torch.Tensor] = {}
         self._saved = None
 
-    def _targets(self):
-        """The live objects a step changes. Looked up at every snapshot: loading a checkpoint
-        replaces the optimizer's parameter groups and state."""
+    def _base(self):
         optimizer = self.engine.optimizer
-        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wrappers hold the torch optimizer
-        groups = [optimizer.param_groups] + ([base.param_groups] if base is not optimizer else [])
-        tensors: dict[int, torch.Tensor] = {}
-        for param in self.engine.module.parameters():
-            for t in (getattr(param, "ds_tensor", None), param.data):
-                if t is not None and t.numel() > 0:
-                    tensors[id(t)] = t
+        return optimizer, getattr(optimizer, "optimizer", optimizer)  # ZeRO wrappers hold the torch optimizer
+
+    def _live(self, state_params: list) -> dict[tuple, torch.Tensor]:
+        """The live tensors a step changes, by a key that names each one's role (the optimizer state by
+        its place in `state_params`). Looked up afresh at every snapshot and every revert: a step may
+        move ZeRO-3's parameters to new buffers, and loading a checkpoint replaces the optimizer's
+        parameter groups and state."""
+        optimizer, base = self._base()
+        live: dict[tuple, torch.Tensor] = {}
+        for name, param in self.engine.module.named_parameters():
+            partition = getattr(param, "ds_tensor", None)
+            # ZeRO-3: the partition is the parameter; its gathered copies are rebuilt from it.
+            live[("param", name)] = param.data if partition is None else partition.data
         for attr in self.MASTER_ATTRS:
-            for t in getattr(optimizer, attr, None) or []:
-                tensors[id(t)] = t
-        for group in base.param_groups:
-            for t in group["params"]:
-                tensors[id(t.data)] = t.data
-        return base, groups, list(tensors.values())
+            for i, t in enumerate(getattr(optimizer, attr, None) or []):
+                live[(attr, i)] = t
+        for g, group in enumerate(base.param_groups):  # ZeRO-3 fills these only during its step
+            for i, param in enumerate(group["params"]):
+                live[("group", g, i)] = param.data
+        for n, param in enumerate(state_params):
+            for k, v in base.state[param].items():
+                if isinstance(v, torch.Tensor):
+                    live[("state", n, k)] = v
+        return {key: t for key, t in live.items() if t.numel() > 0}
+
+    def _buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+            buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+            self._buffers[key] = buffer
+        return buffer
 
     def take(self) -> None:
-        base, groups, tensors = self._targets()
+        optimizer, base = self._base()
+        state_params = list(base.state)  # ZeRO keys Adam's state by its flat master partitions
+        live = self._live(state_params)
+        stored: dict[tuple, torch.Tensor] = {}
+        first_of: dict[tuple, tuple] = {}  # one copy of a tensor that several keys name (aliases)
+        for key, t in live.items():
+            identity = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+            if identity in first_of:
+                stored[key] = stored[first_of[identity]]
+                continue
+            first_of[identity] = key
+            stored[key] = self._buffer(key, t).copy_(t, non_blocking=True)
+        if any(t.is_cuda for t in live.values()):
+            torch.cuda.synchronize()  # the step must not change a tensor before its copy is done
+        # The optimizer state's non-tensor entries (e.g. a step count kept as a number).
+        plain = [
+            {k: copy.deepcopy(v) for k, v in base.state[p].items() if not isinstance(v, torch.Tensor)}
+            for p in state_params
+        ]
+        scaler = self._loss_scaler()
         self._saved = {
-            "base": base,
-            "groups": groups,
-            "tensors": tensors,
-            "tensor_values": [t.detach().to("cpu", copy=True) for t in tensors],
-            "state": {key: {k: _clone(v) for k, v in value.items()} for key, value in base.state.items()},
-            "group_values": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in groups],
+            "stored": stored,
+            "state_params": state_params,
+            "plain_state": plain,
+            "groups": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in self._groups()],
             "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
-            "skipped_steps": self.engine.skipped_steps,
-            "loss_scaler": copy.deepcopy(vars(scaler)) if (scaler := self._loss_scaler()) is not None else None,
+            "counters": {name: getattr(self.engine, name) for name in self.COUNTERS},
+            "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None,
         }
+
+    def _groups(self) -> list[list[dict]]:
+        optimizer, base = self._base()
+        return [optimizer.param_groups] + ([base.param_groups] if base is not optimizer else [])
 
     def _loss_scaler(self):
         """DeepSpeed's loss scaler, where the optimizer has one (static at 1 in fp32 and bf16; vkd-ds
@@ -90,29 +136,34 @@ class StepSnapshot:
     @torch.no_grad()
     def restore(self) -> None:
         saved, self._saved = self._saved, None
-        base = saved["base"]
-        for t, value in zip(saved["tensors"], saved["tensor_values"], strict=True):
-            t.copy_(value)
-        for key in list(base.state.keys()):
-            if key not in saved["state"]:
-                del base.state[key]  # state the reverted step created (Adam's first step)
-        for key, values in saved["state"].items():
-            current = base.state[key]
-            for k, v in values.items():
-                if isinstance(v, torch.Tensor) and isinstance(current.get(k), torch.Tensor):
-                    current[k].copy_(v)
-                else:
-                    current[k] = _clone(v)
-        for gs, values in zip(saved["groups"], saved["group_values"], strict=True):
+        optimizer, base = self._base()
+        zero3 = hasattr(optimizer, "checkpoint_event_prologue")
+        if zero3:
+            optimizer.checkpoint_event_prologue()  # releases every gathered parameter
+        had_state = {id(p) for p in saved["state_params"]}
+        for param in [p for p in base.state if id(p) not in had_state]:
+            del base.state[param]  # state the reverted step created (Adam's first step)
+        for param, plain in zip(saved["state_params"], saved["plain_state"], strict=True):
+            base.state[param].update(copy.deepcopy(plain))
+        live = self._live(saved["state_params"])
+        for key, value in saved["stored"].items():
+            if key in live:
+                live[key].copy_(value, non_blocking=True)
+        if any(t.is_cuda for t in live.values()):
+            torch.cuda.synchronize()
+        if zero3:
+            optimizer.checkpoint_event_epilogue()  # the persistent parameters, gathered from the partitions
+        for gs, values in zip(self._groups(), saved["groups"], strict=True):
             for group, hyper in zip(gs, values, strict=True):
                 group.update(hyper)
         if saved["scheduler"] is not None:
             self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
         if saved["loss_scaler"] is not None:
             vars(self._loss_scaler()).update(copy.deepcopy(saved["loss_scaler"]))
-        # To DeepSpeed a reverted step is one it skipped itself (as on an fp16 overflow): global_steps
-        # and global_samples advance (the batch is consumed), skipped_steps counts it.
-        self.engine.skipped_steps = saved["skipped_steps"] + 1
+        # DeepSpeed's counters as before the step: the reverted step is counted by vkd-ds (the gate's
+        # `rejected` and `nonfinite`, in metrics.csv and the checkpoint), not as a step DeepSpeed took.
+        for name, value in saved["counters"].items():
+            setattr(self.engine, name, value)
 
 
 def _clone(value):
