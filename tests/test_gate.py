@@ -222,7 +222,7 @@ def test_a_nan_gradient_under_zero3_is_skipped_and_counted_on_every_rank(precisi
         env={"VKD_FAULT_NAN_GRAD": "3:1,5:0,6:1"},
     )
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "vkd-ds: error: step 6: 2 steps in a row were rejected by the mercy gate or skipped" in result.stderr
+    assert "vkd-ds: error: step 6: 2 steps in a row were skipped for a non-finite loss or gradient" in result.stderr
     assert "Traceback" not in result.stderr
     assert column(run_dir, "gate/step_kept") == ["1", "1", "0", "1", "0"]
     assert column(run_dir, "gate/nonfinite") == ["0", "0", "1", "1", "2"]
@@ -243,12 +243,70 @@ def test_consecutive_failures_stop_the_run_and_keep_the_last_checkpoint(tiny_ass
         env={"VKD_FAULT_NAN_LOSS": "3:1,4:0,5:1"},
     )
     assert result.returncode != 0
-    assert "vkd-ds: error: step 5: 3 steps in a row were rejected" in result.stderr
+    assert "vkd-ds: error: step 5: 3 steps in a row were skipped for a non-finite loss or gradient" in result.stderr
+    assert "lower trainer.lr" in result.stderr  # what to change, with the stop itself
     assert "Traceback" not in result.stderr
     assert [p.name for p in checkpoint.complete_checkpoints(run_dir)] == ["step_0000002", "step_0000004"]
-    # The last complete checkpoint resumes.
-    train_job(overrides)
+    # The last complete checkpoint resumes once something that computes is changed.
+    resumed = train_job(overrides + ["gate.max_consecutive_rejections=4"])
+    assert "going on with changed gate.max_consecutive_rejections" in resumed.stderr
     assert column(run_dir, "step")[-1] == "8"
+
+
+def test_a_run_ended_by_the_gate_resumed_as_it_was_is_told_why_and_what_to_change(tiny_assets, tmp_path):
+    """Two warm-up steps commit, then the gate rejects every step: max_consecutive_rejections=2 ends
+    the run at step 4, its last checkpoint at step 2. Resuming unchanged would end the same way: it is
+    refused before anything is built, with the stop and what to change; a bookkeeping key changed is
+    not a change. With gate.ratio lowered it goes on to the end."""
+    run_dir = tmp_path / "run"
+    overrides = base_overrides(tiny_assets, run_dir) + SHORT + GATE + ["gate.mode=proxy", "trainer.save_every=2"]
+    overrides += ["trainer.max_steps=6", "gate.warmup_steps=2", "gate.ratio=100", "gate.max_consecutive_rejections=2"]
+    stopped = deepspeed_launch(["launcher/train.py", *overrides], num_procs=2)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert "step 4: 2 steps in a row were rejected by the mercy gate" in stopped.stderr
+    assert "lower gate.ratio (now 100)" in stopped.stderr
+    record = json.loads((run_dir / "stopped.json").read_text())
+    assert (record["step"], record["rejected"]) == (4, 2)
+    rows = len(column(run_dir, "step"))
+    again = deepspeed_launch(["launcher/train.py", *overrides, "trainer.log_every=3"], num_procs=2)
+    assert again.returncode == 2
+    assert "this run ended at step 4: 2 steps in a row were rejected" in again.stderr
+    assert "Resuming from step 2 with the same settings would end the same way" in again.stderr
+    assert "lower gate.ratio (now 100)" in again.stderr and "Traceback" not in again.stderr
+    assert len(column(run_dir, "step")) == rows  # nothing written
+    resumed = train_job(overrides + ["gate.ratio=0"])
+    assert "going on with changed gate.ratio" in resumed.stderr
+    assert column(run_dir, "step")[-1] == "6"
+
+
+def test_the_proxy_gate_disarms_when_the_valence_error_drifts_and_rearms_below_arm_mse():
+    """The running batch valence MSE (an EMA, decay 0.9) against arm_mse = 1e-3: armed below it after the
+    warm-up, disarmed once it reaches DISARM_FACTOR x 1e-3, armed again below 1e-3; lookahead arms at the
+    warm-up's end and has no error to disarm on."""
+    from vkd_ds.gate import DISARM_FACTOR, GateState
+    from vkd_ds.settings import GateSettings
+
+    def settings(mode):
+        return GateSettings(True, mode, 0.9, 0.95, 4, 4, 0, 2, 1e-3, 20)
+
+    state, proxy = GateState(), settings("proxy")
+    armed = [state.observe(proxy, step, 1e-4) for step in range(4)]
+    assert armed == [False, False, True, True] and state.armed_step == 3
+    drift, before = [], []
+    for step in range(4, 60):
+        before.append(state.valence_mse)
+        drift.append(state.observe(proxy, step, 1e-2))
+        if not drift[-1]:
+            break
+    assert len(drift) > 2 and all(drift[:-1])  # armed until the running error crossed DISARM_FACTOR x arm_mse
+    assert before[-1] < DISARM_FACTOR * 1e-3 <= state.valence_mse and state.armed_step is None
+    step = 4 + len(drift)
+    while not state.observe(proxy, step, 0.0):
+        assert state.valence_mse >= 1e-3
+        step += 1
+    assert state.valence_mse < 1e-3 and state.armed_step == step + 1
+    lookahead, ahead = settings("lookahead"), GateState()
+    assert [ahead.observe(lookahead, step, None) for step in range(4)] == [False, False, True, True]
 
 
 def test_resume_keeps_the_gate_counters_and_baseline(tiny_assets, tmp_path):

@@ -131,6 +131,76 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+# ---- a run ended by the step guard ---------------------------------------------------------------
+
+STOPPED = "stopped.json"
+# Keys that change where a run writes and how often it reports, not what it computes: a resume that
+# changes only these repeats a guard stop exactly.
+BOOKKEEPING = {"run", "resume", "eval_only", "num_procs", "metrics", "hydra", "assets_dir"}
+BOOKKEEPING_TRAINER = {
+    "save_every",
+    "keep_checkpoints",
+    "eval_every",
+    "eval_max_batches",
+    "stop_after_steps",
+    "preempt_signals",
+    "requeue",
+    "log_every",
+    "progress_bar",
+    "keep_freed_memory",
+    "time_phases",
+}
+
+
+def _computing(resolved: dict) -> dict:
+    """The resolved config without its bookkeeping keys, as JSON reads it back."""
+    kept = {k: v for k, v in resolved.items() if k not in BOOKKEEPING}
+    if isinstance(kept.get("trainer"), dict):
+        kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in BOOKKEEPING_TRAINER}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def write_stop(run_dir: Path, record: dict, resolved: dict) -> None:
+    """Rank 0, when `gate.max_consecutive_rejections` ends the run: why, what to change, and the
+    config that got there (RUN_DIR/stopped.json)."""
+    write_atomic(Path(run_dir) / STOPPED, json.dumps({**record, "config": _computing(resolved)}, indent=2) + "\n")
+
+
+def check_resume_after_stop(run_dir: Path, resume_step: int, resolved: dict) -> tuple[int, list[str]] | None:
+    """Before a run starts (or resumes from `resume_step`, 0 for none) in a run directory whose last
+    run was ended by the step guard at a later step: a VkdError saying why and what to change when
+    nothing that computes differs (it would end the same way); else (the stop's step, the changed
+    keys); None when no such stop lies ahead."""
+    path = Path(run_dir) / STOPPED
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        step, advice, before = int(record["step"]), str(record["advice"]), record["config"]
+    except (ValueError, KeyError, TypeError):
+        raise VkdError(f"run.dir: {path} is damaged (delete it to resume)") from None
+    if resume_step >= step:
+        return None
+    changed = sorted(_changed_keys(before, _computing(resolved)))
+    if not changed:
+        kind = "rejected by the mercy gate or skipped as non-finite"
+        raise VkdError(
+            f"run.dir: this run ended at step {step}: {record.get('consecutive', '?')} steps in a row were {kind} "
+            f"(see {path}). Resuming from step {resume_step} with the same settings would end the same way: change "
+            f"what ended it ({advice}); or delete {path.name} to repeat the run as it was"
+        )
+    return step, changed
+
+
+def _changed_keys(a, b, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = set()
+        for key in a.keys() | b.keys():
+            out |= _changed_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}
+
+
 def read_meta(checkpoint_dir: Path) -> dict:
     """What COMPLETE records: step, world_size and (since elastic resume) global_batch."""
     checkpoint_dir = Path(checkpoint_dir)

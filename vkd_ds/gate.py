@@ -12,7 +12,8 @@
   mode, while the running squared error of the student head's mean valence over the global batch
   to the teacher head's (the valence MSE the decision sees) is at or above `arm_mse`: an
   uncalibrated head projects a biased mean, a rejected step leaves it as it is, and the gate would
-  reject batch after batch. Once armed, it stays armed.
+  reject batch after batch. For the same reason an armed proxy gate disarms when the running error
+  drifts to DISARM_FACTOR x `arm_mse` or above (every step commits again), and re-arms below `arm_mse`.
 
 Every valence is read at the positions whose next token is scored (the shifted loss mask, where
 L_val and the saliency read it): the head at position t forecasts the k steps after t, so on a
@@ -45,6 +46,9 @@ PROBE_SEED_OFFSET = 7919
 # The running valence error is an exponential moving average over steps: about the last 10 global
 # batches, so one lucky batch does not arm the gate.
 ARM_MSE_DECAY = 0.9
+# Disarming waits for an error well above the arming one (the mean's error twice as large), so the
+# running error's step-to-step noise around `arm_mse` does not arm and disarm the gate in turn.
+DISARM_FACTOR = 4.0
 
 
 @dataclass
@@ -53,12 +57,30 @@ class GateState:
 
     baseline: float | None = None
     baseline_step: int | None = None  # the step the baseline was computed at
-    armed_step: int | None = None  # the first step (1-based) the gate decided; None: not armed yet
+    armed_step: int | None = None  # the first step (1-based) of the gate's latest arming; None: not armed
     valence_mse: float | None = None  # proxy: running squared error of the batch's mean valence
 
     @property
     def armed(self) -> bool:
         return self.armed_step is not None
+
+    def observe(self, settings: GateSettings, step: int, valence_mse: float | None) -> bool:
+        """The running valence MSE updated with step `step`'s (0-based; None: no figure this step),
+        then the arming: armed once the warm-up is over and (proxy) the running error is below
+        `arm_mse`; (proxy) disarmed once it has drifted to DISARM_FACTOR x `arm_mse`. Whether armed."""
+        if valence_mse is not None:
+            previous = self.valence_mse
+            self.valence_mse = (
+                valence_mse if previous is None else ARM_MSE_DECAY * previous + (1 - ARM_MSE_DECAY) * valence_mse
+            )
+        proxy = settings.mode == "proxy"
+        if self.armed:
+            if proxy and self.valence_mse is not None and self.valence_mse >= DISARM_FACTOR * settings.arm_mse:
+                self.armed_step = None
+        elif step >= settings.warmup_steps:
+            if not proxy or (self.valence_mse is not None and self.valence_mse < settings.arm_mse):
+                self.armed_step = step + 1
+        return self.armed
 
 
 class MercyGate:
@@ -131,17 +153,8 @@ class MercyGate:
     def observe(self, step: int, valence_mse: float | None) -> bool:
         """Before step `step` (0-based) is decided, with this step's global valence MSE (proxy
         mode; None in lookahead mode, or on a step skipped as non-finite, which does not count).
-        Returns whether the gate decides this step; arms it when it is due."""
-        s = self.settings
-        if valence_mse is not None:
-            previous = self.state.valence_mse
-            running = valence_mse if previous is None else ARM_MSE_DECAY * previous + (1 - ARM_MSE_DECAY) * valence_mse
-            self.state.valence_mse = running
-        if not self.state.armed and step >= s.warmup_steps:
-            ready = s.mode != "proxy" or (self.state.valence_mse is not None and self.state.valence_mse < s.arm_mse)
-            if ready:
-                self.state.armed_step = step + 1
-        return self.state.armed
+        Returns whether the gate decides this step (GateState.observe)."""
+        return self.state.observe(self.settings, step, valence_mse)
 
     # ---- the decision ------------------------------------------------------------------------
     def proxy_values(self, valence_sum: float, teacher_sum: float, count: float) -> tuple[float, float]:

@@ -18,7 +18,7 @@ import torch
 
 from vkd_ds import dist
 from vkd_ds.errors import VkdError
-from vkd_ds.gate import BLOCKED_MESSAGE, GateState, MercyGate
+from vkd_ds.gate import BLOCKED_MESSAGE, DISARM_FACTOR, GateState, MercyGate
 
 
 @dataclass
@@ -28,6 +28,7 @@ class GuardCounts:
     rejected: int = 0  # steps the gate rejected
     nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
     consecutive: int = 0  # rejected or skipped in a row, up to now
+    consecutive_rejected: int = 0  # of which the gate rejected (the rest were non-finite)
 
 
 class StepSnapshot:
@@ -294,7 +295,19 @@ class StepGuard:
     def _log_arming(self, step: int, was_armed: bool) -> None:
         gate = self.gate
         s, state = gate.settings, gate.state
-        if not dist.is_main() or was_armed:
+        if not dist.is_main():
+            return
+        if was_armed and not state.armed:
+            self.log.warning(
+                "mercy gate: disarmed at step %d: the running batch valence MSE (%.3g) drifted to %g x gate.arm_mse "
+                "(%g) or above; every step commits until it is below gate.arm_mse again",
+                step + 1,
+                state.valence_mse,
+                DISARM_FACTOR,
+                s.arm_mse,
+            )
+            return
+        if was_armed:
             return
         if state.armed:
             why = ""
@@ -336,27 +349,70 @@ class StepGuard:
         c.rejected += int(rejected)
         c.nonfinite += int(nonfinite)
         c.consecutive = c.consecutive + 1 if (rejected or nonfinite) else 0
+        if rejected:
+            c.consecutive_rejected += 1
+        elif not nonfinite:
+            c.consecutive_rejected = 0
         limit = self.max_consecutive
         if limit > 0 and c.consecutive >= limit:
-            raise VkdError(
-                f"step {step}: {c.consecutive} steps in a row were rejected by the mercy gate or skipped for a "
-                f"non-finite loss or gradient (gate.max_consecutive_rejections={limit}); the last complete "
-                "checkpoint is intact"
-            )
+            raise GuardStop(step, c.consecutive, c.consecutive_rejected, self)
 
     # The checkpoint's "gate" entry: the counts and, with the gate on, its baseline.
     def state_dict(self) -> dict:
         state = {"rejected": self.counts.rejected, "nonfinite": self.counts.nonfinite}
         state["consecutive"] = self.counts.consecutive
+        state["consecutive_rejected"] = self.counts.consecutive_rejected
         if self.gate is not None:
             state.update(dataclasses.asdict(self.gate.state))
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("rejected", "nonfinite", "consecutive"):
+        for key in ("rejected", "nonfinite", "consecutive", "consecutive_rejected"):
             setattr(self.counts, key, int(state.get(key, 0)))
         if self.gate is not None and state.get("baseline") is not None:
             # A checkpoint from before arming existed holds a gate that decided from the start.
             names = [f.name for f in dataclasses.fields(GateState)]
             saved = {"armed_step": 1} | {name: state[name] for name in names if name in state}
             self.gate.state = GateState(**saved)
+
+
+class GuardStop(VkdError):
+    """`gate.max_consecutive_rejections` steps in a row rejected or skipped: the run ends. The message
+    says why and what to change; `record()` is what `checkpoint.write_stop` keeps in the run directory, so
+    that a resume with nothing changed is refused before it repeats the same stop."""
+
+    def __init__(self, step: int, consecutive: int, rejected: int, guard: StepGuard):
+        self.step, self.consecutive, self.rejected = step, consecutive, rejected
+        nonfinite = consecutive - rejected
+        gate_part, nonfinite_part = "rejected by the mercy gate", "skipped for a non-finite loss or gradient"
+        if rejected and nonfinite:
+            what = f"{gate_part} ({rejected}) or {nonfinite_part} ({nonfinite})"
+        else:
+            what = gate_part if rejected else nonfinite_part
+        self.advice = stop_advice(guard, rejected, nonfinite)
+        super().__init__(
+            f"step {step}: {consecutive} steps in a row were {what} "
+            f"(gate.max_consecutive_rejections={guard.max_consecutive}); the last complete checkpoint is intact. "
+            f"Resuming as it is would end the same way: {self.advice}"
+        )
+
+    def record(self) -> dict:
+        return {"step": self.step, "consecutive": self.consecutive, "rejected": self.rejected, "advice": self.advice}
+
+
+def stop_advice(guard: StepGuard, rejected: int, nonfinite: int) -> str:
+    """What to change, by what ended the run."""
+    parts = []
+    gate = guard.gate
+    if rejected and gate is not None:
+        s = gate.settings
+        parts.append(
+            f"lower gate.ratio (now {s.ratio:g}), switch gate.mode (now {s.mode}; lookahead scores the updated "
+            f"student itself), raise gate.warmup_steps (now {s.warmup_steps})"
+            + (f" or lower gate.arm_mse (now {s.arm_mse:g})" if s.mode == "proxy" else "")
+            + ", or set gate.enabled=false"
+        )
+    if nonfinite:
+        parts.append("lower trainer.lr, set trainer.grad_clip, train with deepspeed.precision=fp32, or check the data")
+    parts.append(f"or raise gate.max_consecutive_rejections (now {guard.max_consecutive})")
+    return "; ".join(parts)

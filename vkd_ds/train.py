@@ -234,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from vkd_ds.gate import MercyGate
     from vkd_ds.rollout import StudentSampler
     from vkd_ds.seq_kd import SeqKDSettings, SequenceKD
+    from vkd_ds.step_guard import GuardStop
     from vkd_ds.trainer import Trainer
 
     prepared = prepare(cfg)
@@ -248,6 +249,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_global_batch(s, world)
     run_dir = Path(s.run.dir).resolve()
     resume_from = _resume_point(s, run_dir)
+    # Read (and its files checked) once, before any engine is built or state touched.
+    meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
+    changed_since_stop = None
+    if not s.eval_only:
+        resume_step = int(meta["step"]) if meta is not None else 0
+        changed_since_stop = checkpoint.check_resume_after_stop(run_dir, resume_step, s.resolved)
     torch.manual_seed(s.trainer.seed)
 
     # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
@@ -277,8 +284,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             head.requires_grad_(False)
         teacher = Teacher(teacher_engine, objective, head)
     allocator_tuned = tune_allocator and keep_freed_memory()
-    # Read (and its files checked) once, before any engine state is touched.
-    meta = checkpoint.read_meta(resume_from) if resume_from is not None else None
     if meta is not None and checkpoint.needs_universal(
         resume_from,
         meta,
@@ -455,7 +460,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.startup = {"teacher_load": teacher_load.figures if teacher_load is not None else None}
     # From here a step's `mem_peak_rss_gb` is training's own peak; loading's is in startup.json.
     reset_peak_rss()
-    result = trainer.fit()
+    if changed_since_stop is not None:
+        stop_step, changed = changed_since_stop
+        log.info(
+            "the run ended at step %d by gate.max_consecutive_rejections (%s); going on with changed %s",
+            stop_step,
+            checkpoint.STOPPED,
+            ", ".join(changed),
+        )
+    try:
+        result = trainer.fit()
+    except GuardStop as stop:
+        if dist.is_main():
+            checkpoint.write_stop(run_dir, stop.record(), s.resolved)
+        raise
     if trainer.step >= s.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
         log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
     return result
