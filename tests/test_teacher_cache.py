@@ -5,11 +5,15 @@ mismatch between a cache and a run refused before anything starts."""
 import json
 import math
 import random
+import re
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from tests.conftest import base_overrides, deepspeed_launch, vkd_cli_in_process
+from tests.conftest import REPO, base_overrides, cpu_env, deepspeed_launch, vkd_cli_in_process
 from tests.test_reliability import kill_at_step, steps_logged
 from vkd_ds.assets import write_short_records
 from vkd_ds.metrics import read_metrics
@@ -135,6 +139,105 @@ def test_a_cached_run_killed_with_kill_9_resumes_to_the_uninterrupted_curve(tiny
     assert [r["step"] for r in rows_killed] == [str(s) for s in range(1, 41)]
     for column in ("loss", "loss/ce", "loss/soft", "loss/val", "ess", "eval/ce", "eval/divergence"):
         assert [r.get(column) for r in rows_killed] == [r.get(column) for r in rows_straight], column
+
+
+def split_arrays(cache_dir) -> dict[str, np.ndarray]:
+    """Each split's arrays, its shards' concatenated in order (offsets as each record's position count)."""
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    out = {}
+    for split, entry in manifest["splits"].items():
+        folders = [cache_dir / split / shard["name"] for shard in entry["shards"]]
+        for name in ("ids", "logp", "tail", "entropy", "target_logp", "valence", "offsets"):
+            parts = [np.load(folder / f"{name}.npy") for folder in folders]
+            out[f"{split}/{name}"] = np.concatenate([np.diff(a) for a in parts] if name == "offsets" else parts)
+    return out
+
+
+def written_per_rank(log: str) -> list[int]:
+    """Each rank's records, from the writer's summary line."""
+    line = re.search(r"cache-teacher: records \(shards\) written per rank: (.*)", log).group(1)
+    return [int(n) for n in re.findall(r"(\d+) \(\d+\)", line)]
+
+
+def vkd_cli_with(args, env, timeout=600):
+    """`vkd-ds ARGS` in a process of its own (the launcher's checks, then the ranks), with `env` added."""
+    return subprocess.run(
+        [sys.executable, "-m", "vkd_ds.cli", *args],
+        cwd=REPO,
+        env={**cpu_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cache_teacher_on_4_ranks_shares_records_evenly_and_hashes_the_teacher_once(tiny_assets, cache64, tmp_path):
+    """`vkd-ds cache-teacher` on 4 ranks, shards of 160 records: train 754 records (4 x 160 + 114), valid 118
+    (1 shard). Shard s of each split to rank s % 4 gave rank 0 train 0 and 4 and valid 0, 392 records, 174
+    over the mean of 218 (more than a shard); by records, largest first to the least loaded rank: 278, 274,
+    160, 160. The cache holds the values of the 2-rank cache of 32-record shards (both write every split in
+    the same micro-batches of 4), and the teacher's weights were hashed once for the job (by the command,
+    not by its ranks), and once for a training run that checks teacher.path against the cache."""
+    cache_dir, trace = tmp_path / "four", tmp_path / "hashes.txt"
+    writer = cache_overrides(tiny_assets, cache_dir, "cache.records_per_shard=160", "num_procs=4")
+    result = vkd_cli_with(["cache-teacher", *writer], {"VKD_TRACE_TEACHER_HASH": str(trace)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["complete"]
+    sizes = {split: [b - a for a, b in (s["records"] for s in e["shards"])] for split, e in manifest["splits"].items()}
+    assert sizes == {"train": [160, 160, 160, 160, 114], "valid": [118]}
+    mean = sum(map(sum, sizes.values())) / 4
+    old = [sum(n for shards in sizes.values() for s, n in enumerate(shards) if s % 4 == r) for r in range(4)]
+    assert max(abs(n - mean) for n in old) > 160  # the assignment this replaced fails the check below
+    records = written_per_rank(result.stderr)
+    assert len(records) == 4 and sum(records) == 4 * mean
+    assert all(abs(n - mean) <= 160 for n in records), records
+    ours, reference = split_arrays(cache_dir), split_arrays(cache64)
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        assert np.array_equal(ours[name], reference[name]), name
+    assert len(trace.read_text().splitlines()) == 1, trace.read_text()
+    # Training with teacher.path and teacher.cache: the command checks the teacher's fingerprint, its 2
+    # ranks check it again (prepare) without hashing.
+    trace.unlink()
+    run = [*cached_overrides(tiny_assets, tmp_path / "run", cache_dir), f"teacher.path={tiny_assets / 'teacher'}"]
+    steps = ["trainer.max_steps=1", "trainer.eval_every=0", "trainer.save_every=0"]
+    trained = vkd_cli_with(["train", *run, *steps], {"VKD_TRACE_TEACHER_HASH": str(trace)})
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    assert len(trace.read_text().splitlines()) == 1, trace.read_text()
+
+
+def test_a_teacher_changed_after_it_was_hashed_is_hashed_again_and_refused(
+    tiny_assets, cache64, tmp_path, monkeypatch, capsys
+):
+    """The fingerprint a launcher hands its ranks (what `python -m vkd_ds.teacher_cache` prints for a
+    launch script) is reused only while each weight file's size and mtime_ns are the same; a teacher
+    changed since is hashed again, and training refuses it."""
+    from vkd_ds import teacher_cache
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets / "teacher", teacher)
+    trace = tmp_path / "hashes.txt"
+    monkeypatch.setenv("VKD_TRACE_TEACHER_HASH", str(trace))
+    run = [*cached_overrides(tiny_assets, tmp_path / "run", cache64), f"teacher.path={teacher}"]
+    teacher_cache.main(run)  # hashes the teacher, prints the value for the ranks' environment
+    handed = capsys.readouterr().out.strip()
+    assert handed == teacher_cache.fingerprint_env(teacher)[teacher_cache.FINGERPRINT_ENV]
+    assert len(trace.read_text().splitlines()) == 1
+    # A rank: a process that has not hashed the teacher, with the launcher's value.
+    monkeypatch.setattr(teacher_cache, "_hashed", {})
+    monkeypatch.setenv(teacher_cache.FINGERPRINT_ENV, handed)
+    from vkd_ds.config import compose
+    from vkd_ds.train import prepare
+
+    assert prepare(compose(run)).cache_manifest["top_k"] == 64
+    assert len(trace.read_text().splitlines()) == 1  # reused
+    # The teacher changes (other weights, same sizes) after the launcher hashed it: hashed again, refused.
+    monkeypatch.setattr(teacher_cache, "_hashed", {})
+    _other_teacher(tiny_assets, teacher)
+    refused = vkd_cli_in_process(["train", *run])
+    assert refused.returncode == 2 and "was made from another teacher" in refused.stderr, refused.stderr
+    assert len(trace.read_text().splitlines()) == 2
 
 
 def _other_teacher(assets, out):

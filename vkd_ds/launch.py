@@ -63,7 +63,7 @@ def start_training(overrides: list[str]) -> int:
         # Host memory or disk, shared by the ranks this command starts here, on one machine. (GPU
         # memory each rank checks itself: asking CUDA here would hold a context on GPU 0.)
         check_teacher_fits(prepared.teacher_parameters, teacher_ds, num_procs, num_procs, num_procs_are_gpus())
-    return run_launcher(overrides, num_procs)
+    return run_launcher(overrides, num_procs, env=env_with_teacher_fingerprint(s.teacher.path))
 
 
 def start_cache_teacher(overrides: list[str]) -> int:
@@ -78,7 +78,17 @@ def start_cache_teacher(overrides: list[str]) -> int:
     plan = prepare_cache(cfg)
     num_procs = procs_for(cfg)
     check_deepspeed_config(teacher_ds_config(plan.settings, num_procs_are_gpus()), num_procs, "teacher")
-    return run_launcher([CACHE_TEACHER_FLAG, *overrides], num_procs)
+    env = env_with_teacher_fingerprint(plan.settings.teacher.path)
+    return run_launcher([CACHE_TEACHER_FLAG, *overrides], num_procs, env=env)
+
+
+def env_with_teacher_fingerprint(teacher_path) -> dict[str, str]:
+    """This process's environment for the ranks, with the teacher's weights fingerprint when the checks
+    here hashed them (a teacher cache's, written or read): the ranks reuse it while the files' sizes and
+    mtimes are unchanged, so a job hashes the teacher once, not once per process."""
+    from vkd_ds.teacher_cache import fingerprint_env
+
+    return {**os.environ, **fingerprint_env(teacher_path)}
 
 
 def cache_writer_config(cfg):

@@ -11,20 +11,24 @@ bucketed distributions (losses.SparseTeacher), exact when top_k equals the vocab
 Layout: DIR/manifest.json (fingerprints of everything the values depend on, the shards, bytes per
 token), DIR/<split>/shard_NNNNN/<array>.npy. A shard is written whole into a `.partial` directory and
 published with one rename, so a killed run leaves only complete shards, and a rerun with the same
-settings writes the missing ones only. Shard s of a split is written by rank s % world, each shard
-in the same micro-batches on every run: a resumed cache has the bytes of an uninterrupted one.
+settings writes the missing ones only. The shards still to write, over all splits, are shared among
+the ranks by records (assign_shards: each rank within one shard of the mean); each shard is written
+by one rank, in the same micro-batches on every run: a resumed cache has the bytes of an uninterrupted
+one. The teacher's weights are hashed once per job (weights_fingerprint, FINGERPRINT_ENV).
 Arrays are memory-mapped when read, and their pages are released once a batch is copied out, so
 a training process's resident memory does not grow with the cache's size.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
 import mmap
 import os
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -130,6 +134,11 @@ def file_sha256(path: str | Path) -> str:
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The teacher's weights are hashed once per job (minutes for a large teacher): the launcher hashes them
+# and hands the digest to its ranks in this variable, with each weight file's size and mtime_ns; a
+# process reuses it only while its own stat of the files says the same, and hashes them itself else.
+FINGERPRINT_ENV = "VKD_TEACHER_FINGERPRINT"
+_hashed: dict[str, dict] = {}  # resolved teacher dir -> its entry, hashed or handed over in this process
 
 
 def teacher_fingerprint(path: str | Path) -> dict:
@@ -137,15 +146,71 @@ def teacher_fingerprint(path: str | Path) -> dict:
     directory = Path(path)
     config_file = directory / "config.json"
     config = json.loads(config_file.read_text())
-    weights = hashlib.sha256()
-    for file in sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES):
-        weights.update(f"{file.name}:{file_sha256(file)}\n".encode())
     canonical = json.dumps({k: v for k, v in config.items() if k != "transformers_version"}, sort_keys=True)
     return {
         "config": config,
         "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
-        "weights_sha256": weights.hexdigest(),
+        "weights_sha256": weights_fingerprint(directory),
     }
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """One SHA-256 over the teacher's weight files (name and hash of each): this process's or the
+    launcher's earlier one (FINGERPRINT_ENV) when every file's size and mtime_ns are still the same."""
+    directory = Path(path).resolve()
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    entry = {"path": str(directory), "files": _file_stats(files)}  # stat before hashing: a change after is seen
+    for known in (_hashed.get(entry["path"]), _handed_over()):
+        if known is not None and {k: known.get(k) for k in entry} == entry:
+            _hashed[entry["path"]] = known
+            return known["weights_sha256"]
+    weights = hashlib.sha256()
+    for file in files:
+        weights.update(f"{file.name}:{file_sha256(file)}\n".encode())
+    _trace_hash(directory)
+    _hashed[entry["path"]] = {**entry, "weights_sha256": weights.hexdigest()}
+    return weights.hexdigest()
+
+
+def fingerprint_env(path: str | Path | None) -> dict[str, str]:
+    """{FINGERPRINT_ENV: value} for the processes this one starts, when it has hashed (or been handed)
+    the weights of teacher `path` and they are unchanged since; {} else. The value is shell-safe
+    (base64url of JSON): it survives `export K=V` lines such as the deepspeed launcher's."""
+    if path is None:
+        return {}
+    directory = Path(path).resolve()
+    known = _hashed.get(str(directory))
+    if known is None or not directory.is_dir():
+        return {}
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if known["files"] != _file_stats(files):
+        return {}
+    return {FINGERPRINT_ENV: base64.urlsafe_b64encode(json.dumps(known, separators=(",", ":")).encode()).decode()}
+
+
+def _file_stats(files: list[Path]) -> dict[str, list[int]]:
+    return {file.name: [(st := file.stat()).st_size, st.st_mtime_ns] for file in files}
+
+
+def _handed_over() -> dict | None:
+    """The launcher's entry (FINGERPRINT_ENV), or None: unset, or not one (then this process hashes)."""
+    value = os.environ.get(FINGERPRINT_ENV)
+    if not value:
+        return None
+    try:
+        entry = json.loads(base64.urlsafe_b64decode(value.encode()))
+    except (ValueError, TypeError):
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("weights_sha256"), str) else None
+
+
+def _trace_hash(directory: Path) -> None:
+    """For tests: with VKD_TRACE_TEACHER_HASH=FILE, every hash of a teacher's weights appends a line
+    (pid and directory) to FILE. Unset in normal runs."""
+    trace = os.environ.get("VKD_TRACE_TEACHER_HASH")
+    if trace:
+        with open(trace, "a") as handle:
+            handle.write(f"{os.getpid()} {directory}\n")
 
 
 def valid_positions(loss_mask) -> int:
@@ -555,28 +620,28 @@ def write_cache(cfg) -> dict:
         if not (directory / MANIFEST).is_file():
             write_json_atomic(directory / MANIFEST, manifest)
     dist.barrier()
-    todo = []  # (split, shard) this rank writes
-    for split, entry in manifest["splits"].items():
-        for number, shard in enumerate(entry["shards"]):
-            if number % world == rank and not (directory / split / shard["name"]).is_dir():
-                todo.append((split, shard))
+    shards = [(split, shard) for split, entry in manifest["splits"].items() for shard in entry["shards"]]
+    # Complete on disk as any rank sees it (every rank must make the same plan).
+    seen = torch.tensor([(directory / split / shard["name"]).is_dir() for split, shard in shards], dtype=torch.int64)
+    complete = dist.all_reduce_max(seen).tolist() if shards else []
+    todo = assign_shards([shard for shard, done in zip(shards, complete, strict=True) if not done], world)[rank]
     micro = int(s.trainer.micro_batch_size)
     batches = [(split, shard, first) for split, shard in todo for first in range(*shard["records"], micro)]
     total = int(dist.all_reduce_max(torch.tensor([len(batches)]))[0])
-    skipped = sum(len(e["shards"]) for e in manifest["splits"].values()) - int(
-        dist.all_reduce_sum(torch.tensor([len(todo)]))[0]
-    )
     splits = manifest["splits"]
     log.info(
-        "cache-teacher: %s, top-%d at T=%g (%s), %d shard(s) to write, %d already complete, %d bytes per position",
+        "cache-teacher: %s, top-%d at T=%g (%s), %d shard(s) to write on %d rank(s), %d already complete, "
+        "%d bytes per position",
         ", ".join(f"{name} {e['records']} records / {e['positions']} positions" for name, e in splits.items()),
         manifest["top_k"],
         manifest["temperature"],
         manifest["precision"],
-        sum(len(e["shards"]) for e in manifest["splits"].values()) - skipped,
-        skipped,
+        len(shards) - sum(complete),
+        world,
+        sum(complete),
         manifest["bytes_per_position"],
     )
+    written = torch.zeros(2, world, dtype=torch.int64)  # records and shards this rank wrote, in its column
     started = time.perf_counter()
     written_positions = 0
     dtypes = _dtypes(manifest)
@@ -607,7 +672,13 @@ def write_cache(cfg) -> dict:
         if first + micro >= shard["records"][1]:
             _write_shard(directory / split / shard["name"], pending.pop(shard["name"] + split), manifest)
             log.info("cache-teacher: rank %d wrote %s/%s", rank, split, shard["name"])
+            written[:, rank] += torch.tensor([shard["records"][1] - shard["records"][0], 1])
     dist.barrier()
+    records, count = dist.all_reduce_sum(written).tolist()
+    log.info(
+        "cache-teacher: records (shards) written per rank: %s",
+        ", ".join(f"{n} ({c})" for n, c in zip(records, count, strict=True)),
+    )
     seconds = time.perf_counter() - started
     positions = int(dist.all_reduce_sum(torch.tensor([written_positions]))[0])
     if dist.is_main():
@@ -632,6 +703,21 @@ def write_cache(cfg) -> dict:
         )
     dist.barrier()
     return manifest
+
+
+def assign_shards(shards: list[tuple[str, dict]], world: int) -> list[list[tuple[str, dict]]]:
+    """The shards to write, (split, manifest entry) over all splits, given to `world` ranks: largest
+    first, each to the rank with the fewest records so far (the lowest-numbered of them). Each rank's
+    records are then within one shard's of every other rank's, hence of the mean. Deterministic: every
+    rank computes the same plan. Each rank's shards in the order given."""
+    loads = [0] * world
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    size = [shard["records"][1] - shard["records"][0] for _, shard in shards]
+    for i in sorted(range(len(shards)), key=lambda i: (-size[i], i)):
+        least = min(range(world), key=lambda r: (loads[r], r))
+        loads[least] += size[i]
+        ranks[least].append(i)
+    return [[shards[i] for i in sorted(mine)] for mine in ranks]
 
 
 def _write_shard(path: Path, parts: list[dict], manifest: dict) -> None:
@@ -726,3 +812,30 @@ def prepare_cache(cfg) -> CachePlan:
     elif Path(s.cache.dir).is_dir() and any(Path(s.cache.dir).iterdir()):
         raise VkdError(f"cache.dir ({s.cache.dir}) is not empty and holds no teacher cache: choose another directory")
     return CachePlan(s, tokenizer, files, manifest, width)
+
+
+def main(args: list[str]) -> None:
+    """`python -m vkd_ds.teacher_cache [--job=cache-teacher] [overrides]` prints the FINGERPRINT_ENV
+    value for a job that hashes teacher.path (cache-teacher; training that checks it against
+    teacher.cache), hashing it here once; nothing for any other job. For scripts that start the ranks
+    themselves: slurm/train.sbatch exports it before srun. A config it cannot read prints nothing
+    (the ranks report it)."""
+    from omegaconf import OmegaConf
+
+    from vkd_ds.config import compose
+    from vkd_ds.launch import CACHE_TEACHER_FLAG
+
+    cache_job = args[:1] == [CACHE_TEACHER_FLAG]
+    try:
+        cfg = compose(args[1:] if cache_job else args)
+        teacher = OmegaConf.select(cfg, "teacher.path")
+        checked = cache_job or OmegaConf.select(cfg, "teacher.cache")
+        if teacher and checked and (Path(teacher) / "config.json").is_file():
+            weights_fingerprint(teacher)
+            print(fingerprint_env(teacher).get(FINGERPRINT_ENV, ""))
+    except (VkdError, OSError, ValueError) as err:
+        print(f"vkd-ds: teacher not hashed ahead ({str(err).splitlines()[0]}); each rank hashes it", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
