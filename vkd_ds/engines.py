@@ -69,9 +69,10 @@ def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
 
 
 def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: bool = False):
-    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed. A safetensors
-    checkpoint is read shard by shard into each rank's partitions (vkd_ds/teacher_load.py), so no
-    rank holds the whole teacher; another format goes through transformers, which loads it on rank 0."""
+    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed. Its checkpoint
+    (safetensors or `.bin`, one file or shards) is read file by file into each rank's partitions, its
+    tensors renamed and converted as transformers does (vkd_ds/teacher_load.py), so no rank holds the
+    whole teacher."""
     from vkd_ds import dist
     from vkd_ds.models import load_model_config
     from vkd_ds.teacher_load import build_teacher_model, check_checkpoint, check_teacher_fits, nvme_swap_config
@@ -91,9 +92,6 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
     attention = _attention_kwargs(eager_attention)
     try:
         model = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
-        if model is None:
-            with _zero3_construction(ds_config):
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(ds_config), **attention)
     except (OSError, ValueError) as err:
         raise VkdError(f"teacher.path: cannot load a causal LM from {path}: {str(err).splitlines()[0]}") from None
     model.requires_grad_(False)
