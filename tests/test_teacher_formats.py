@@ -3,9 +3,9 @@ loader (vkd_ds/teacher_load.py) on 2 real ranks: MoE teachers whose files hold o
 (transformers fuses them on load), a GPT-NeoX teacher (its `embed_out` renamed to `lm_head`), an
 older Llama export with per-layer `rotary_emb.inv_freq` (keys transformers ignores), and a sharded
 `.bin` teacher (experts split across its shards, a tied embedding stored under both names). The
-logits equal transformers' single-process load, and MoE teachers (the sharded `.bin` Qwen3-MoE, a
-safetensors Mixtral) distill in real vkd-ds runs. A checkpoint with a tensor missing, unexpected or of
-the wrong shape is refused with its name before anything starts."""
+logits equal transformers' single-process load, and each distills in a real 2-rank vkd-ds run. A
+checkpoint with a tensor missing, unexpected or of the wrong shape is refused with its name before
+anything starts."""
 
 from __future__ import annotations
 
@@ -128,10 +128,9 @@ def test_every_format_loads_on_two_ranks_with_transformers_logits(teachers, tiny
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("teacher", ["qwen3_moe_bin", "mixtral"])
-def test_an_moe_teacher_distills(teacher, teachers, tiny_assets, tmp_path):
-    """A real 2-rank vkd-ds run with the sharded `.bin` Qwen3-MoE teacher and with the safetensors
-    Mixtral one: it trains, soft KD included."""
+@pytest.mark.parametrize("teacher", ["qwen3_moe_bin", "mixtral", "qwen3_moe", "olmoe", "gpt_neox", "llama_inv_freq"])
+def test_every_format_distills(teacher, teachers, tiny_assets, tmp_path):
+    """A real 2-rank vkd-ds run with each teacher of the logits test: it trains, soft KD included."""
     import math
 
     from vkd_ds.metrics import read_metrics
