@@ -820,16 +820,15 @@ def main(args: list[str]) -> None:
     teacher.cache), hashing it here once; nothing for any other job. For scripts that start the ranks
     themselves: slurm/train.sbatch exports it before srun. A config it cannot read prints nothing
     (the ranks report it)."""
-    from omegaconf import OmegaConf
-
     from vkd_ds.config import compose
     from vkd_ds.launch import CACHE_TEACHER_FLAG
+    from vkd_ds.settings import Settings
 
     cache_job = args[:1] == [CACHE_TEACHER_FLAG]
     try:
-        cfg = compose(args[1:] if cache_job else args)
-        teacher = OmegaConf.select(cfg, "teacher.path")
-        checked = cache_job or OmegaConf.select(cfg, "teacher.cache")
+        s = Settings.from_config(compose(args[1:] if cache_job else args))
+        teacher = s.teacher.path
+        checked = cache_job or s.teacher.cache
         if teacher and checked and (Path(teacher) / "config.json").is_file():
             weights_fingerprint(teacher)
             print(fingerprint_env(teacher).get(FINGERPRINT_ENV, ""))
