@@ -8,7 +8,10 @@ error (`gate/valence_mse`) on every step without ever rejecting, so the student 
 gate off. For each candidate gate.arm_mse this prints, per run: the step the gate would arm at (the
 first after --warmup steps whose running error is below it), the steps after that whose projection
 falls below --ratio × the teacher's baseline (the clean steps it would reject), the longest streak
-of them and the lowest projection after arming. Prints one JSON document.
+of them, the lowest projection after arming, the highest running error after arming and the step it
+would disarm at (running error >= gate.DISARM_FACTOR × arm_mse; issue #30). Prints one JSON document.
+The demo's own run (gate.ratio=0.9, nothing rejected) serves as well: `vkd-ds demo --out D`, then
+`python bench/gate_arming.py D/run --arm 1e-4`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ def arming(rows: list[dict], arm_mse: float, ratio: float, warmup: int) -> dict:
     at = next((i + 1 for i in range(warmup, len(rows)) if running[i] < arm_mse), None)
     if at is None:
         return {"arm_mse": arm_mse, "armed_at": None}
+    from vkd_ds.gate import DISARM_FACTOR
+
     below = [i + 1 for i in range(at - 1, len(rows)) if projected[i] < threshold]
+    disarm = next((i + 1 for i in range(at - 1, len(rows)) if running[i] >= DISARM_FACTOR * arm_mse), None)
     streak = longest = 0
     for i in range(at - 1, len(rows)):
         streak = streak + 1 if projected[i] < threshold else 0
@@ -41,6 +47,8 @@ def arming(rows: list[dict], arm_mse: float, ratio: float, warmup: int) -> dict:
         "longest_streak": longest,
         "lowest_projection": min(projected[at - 1 :]),
         "threshold": threshold,
+        "highest_error_after_arming": max(running[at - 1 :]),
+        "would_disarm_at": disarm,
     }
 
 
