@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +46,11 @@ class StepSnapshot:
     gathered copy released, the partitions written, the persistent parameters gathered again from
     them (a collective: every rank reverts the same step).
 
-    The copies go to host buffers allocated at the first snapshot and reused (pinned when the state
-    is on a GPU): about 16 bytes per parameter / world size for fp32 Adam (parameters 4, master 4
-    when separate, moments 8), held from the first step that may be reverted on."""
+    The copies go to host buffers allocated at the first snapshot and reused, one per dtype (pinned
+    when the state is on a GPU; PyTorch's pinned allocator may round each up to a power of two): for
+    fp32 Adam about 16 bytes per parameter (parameters 4, master 4 when separate, moments 8), the
+    moments and master divided by the world size under ZeRO 1-3, the parameters too under ZeRO-3,
+    held from the first step that may be reverted on."""
 
     MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
     COUNTERS = ("global_steps", "global_samples", "skipped_steps")
@@ -55,6 +58,7 @@ class StepSnapshot:
     def __init__(self, engine):
         self.engine = engine
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._layout: list | None = None
         self._saved = None
 
     def _base(self):
@@ -84,26 +88,42 @@ class StepSnapshot:
                     live[("state", n, k)] = v
         return {key: t for key, t in live.items() if t.numel() > 0}
 
-    def _buffer(self, key: tuple, like: torch.Tensor) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
-            buffer = torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
-            self._buffers[key] = buffer
-        return buffer
+    def _slots(self, unique: dict[tuple, torch.Tensor]) -> dict[tuple, torch.Tensor]:
+        """Host buffers for these tensors, as views into one flat buffer per dtype, allocated when the
+        layout first appears (or changes: a checkpoint loaded) and reused by every later snapshot.
+        One allocation per dtype, not one per tensor: PyTorch's pinned allocator rounds each request
+        up to a power of two."""
+        layout = [(key, tuple(t.shape), t.dtype) for key, t in unique.items()]
+        if layout != self._layout:
+            pinned = any(t.is_cuda for t in unique.values())
+            totals: dict[torch.dtype, int] = defaultdict(int)
+            for _, shape, dtype in layout:
+                totals[dtype] += math.prod(shape)
+            flats = {dtype: torch.empty(n, dtype=dtype, pin_memory=pinned) for dtype, n in totals.items()}
+            offsets: dict[torch.dtype, int] = defaultdict(int)
+            self._buffers = {}
+            for key, shape, dtype in layout:
+                n = math.prod(shape)
+                self._buffers[key] = flats[dtype][offsets[dtype] : offsets[dtype] + n].view(shape)
+                offsets[dtype] += n
+            self._layout = layout
+        return self._buffers
 
+    @torch.no_grad()
     def take(self) -> None:
         optimizer, base = self._base()
         state_params = list(base.state)  # ZeRO keys Adam's state by its flat master partitions
         live = self._live(state_params)
-        stored: dict[tuple, torch.Tensor] = {}
         first_of: dict[tuple, tuple] = {}  # one copy of a tensor that several keys name (aliases)
+        alias: dict[tuple, tuple] = {}
         for key, t in live.items():
             identity = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-            if identity in first_of:
-                stored[key] = stored[first_of[identity]]
-                continue
-            first_of[identity] = key
-            stored[key] = self._buffer(key, t).copy_(t, non_blocking=True)
+            alias[key] = first_of.setdefault(identity, key)
+        unique = {key: t for key, t in live.items() if alias[key] == key}
+        buffers = self._slots(unique)
+        for key, t in unique.items():
+            buffers[key].copy_(t, non_blocking=True)
+        stored = {key: buffers[first] for key, first in alias.items()}
         if any(t.is_cuda for t in live.values()):
             torch.cuda.synchronize()  # the step must not change a tensor before its copy is done
         # The optimizer state's non-tensor entries (e.g. a step count kept as a number).
@@ -112,6 +132,7 @@ class StepSnapshot:
             for p in state_params
         ]
         scaler = self._loss_scaler()
+        scale_config = getattr(optimizer, "loss_scale_config", None)
         self._saved = {
             "stored": stored,
             "state_params": state_params,
@@ -120,6 +141,7 @@ class StepSnapshot:
             "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
             "counters": {name: getattr(self.engine, name) for name in self.COUNTERS},
             "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None,
+            "loss_scale_config": copy.deepcopy(vars(scale_config)) if scale_config is not None else None,
         }
 
     def _groups(self) -> list[list[dict]]:
@@ -142,8 +164,13 @@ class StepSnapshot:
         if zero3:
             optimizer.checkpoint_event_prologue()  # releases every gathered parameter
         had_state = {id(p) for p in saved["state_params"]}
-        for param in [p for p in base.state if id(p) not in had_state]:
+        created = [p for p in base.state if id(p) not in had_state]
+        for param in created:
             del base.state[param]  # state the reverted step created (Adam's first step)
+        if created and getattr(optimizer, "_hp_optimizer_states_linked", False):
+            # ZeRO-1/2 and the bf16 optimizer linked each parameter's optimizer-state fragments into the
+            # state just deleted: relinked at the next step, and the old tensors freed.
+            optimizer._hp_optimizer_states_linked = False
         for param, plain in zip(saved["state_params"], saved["plain_state"], strict=True):
             base.state[param].update(copy.deepcopy(plain))
         live = self._live(saved["state_params"])
@@ -161,6 +188,8 @@ class StepSnapshot:
             self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
         if saved["loss_scaler"] is not None:
             vars(self._loss_scaler()).update(copy.deepcopy(saved["loss_scaler"]))
+        if saved["loss_scale_config"] is not None:  # ZeRO-0's unfused bf16/fp16 optimizer counts steps here
+            vars(optimizer.loss_scale_config).update(copy.deepcopy(saved["loss_scale_config"]))
         # DeepSpeed's counters as before the step: the reverted step is counted by vkd-ds (the gate's
         # `rejected` and `nonfinite`, in metrics.csv and the checkpoint), not as a step DeepSpeed took.
         for name, value in saved["counters"].items():
@@ -413,6 +442,6 @@ def stop_advice(guard: StepGuard, rejected: int, nonfinite: int) -> str:
             + ", or set gate.enabled=false"
         )
     if nonfinite:
-        parts.append("lower trainer.lr, set trainer.grad_clip, train with deepspeed.precision=fp32, or check the data")
+        parts.append("lower trainer.lr or trainer.grad_clip, train with deepspeed.precision=fp32, or check the data")
     parts.append(f"or raise gate.max_consecutive_rejections (now {guard.max_consecutive})")
     return "; ".join(parts)

@@ -471,8 +471,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         result = trainer.fit()
     except GuardStop as stop:
-        if dist.is_main():
-            checkpoint.write_stop(run_dir, stop.record(), s.resolved)
+        # Every rank stops at this step: the others wait for the record, so that the launcher does
+        # not kill rank 0 (a rank exited non-zero) while it writes it.
+        try:
+            if dist.is_main():
+                checkpoint.write_stop(run_dir, stop.record(), s.resolved)
+        finally:
+            dist.barrier()
         raise
     if trainer.step >= s.trainer.max_steps:  # not after a preemption or trainer.stop_after_steps
         log.info("done: step %d %s", trainer.step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))

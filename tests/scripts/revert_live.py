@@ -1,7 +1,10 @@
-"""Run under the deepspeed launcher (ZeRO-3): a step the mercy gate rejects, against a run where that
-step never happened. Two engines of one seed see batches b1, b2, b3 (A: b2 rejected) and b1, b3 (B).
-Each rank saves OUT_DIR/rank_R.pt: its live parameters (`p.data` of the persistent ones, every
-partition), optimizer state, LR, DeepSpeed's counters, at each point compared, and the losses."""
+"""Run under the deepspeed launcher: a step the mercy gate rejects, against a run where that step never
+happened. Engine A takes batches b1, b2, b3 with the step at REJECT (argv[1]: 1 or 2) rejected; engine B,
+of the same seed, takes the same batches without it. Each rank saves OUT_DIR/rank_R.pt: its live
+parameters (`p.data` where gathered, every ZeRO-3 partition), master weights, optimizer state, LR and
+DeepSpeed's counters right after the revert and at the end, and every step's loss."""
+
+import sys
 
 import torch
 from student_setup import student_engine  # the script's directory is on sys.path
@@ -9,15 +12,18 @@ from student_setup import student_engine  # the script's directory is on sys.pat
 from vkd_ds import dist
 from vkd_ds.data import collate
 from vkd_ds.gate import MercyGate
+from vkd_ds.launch import leave, strip_local_rank
 from vkd_ds.step_guard import StepGuard, StepSnapshot
 from vkd_ds.trainer import PhaseClock
+
+sys.argv[1:] = strip_local_rank(sys.argv[1:])  # the launcher's --local_rank comes first
+REJECT = int(sys.argv.pop(1))
 
 
 def live_state(engine) -> dict:
     """What the next forward and step read, as this rank holds it now (copied)."""
-    module = engine.module
     state = {}
-    for name, p in module.named_parameters():
+    for name, p in engine.module.named_parameters():
         if p.data.numel() > 0:
             state[f"data:{name}"] = p.data.clone()
         if hasattr(p, "ds_tensor"):
@@ -38,9 +44,8 @@ def live_state(engine) -> dict:
 def step(engine, guard, batch, number, valence) -> float:
     out = engine(batch["input_ids"], batch["attention_mask"])
     logits = out["logits"][:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1)
-    )
+    targets = batch["input_ids"][:, 1:].reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
     engine.backward(loss)
     # The proxy gate: the student's valence sum over 10 positions against a teacher baseline of 0.5.
     guard.commit(number, False, valence_sum=10 * valence, teacher_valence=5.0, valence_count=10.0)
@@ -61,22 +66,20 @@ def guard_of(engine):
 
 
 guard_a, guard_b = guard_of(engine_a), guard_of(engine_b)
-KEEP, REJECT = 1.0, 0.0  # projected = proxy_factor x valence against ratio x 0.5
-result = {"a": {}, "b": {}}
-result["a"]["loss1"] = step(engine_a, guard_a, batches[0], 0, KEEP)
-result["a"]["before"] = live_state(engine_a)
-result["a"]["loss2"] = step(engine_a, guard_a, batches[1], 1, REJECT)
+KEEP, REJECTED = 1.0, 0.0  # projected = proxy_factor x valence against ratio x 0.5
+result = {"a": {"losses": []}, "b": {"losses": []}}
+for number, batch in enumerate(batches, start=1):
+    rejected = number == REJECT
+    result["a"]["losses"].append(step(engine_a, guard_a, batch, number - 1, REJECTED if rejected else KEEP))
+    if rejected:
+        result["a"]["reverted"] = live_state(engine_a)
+        result["b"]["reverted"] = live_state(engine_b)  # B, which never sees this batch, as it stands
+        continue
+    result["b"]["losses"].append(step(engine_b, guard_b, batch, guard_b.engine.global_steps, KEEP))
 result["a"]["rejected"] = guard_a.counts.rejected
-result["a"]["reverted"] = live_state(engine_a)
-result["a"]["loss3"] = step(engine_a, guard_a, batches[2], 2, KEEP)
 result["a"]["after"] = live_state(engine_a)
-result["b"]["loss1"] = step(engine_b, guard_b, batches[0], 0, KEEP)
-result["b"]["reverted"] = live_state(engine_b)
-result["b"]["loss3"] = step(engine_b, guard_b, batches[2], 1, KEEP)
 result["b"]["after"] = live_state(engine_b)
 torch.save(result, out_dir / f"rank_{rank}.pt")
-
-from vkd_ds.launch import leave  # noqa: E402
 
 dist.barrier()
 leave(0)
