@@ -112,8 +112,14 @@ def base_overrides(assets: Path, run_dir: Path) -> list[str]:
         # tests that are about them.
         "loss.seq=0",
         "gate.enabled=false",
+        # Both models on ZeRO-3, the teacher's shards offloaded (the layout before `auto` planned one,
+        # and the most involved): the tests of the planned layouts set theirs (tests/test_speed_path.py).
+        *ZERO3_LAYOUT,
         *TINY_STUDENT,
     ]
+
+
+ZERO3_LAYOUT = ["deepspeed=zero3", "teacher.layout=zero3", "teacher.offload_param=cpu"]
 
 
 # Every term of the full objective, the attention-map part of L_feat and a regularized LM

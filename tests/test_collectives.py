@@ -59,14 +59,19 @@ def test_every_world_size_weighs_each_example_as_one_rank_does(world):
 
 def reductions() -> dict:
     rank, world = dist.rank(), dist.world_size()
-    sums = StepSums.zeros(["ce", "soft"])
-    sums.terms["ce"], sums.terms["soft"], sums.loss, sums.tokens = rank + 1.0, 10.0 * rank, 0.5, 7.0
+    sums = StepSums(["ce", "soft"], torch.device("cpu"))
+    sums.add("loss/ce", torch.tensor(rank + 1.0))
+    sums.add("loss/soft", 10.0 * rank)
+    sums.add("loss", torch.tensor(0.5, dtype=torch.bfloat16))
+    sums.add("tokens", torch.tensor(7))
     device_sums = DeviceSums()
     device_sums.add("tokens", torch.tensor([rank, 1.0], dtype=torch.bfloat16))
     device_sums.add_weighted("student_nats", torch.tensor([2.0]), torch.tensor([rank + 1]))
-    total = sums.all_reduced()
+    extra = [("first", "first", torch.tensor(float(rank + 5))), ("largest", "max", float(rank) * 3)]
+    total = dist.read_once(sums.entries() + extra)
     return {
-        "step": (total.terms, total.loss, total.tokens),
+        "step": ({name: total[f"loss/{name}"] for name in sums.terms}, total["loss"], total["tokens"]),
+        "first_max": (total["first"], total["largest"]),
         "device": device_sums.all_reduced(torch.device("cpu")),
         "any": dist.any_rank(rank == world - 1),
         "all": dist.all_ranks(rank == world - 1),
@@ -84,6 +89,7 @@ def test_step_and_eval_sums_reduce_exactly_and_every_rank_agrees():
     assert device["kl_nats"] == 0.0  # a sum no batch added
     for r in results:
         assert r["step"] == results[0]["step"] and r["device"] == device
+        assert r["first_max"] == (5.0, 6.0)  # rank 0's value, and the largest
         assert r["any"] is True and r["all"] is False and r["max"] == 2.0
 
 

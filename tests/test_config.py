@@ -18,7 +18,7 @@ REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weight
 def test_defaults_compose_and_validate():
     cfg = compose(REQUIRED)
     Settings.from_config(cfg)
-    assert cfg.deepspeed.zero_stage == 3 and cfg.teacher.offload_param == "cpu"
+    assert cfg.deepspeed.zero_stage == "auto" and cfg.teacher.layout == "auto" and cfg.teacher.offload_param == "auto"
     assert cfg.data.tokenizer_path == "/t"
 
 

@@ -352,3 +352,38 @@ def test_bad_divergence_parameters_are_refused(logits, kind, beta, alpha, messag
     student, teacher, mask, _ = logits
     with pytest.raises(ValueError, match=message):
         token_divergence(student, teacher, mask, kind, beta=beta, alpha=alpha)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_bf16_fused_head_matches_the_fp32_one_within_bf16_rounding(sparse):
+    """A bf16 LM head multiplies in bf16 (fp32 accumulation, fp32 logits and reductions): CE, the
+    divergence and both gradients agree with the fp32 head to bf16's precision; the fp32 head itself
+    is the logits path's (test above)."""
+    from vkd_ds.losses import Divergence, SparseTeacher, fused_head_losses
+    from vkd_ds.teacher_cache import teacher_rows
+
+    torch.manual_seed(5)
+    batch, seq, width, vocab = 3, 7, 32, 301
+    hidden = torch.randn(batch, seq, width) / width**0.25
+    weight = torch.randn(vocab, width) / width**0.25
+    teacher = torch.randn(batch, seq, vocab) * 2
+    mask = torch.rand(batch, seq) > 0.2
+    targets = torch.randint(0, vocab, (batch, seq))
+    divergence = Divergence("forward_kl", 2.0, 0.5, 0.1)
+    if sparse:
+        rows = teacher_rows(teacher, targets, mask, vocab, 8, 2.0)
+        teacher = SparseTeacher(rows["ids"], rows["logp"], rows["tail"], 2.0)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        h = hidden.to(dtype).requires_grad_(True)
+        w = weight.to(dtype).requires_grad_(True)
+        ce, soft = fused_head_losses(h, w, None, mask, targets, teacher, divergence, vocab, chunk_tokens=5)
+        grads = torch.autograd.grad((ce * 0.7 + soft * 1.3).sum(), [h, w])
+        assert ce.dtype == soft.dtype == torch.float32  # fp32 reductions whatever the head's dtype
+        assert grads[0].dtype == grads[1].dtype == dtype
+        results[dtype] = (ce, soft, *(g.float() for g in grads))
+    for got, want in zip(results[torch.bfloat16], results[torch.float32], strict=True):
+        # bf16 keeps 8 bits of mantissa (relative 2^-8 = 0.4% per rounding of an input or a product).
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    # ... and it is bf16 arithmetic, not an fp32 copy: the results differ from the fp32 head's.
+    assert not torch.equal(results[torch.bfloat16][0], results[torch.float32][0])

@@ -108,6 +108,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep: int, global
     dist.barrier()
     if dist.is_main():
         meta = {"step": step, "world_size": dist.world_size(), "global_batch": global_batch}
+        meta["zero_stage"] = engine.zero_optimization_stage()  # what deepspeed.zero_stage=auto resumes on
         # Every file and its size: a resume checks them on every rank before DeepSpeed reads any,
         # so a truncated or missing shard is one clear error rather than a rank failing alone.
         meta["files"] = {str(f.relative_to(target)): f.stat().st_size for f in sorted(target.rglob("*")) if f.is_file()}
@@ -220,6 +221,20 @@ def read_meta(checkpoint_dir: Path) -> dict:
                 f"{size} when it was written"
             )
     return meta
+
+
+def written_stage(meta: dict) -> int:
+    """The student's ZeRO stage a checkpoint was written with: recorded since layouts are planned
+    (vkd_ds/layout.py), else told by DeepSpeed's file names (ZeRO-3 writes a model-states file per
+    rank, ZeRO-1/2 an optimizer-states file per rank; ZeRO-0 neither, or bf16_-prefixed ones)."""
+    if "zero_stage" in meta:
+        return int(meta["zero_stage"])
+    names = [Path(name).name for name in meta.get("files", {})]
+    if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):
+        return 3
+    if any(n.startswith("zero_pp_rank_") and n.endswith("_optim_states.pt") for n in names):
+        return 2
+    return 0
 
 
 def needs_universal(

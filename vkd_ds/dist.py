@@ -136,6 +136,38 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).to(tensor.device)
 
 
+REDUCTIONS = ("sum", "max", "first")
+
+
+def read_once(entries: list[tuple[str, str, torch.Tensor | float]]) -> dict[str, float]:
+    """Every rank's values of `entries` (name, reduction, a scalar tensor on this rank's device or a
+    host number), reduced over ranks and read into the host in one go: one all-gather and one read,
+    the only point of a step where the host waits for the device. `sum` adds the ranks' values in
+    rank order in float64 (the same result on every rank, whatever the world size's grouping),
+    `max` takes the largest, `first` rank 0's (for values every rank computed alike)."""
+    dev = device()
+    parts = []
+    for name, how, value in entries:
+        if how not in REDUCTIONS:
+            raise ValueError(f"{name}: reduction {how!r} is not one of {REDUCTIONS}")
+        if isinstance(value, torch.Tensor):
+            parts.append(value.detach().reshape(()).to(dev, torch.float64))
+        else:  # a fill on the device, not a copy from the host (a copy would wait for the device)
+            parts.append(torch.full((), float(value), dtype=torch.float64, device=dev))
+    rows = all_gather(torch.stack(parts)).tolist()  # [world][entries]: the read
+    out = {}
+    for i, (name, how, _) in enumerate(entries):
+        column = [row[i] for row in rows]
+        if how == "sum":
+            total = 0.0
+            for value in column:
+                total += value
+            out[name] = total
+        else:
+            out[name] = max(column) if how == "max" else column[0]
+    return out
+
+
 def local_world_size() -> int:
     """Ranks on this machine: those whose hostname is this rank's."""
     import socket

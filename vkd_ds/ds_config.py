@@ -14,6 +14,7 @@ import torch
 
 from vkd_ds.config import check_global_batch
 from vkd_ds.errors import VkdError, library_reason
+from vkd_ds.layout import settled
 from vkd_ds.schedule import lr_scheduler_factory
 from vkd_ds.settings import Settings
 
@@ -47,7 +48,9 @@ def _bf16_numerics(stage: int) -> dict[str, Any]:
 
 
 def student_ds_config(cfg: Settings, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed JSON of the student engine (optimizer included; the LR schedule is student_lr_schedule's)."""
+    """DeepSpeed JSON of the student engine (optimizer included; the LR schedule is student_lr_schedule's),
+    for the planned layout (layout.with_layout; `auto` left in `cfg` reads as layout.settled)."""
+    cfg = settled(cfg)
     trainer = cfg.trainer
     global_batch = check_global_batch(cfg, world_size)
     precision = resolve_precision(cfg, on_gpu)
@@ -102,8 +105,19 @@ TEACHER_PREFETCH_ELEMENTS = 10**7  # gathered ahead of use
 
 
 def teacher_ds_config(cfg: Settings, on_gpu: bool) -> dict[str, Any]:
-    """DeepSpeed JSON of the frozen teacher: ZeRO-3 inference, params offloaded."""
+    """DeepSpeed JSON of the frozen teacher: whole on every rank (teacher.layout=replicated), or ZeRO-3
+    inference, its shards on the device or offloaded (teacher.offload_param)."""
+    cfg = settled(cfg)
     precision = resolve_precision(cfg, on_gpu)
+    if cfg.teacher.layout == "replicated":
+        return {
+            "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 0},
+            "bf16": {"enabled": precision == "bf16"},
+            "fp16": {"enabled": False},
+            "steps_per_print": 10**9,
+        }
     zero: dict[str, Any] = {
         "stage": 3,
         # The frozen teacher runs one forward per micro-batch and never reuses a layer within it:

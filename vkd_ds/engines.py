@@ -63,16 +63,28 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__} at {where}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
-def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
-    # The attention-map term reads attention probabilities, which only eager attention returns.
-    return {"attn_implementation": "eager"} if eager_attention else {}
+def _attention_kwargs(eager_attention: bool, dtype: torch.dtype) -> dict[str, str]:
+    """The fastest attention transformers offers here: FlashAttention-2 on a GPU in bf16 where the
+    flash-attn package is installed, else transformers' default (PyTorch's SDPA, whose own kernels
+    include flash attention on recent GPUs). The start-up log names the one each model runs."""
+    if eager_attention:
+        # The attention-map term reads attention probabilities, which only eager attention returns.
+        return {"attn_implementation": "eager"}
+    from transformers.utils import is_flash_attn_2_available
+
+    from vkd_ds import dist
+
+    if dist.on_gpu() and dtype == torch.bfloat16 and is_flash_attn_2_available():
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
 
 
 def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: bool = False):
-    """The teacher: ZeRO-3 inference engine, frozen, eval mode, never checkpointed. Its checkpoint
-    (safetensors or `.bin`, one file or shards) is read file by file into each rank's partitions, its
-    tensors renamed and converted as transformers does (vkd_ds/teacher_load.py), so no rank holds the
-    whole teacher."""
+    """The teacher: a DeepSpeed inference engine, frozen, eval mode, never checkpointed; ZeRO-3 or
+    whole on every rank (teacher.layout, `ds_config`'s stage 3 or 0). Its checkpoint (safetensors or
+    `.bin`, one file or shards) is read file by file into each rank's partitions (or whole tensors),
+    its tensors renamed and converted as transformers does (vkd_ds/teacher_load.py), so under ZeRO-3
+    no rank holds the whole teacher."""
     from vkd_ds import dist
     from vkd_ds.models import load_model_config
     from vkd_ds.teacher_load import build_teacher_model, check_checkpoint, check_teacher_fits, nvme_swap_config
@@ -81,15 +93,18 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
     # so a rank that refuses does not leave the others waiting in a collective.
     shape = check_checkpoint(load_model_config(path, "teacher.path"), path)
     refusal = None
+    sharded = ds_config["zero_optimization"]["stage"] == 3
     try:
-        check_teacher_fits(shape.parameters, ds_config, dist.world_size(), dist.local_world_size(), dist.on_gpu())
+        # A replicated teacher is whole on every rank: the fit of one shard of one.
+        world = dist.world_size() if sharded else 1
+        check_teacher_fits(shape.parameters, ds_config, world, dist.local_world_size(), dist.on_gpu())
     except VkdError as err:
         refusal = err
     if dist.any_rank(refusal is not None):
         raise refusal or VkdError("teacher.path: the teacher does not fit on another node (its rank 0 log says why)")
     if ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
         ds_config = nvme_swap_config(ds_config, shape.largest, dist.world_size())
-    attention = _attention_kwargs(eager_attention)
+    attention = _attention_kwargs(eager_attention, _dtype(ds_config))
     try:
         model = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
     except (OSError, ValueError) as err:
@@ -107,7 +122,7 @@ def build_student_model(
     """The student module, from a local directory or freshly initialized from `model_config`;
     `extras` (layers, projectors, valence head, regularized parameters) go to StudentModule."""
     torch.manual_seed(seed)  # a fresh student's init is a function of the seed only
-    attention = _attention_kwargs(eager_attention)
+    attention = _attention_kwargs(eager_attention, _dtype(ds_config))
     with _zero3_construction(ds_config):
         if path is not None:
             try:

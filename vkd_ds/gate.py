@@ -157,14 +157,12 @@ class MercyGate:
         return self.state.observe(self.settings, step, valence_mse)
 
     # ---- the decision ------------------------------------------------------------------------
-    def proxy_values(self, valence_sum: float, teacher_sum: float, count: float) -> tuple[float, float]:
-        """(projected valence, squared error of the batch's valence) of the global batch, from this
-        rank's sums over its valid positions of the student's and the teacher's valence (means over
-        the k steps). The error is the one the decision sees: (student's mean - teacher's mean)² over
-        the global batch. One all-reduce."""
-        local = torch.tensor([valence_sum, teacher_sum, count], dtype=torch.float64)
-        student, teacher, total_count = dist.all_reduce_sum(local).tolist()
-        positions = max(total_count, 1.0)
+    def proxy_values(self, student: float, teacher: float, count: float) -> tuple[float, float]:
+        """(projected valence, squared error of the batch's valence) of the global batch, from its sums
+        over the valid positions of the student's and the teacher's valence (means over the k steps),
+        summed over every rank (the trainer's one read of the step). The error is the one the decision
+        sees: (student's mean - teacher's mean)² over the global batch."""
+        positions = max(count, 1.0)
         return self.settings.proxy_factor * student / positions, ((student - teacher) / positions) ** 2
 
     def projected_lookahead(self) -> float:

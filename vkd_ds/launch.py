@@ -57,11 +57,13 @@ def start_training(overrides: list[str]) -> int:
     check_global_batch(cfg, num_procs)
     _, teacher_ds = checked_deepspeed_configs(prepared.settings, num_procs, on_gpu=num_procs_are_gpus())
     s = prepared.settings
-    if prepared.loads_teacher and not (num_procs_are_gpus() and s.teacher.offload_param == "none"):
+    if prepared.loads_teacher and (not num_procs_are_gpus() or s.teacher.offload_param in ("cpu", "nvme")):
         from vkd_ds.teacher_load import check_teacher_fits
 
-        # Host memory or disk, shared by the ranks this command starts here, on one machine. (GPU
-        # memory each rank checks itself: asking CUDA here would hold a context on GPU 0.)
+        # Host memory or disk, shared by the ranks this command starts here, on one machine: at the
+        # least the teacher's ZeRO-3 shards (what an `auto` layout falls back to; each rank checks the
+        # layout it plans). GPU memory each rank checks itself: asking CUDA here would hold a context
+        # on GPU 0.
         check_teacher_fits(prepared.teacher_parameters, teacher_ds, num_procs, num_procs, num_procs_are_gpus())
     return run_launcher(overrides, num_procs, env=env_with_teacher_fingerprint(s.teacher.path))
 

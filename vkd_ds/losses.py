@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from vkd_ds.sequences import Sequences, selected
+from vkd_ds.sequences import HOST_SHIFTED, Sequences, next_token, selected
 
 # `loss.chunk_tokens=auto` (plan_chunk_rows). On a CPU each fp32 [rows, vocab] buffer of a chunk stays
 # at or under 16 MiB, well below glibc's largest mmap threshold (32 MiB, which vkd-ds fixes there,
@@ -587,12 +587,10 @@ def token_logprobs(
 
 
 def shift_for_next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor):
-    """(targets, mask) aligned with positions: position t predicts token t+1 when that token is a target."""
-    targets = torch.zeros_like(input_ids)
-    targets[:, :-1] = input_ids[:, 1:]
-    mask = torch.zeros_like(loss_mask)
-    mask[:, :-1] = loss_mask[:, 1:]
-    return targets, mask
+    """(targets, mask) aligned with positions: position t predicts token t+1 when that token is a target
+    (those `sequences.on_device` computed on the host for a batch's loss mask, else computed here)."""
+    found = getattr(loss_mask, HOST_SHIFTED, None)
+    return found if found is not None else next_token(input_ids, loss_mask)
 
 
 def sequence_kd(weighted_nll: torch.Tensor, teacher_logprob: torch.Tensor) -> torch.Tensor:
@@ -726,7 +724,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
-        w = weight[:vocab].float()
+        w = _gemm_operand(weight[:vocab])
         for start, logits in _head_chunks(hidden, weight, bias, vocab, ctx.chunk_tokens):
             rows = slice(start, start + logits.shape[0])
             grad_logits = torch.zeros_like(logits)
@@ -734,9 +732,11 @@ class _FusedHeadLosses(torch.autograd.Function):
                 grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
             if ctx.soft_rows is not None:
                 grad_logits += ctx.soft_rows(logits, rows, None)[1] * grad_soft[rows, None]
-            h = hidden[rows].float()
-            grad_hidden[rows] = (grad_logits @ w).to(hidden.dtype)
-            grad_weight[:vocab] += grad_logits.T @ h
+            # The gradient's GEMMs in the weight's dtype (bf16: the logits' gradient rounded to bf16, as
+            # backpropagating through a bf16 LM head does), accumulated and returned in fp32.
+            g = grad_logits.to(w.dtype)
+            grad_hidden[rows] = _matmul_fp32(g, w).to(hidden.dtype)
+            grad_weight[:vocab] += _matmul_fp32(g.T, hidden[rows].to(w.dtype))
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
@@ -744,13 +744,46 @@ class _FusedHeadLosses(torch.autograd.Function):
 
 
 def _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
-    w = weight[:vocab_size].float()
+    """fp32 logits of each chunk of `hidden`, multiplied in the weight's dtype (bf16 on a GPU run)."""
+    w = _gemm_operand(weight[:vocab_size])
     chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
     for start in range(0, hidden.shape[0], chunk_tokens):
-        logits = hidden[start : start + chunk_tokens].float() @ w.T
+        logits = _matmul_fp32(hidden[start : start + chunk_tokens].to(w.dtype), w.T)
         if bias is not None:
             logits = logits + bias[:vocab_size].float()
         yield start, logits
+
+
+def _gemm_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The LM head's weight as the fused head multiplies it: bf16 (or fp16) as it is, where tensor
+    cores run ~15x faster than fp32 and accumulate in fp32; anything else in fp32."""
+    return weight if weight.dtype in (torch.bfloat16, torch.float16) else weight.float()
+
+
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32. For bf16 operands on a GPU, cuBLAS accumulates in fp32 and writes fp32
+    (`out_dtype`), so only the inputs are rounded; elsewhere (a CPU) the product is rounded to bf16
+    first, as a bf16 LM head's logits are."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _fp32_output_gemm(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
+_FP32_OUTPUT_GEMM: dict[torch.device, bool] = {}
+
+
+def _fp32_output_gemm(device: torch.device) -> bool:
+    """Whether `torch.mm(..., out_dtype=torch.float32)` runs on `device` (a recent PyTorch on CUDA)."""
+    if device not in _FP32_OUTPUT_GEMM:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _FP32_OUTPUT_GEMM[device] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUTPUT_GEMM[device] = False
+    return _FP32_OUTPUT_GEMM[device]
 
 
 def fused_head_losses(

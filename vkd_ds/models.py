@@ -97,6 +97,15 @@ def check_buildable(config, key: str) -> None:
         raise VkdError(f"{key}: transformers cannot build a causal LM from it: {library_reason(err)}") from None
 
 
+def parameter_count(config) -> int:
+    """Parameters of a causal LM of `config` (tied ones once), counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def check_vocab(tokenizer_len: int, model_vocab: int, who: str) -> None:
     """Embedding tables padded past the tokenizer (e.g. 152064 for 151936 tokens) are fine;
     a table smaller than the tokenizer is a real mismatch."""

@@ -77,8 +77,49 @@ class Sequences:
 
 
 def selected(mask: torch.Tensor) -> torch.Tensor:
-    """The flat (row-major) indices of the valid positions of `mask` [R,S]."""
-    return mask.flatten().nonzero(as_tuple=True)[0]
+    """The flat (row-major) indices of the valid positions of `mask` [R,S]: the ones `on_device`
+    found on the host for a batch's next-token mask, else found here (`nonzero`: on a GPU the host
+    waits for the device to get there)."""
+    found = getattr(mask, HOST_SELECTED, None)
+    return found if found is not None else mask.flatten().nonzero(as_tuple=True)[0]
+
+
+# Attributes of a batch's device tensors, set by `on_device` (a tensor is a Python object; these go
+# with it, and with nothing derived from it).
+HOST_SHIFTED = "_vkd_next_token"  # on loss_mask: (targets, mask) of losses.shift_for_next_token
+HOST_SELECTED = "_vkd_selected"  # on that mask: `selected(mask)`
+
+
+def next_token(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, mask) aligned with positions: position t predicts token t+1 when that token is a target."""
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    mask = torch.zeros_like(loss_mask)
+    mask[:, :-1] = loss_mask[:, 1:]
+    return targets, mask
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the device: a blocking copy to a
+    GPU waits for every kernel queued before it, so the copy goes from pinned memory, asynchronously
+    (PyTorch's pinned-memory cache keeps the source alive until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated host batch on `device`, with what every term reads from its loss mask worked out on
+    the host, where reading the mask costs nothing: the next-token targets and mask, and the flat
+    indices of the valid positions. On a GPU, finding those positions on the device (`nonzero`) makes
+    the host wait for every kernel queued before it, and each term would do it again."""
+    targets, mask = next_token(batch["input_ids"], batch["loss_mask"])
+    index = selected(mask)
+    moved = {key: to_device(value, device) for key, value in batch.items()}
+    shifted = (to_device(targets, device), to_device(mask, device))
+    setattr(shifted[1], HOST_SELECTED, to_device(index, device))
+    setattr(moved["loss_mask"], HOST_SHIFTED, shifted)
+    return moved
 
 
 def model_inputs(batch: dict) -> dict:

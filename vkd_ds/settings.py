@@ -198,7 +198,8 @@ def _lazy(module: str, name: str) -> Callable[[], tuple]:
 @dataclass(frozen=True)
 class TeacherSettings:
     path: str | None = _checked(anything)
-    offload_param: str = _checked(choice(OFFLOAD_DEVICES))
+    layout: str = _checked(choice(("auto", "replicated", "zero3")))  # vkd_ds/layout.py
+    offload_param: str = _checked(choice(("auto", *OFFLOAD_DEVICES)))  # a ZeRO-3 teacher's shards
     nvme_path: str | None = _checked(anything)
     cache: str | None = _checked(anything)  # a `vkd-ds cache-teacher` directory, read in place of the teacher
 
@@ -209,6 +210,12 @@ class TeacherSettings:
             )
         if self.offload_param == "nvme" and not self.nvme_path:
             raise VkdError("config key `teacher.nvme_path` is required when teacher.offload_param=nvme")
+        if self.layout == "replicated" and self.offload_param not in ("auto", "none"):
+            raise VkdError(
+                f"teacher.layout=replicated keeps the whole teacher on every device, and teacher.offload_param="
+                f"{self.offload_param} offloads a ZeRO-3 teacher's shards: set teacher.layout=zero3 (or auto), "
+                "or teacher.offload_param=auto"
+            )
 
 
 @dataclass(frozen=True)
@@ -399,10 +406,13 @@ class TrainerSettings:
 
 @dataclass(frozen=True)
 class DeepSpeedSettings:
-    zero_stage: int = _checked(number(low=0, high=3, integer=True))
+    zero_stage: int | str = _checked(auto_or(number(low=0, high=3, integer=True)))  # auto: vkd_ds/layout.py
     offload_optimizer: str = _checked(choice(OFFLOAD_DEVICES))
     nvme_path: str | None = _checked(anything)
     precision: str = _checked(choice(("auto", "bf16", "fp32")))
+    # What a rank may plan with (the layout, the loss chunks): auto, the free GPU memory, or this
+    # rank's share of the host's available memory; or so many GiB.
+    memory_per_rank_gb: float | str = _checked(auto_or(number(above=0)))
     extra: dict = _checked(_mapping)  # merged last into the student's DeepSpeed JSON
 
     def __post_init__(self):

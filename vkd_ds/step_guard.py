@@ -241,13 +241,16 @@ class StepGuard:
                 gate.refresh_baseline(step)
             self.log.info("mercy gate: the teacher's baseline valence is %.6f (step %d)", gate.state.baseline, step)
 
-    def grad_norm_before_step(self) -> float | None:
+    def grad_norm_before_step(self) -> torch.Tensor | None:
         """DeepSpeed reports the global gradient norm under ZeRO 1-3 but not under ZeRO-0 with a
-        torch optimizer; there the gradients are whole (and already averaged) on every rank."""
+        torch optimizer; there the gradients are whole (and already averaged) on every rank. A device
+        tensor: the trainer reads it with the rest of the step."""
         if self.engine.zero_optimization_stage() != 0:
             return None
-        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+        grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]))
 
     def commit(
         self,
@@ -257,12 +260,14 @@ class StepGuard:
         teacher_valence: float = 0.0,
         valence_count: float = 0.0,
     ) -> dict:
-        """The optimizer step at the accumulation boundary (collective). `step` counts from 0;
-        `nonfinite`: this rank saw a non-finite loss or gradient norm; `valence_sum`,
-        `teacher_valence`, `valence_count`: this rank's sums over its valid positions of the
-        student's and the teacher's valence (proxy gate). Returns the `gate/*` metrics."""
+        """The optimizer step at the accumulation boundary (collective). `step` counts from 0; the
+        other arguments are of the whole global batch, already agreed on every rank (the trainer's
+        one read of the step): `nonfinite`, some rank saw a non-finite loss or gradient norm;
+        `valence_sum`, `teacher_valence`, `valence_count`: the sums over the valid positions of the
+        student's and the teacher's valence (proxy gate). Nothing here reads the device (but
+        lookahead's rollouts, and a snapshot when a step may be reverted). Returns the `gate/*` metrics."""
         gate, clock = self.gate, self.clock
-        skip = dist.any_rank(nonfinite)
+        skip = nonfinite
         projected, rejected, decides = None, False, False
         if gate is not None:
             with clock("gate"):
@@ -361,17 +366,10 @@ class StepGuard:
             )
 
     def _engine_skipped_step(self) -> bool:
-        """Whether DeepSpeed discarded the step it was just asked for, agreed over ranks. Under ZeRO 1-3
-        and bf16 it checks the global gradient norm and skips the update when it is not finite
-        (deepspeed >= 0.19.8; older releases applied it, which this refuses rather than let pass)."""
-        applied = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
-        if applied and norm is not None and not math.isfinite(_as_float(norm)):
-            raise VkdError(
-                "DeepSpeed applied an optimizer step whose gradient norm is not finite; vkd-ds needs a "
-                "DeepSpeed that skips such steps (pip install 'deepspeed>=0.19.8')"
-            )
-        return dist.any_rank(not applied)
+        """Whether DeepSpeed discarded the step it was just asked for. Under ZeRO 1-3 and bf16 it checks
+        the global gradient norm (reduced over ranks, so every rank decides alike) and skips the update
+        when it is not finite (deepspeed >= 0.19.8, which pyproject.toml requires). A host flag: no read."""
+        return not self.engine.was_step_applied()
 
     def _record(self, step: int, rejected: bool, nonfinite: bool) -> None:
         c = self.counts

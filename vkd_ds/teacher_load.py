@@ -577,18 +577,26 @@ NO_WEIGHTS = f"holds no weights transformers loads: none of {SINGLE_FILE}, {INDE
 
 
 def build_teacher_model(path: str, ds_config: dict[str, Any], dtype: torch.dtype, attention: dict[str, str]):
-    """The teacher built already partitioned (zero.Init with `ds_config`), weights not initialized,
-    then loaded with `load_partitioned`, whatever the checkpoint's format; a VkdError where `path`
-    holds none."""
+    """The teacher built already partitioned (zero.Init with `ds_config`; whole, on this rank's device,
+    when `ds_config` is not ZeRO-3), weights not initialized, then loaded with `load_partitioned`,
+    whatever the checkpoint's format; a VkdError where `path` holds none."""
+    import contextlib
+
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
+    from vkd_ds import dist
+
     if not checkpoint_files(path):
         raise VkdError(f"teacher.path: {path} {NO_WEIGHTS}")
     config = AutoConfig.from_pretrained(path)
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    if ds_config["zero_optimization"]["stage"] == 3:
+        placement = deepspeed.zero.Init(config_dict_or_path=ds_config)
+    else:  # built where it runs: its tensors are read straight into device memory
+        placement = torch.device(dist.device()) if dist.on_gpu() else contextlib.nullcontext()
+    with no_init_weights(), prevent_arange_dtype_change(), placement:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
     model.tie_weights()  # no_init_weights skips init_weights, which is where transformers ties them
     load_partitioned(model, path, torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)

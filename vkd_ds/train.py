@@ -18,6 +18,7 @@ from vkd_ds import checkpoint, dist
 from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
+from vkd_ds.layout import Layout, plan_layout, with_layout
 from vkd_ds.memory import GIB, free_device_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from vkd_ds.metrics import setup_logging
 from vkd_ds.models import (
@@ -204,6 +205,30 @@ class _TeacherLoadClock:
         }
 
 
+def memory_per_rank(s: Settings) -> int:
+    """Bytes a rank plans the layout and the loss chunks with (deepspeed.memory_per_rank_gb)."""
+    if s.deepspeed.memory_per_rank_gb != "auto":
+        return int(float(s.deepspeed.memory_per_rank_gb) * GIB)
+    return free_device_bytes(dist.on_gpu(), dist.local_world_size())
+
+
+def _plan_layout(s: Settings, prepared: Prepared, world: int, meta: dict | None) -> Layout:
+    """The layout of this run (vkd_ds/layout.py): an `auto` student stage keeps the stage of the
+    checkpoint resumed from, which DeepSpeed can only load into that stage."""
+    from vkd_ds.ds_config import resolve_precision
+    from vkd_ds.models import parameter_count
+
+    return plan_layout(
+        s,
+        parameter_count(prepared.student_config),
+        prepared.teacher_parameters if prepared.loads_teacher else None,
+        world,
+        resolve_precision(s, dist.on_gpu()) == "bf16",
+        memory_per_rank(s),
+        checkpoint.written_stage(meta) if meta is not None else None,
+    )
+
+
 def _resume_point(s: Settings, run_dir: Path) -> Path | None:
     if s.resume == "never":
         if checkpoint.complete_checkpoints(run_dir):
@@ -257,13 +282,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         changed_since_stop = checkpoint.check_resume_after_stop(run_dir, resume_step, s.resolved)
     torch.manual_seed(s.trainer.seed)
 
+    # Where each model lives, from their sizes and the memory free to a rank (explicit keys kept).
+    layout = _plan_layout(s, prepared, world, meta)
+    s = with_layout(s, layout)
+    prepared = dataclasses.replace(prepared, settings=s)
     # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
     ds_config, teacher_ds = checked_deepspeed_configs(s, world, dist.on_gpu())
     objective = prepared.objective.planned(
         hidden_width(prepared.student_config),
         torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32,
         dist.on_gpu(),
-        free_device_bytes(dist.on_gpu(), dist.local_world_size()),
+        memory_per_rank(s),
     )
     prepared = dataclasses.replace(prepared, objective=objective)
     eager = objective.attention > 0
@@ -340,6 +369,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "sequences" if prepared.packs is None else f"packed rows of {prepared.packs.capacity} tokens",
         run_dir,
     )
+    log.info("layout: %s", layout.describe() if prepared.loads_teacher else layout.describe(teacher=False))
+    log.info("attention: %s", _attention_implementations(engine, teacher))
     for split, rows in (("train", prepared.train_data), ("valid", prepared.valid_data)):
         if rows:
             log.info("data: %s", rows.summary(split))
@@ -347,10 +378,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.warning("data: %s", note)
     if prepared.packs is not None:
         log.info(
-            "data: %s; attention within each document: %s (transformers' packed-sequence masks, from positions "
+            "data: %s; attention within each document (transformers' packed-sequence masks, from positions "
             "that restart per document; checked at start)",
             prepared.packs.summary(),
-            _attention_implementations(engine, teacher),
         )
     if s.teacher.cache:
         m = prepared.cache_manifest
@@ -365,11 +395,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if teacher_load is not None:
         figures = teacher_load.figures
         log.info(
-            "teacher: %.2fM parameters, %.2fM held by rank 0 (ZeRO-3, offload=%s); loaded in %.1f s, "
+            "teacher: %.2fM parameters, %.2fM held by rank 0 (%s); loaded in %.1f s, "
             "peak RSS while loading %s GiB (ranks 0..%d), %.2f GiB of teacher weights per rank at most",
             figures["parameters"] / 1e6,
             figures["ranks"][0]["parameters"] / 1e6,
-            s.teacher.offload_param,
+            "replicated" if s.teacher.layout == "replicated" else f"ZeRO-3, offload={s.teacher.offload_param}",
             figures["seconds"],
             ", ".join(f"{r['peak_rss_gb']:.2f}" for r in figures["ranks"]),
             world - 1,

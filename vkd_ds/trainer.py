@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -28,39 +29,43 @@ from vkd_ds.objective import Objective, Teacher
 from vkd_ds.packing import PackedRows
 from vkd_ds.rollout import Samples
 from vkd_ds.seq_kd import SequenceKD, is_on_policy_step
-from vkd_ds.sequences import Sequences, model_inputs
+from vkd_ds.sequences import Sequences, model_inputs, on_device, to_device
 from vkd_ds.settings import Settings
 from vkd_ds.step_guard import StepGuard, _as_float
 from vkd_ds.terms import SampleScores
 from vkd_ds.token_store import TokenRows
-from vkd_ds.valence import effective_sample_size, valence_weights
+from vkd_ds.valence import effective_sample_size, masked_mean_std, valence_weights
 
 
-@dataclass
 class StepSums:
-    """This rank's sums over its micro-batches of one optimizer step; all-reduced once, at its end."""
+    """This rank's sums over its micro-batches of one optimizer step, kept on the device: adding to them
+    reads nothing into the host. They are read once, with everything else the step's commit needs
+    (`Trainer._read_step`)."""
 
-    terms: dict[str, float]  # Σ_i w_i · term_i for each term computed at the step
-    loss: float = 0.0  # Σ of the micro-batches' losses (each is its share of the global L)
-    tokens: float = 0.0  # valid positions
-    real_tokens: float = 0.0  # the micro-batches' tokens that are not padding
-    positions: float = 0.0  # all their positions, padding included
-    valence: float = 0.0  # Σ of the student's valence over valid positions (the proxy gate's)
-    teacher_valence: float = 0.0  # Σ of the teacher's valence over the same positions (the gate's arming)
-    valence_count: float = 0.0
+    FIXED = (
+        "loss",  # Σ of the micro-batches' losses (each is its share of the global L)
+        "tokens",  # valid positions
+        "real_tokens",  # the micro-batches' tokens that are not padding
+        "positions",  # all their positions, padding included
+        "valence",  # Σ of the student's valence over valid positions (the proxy gate's)
+        "teacher_valence",  # Σ of the teacher's valence over the same positions (the gate's arming)
+        "valence_count",
+        "nonfinite",  # micro-batches whose loss was not finite
+    )
 
-    @classmethod
-    def zeros(cls, names: list[str]) -> StepSums:
-        return cls({name: 0.0 for name in names})
+    def __init__(self, terms: list[str], device: torch.device):
+        self.terms = list(terms)  # Σ_i w_i · term_i for each term computed at the step
+        names = [f"loss/{name}" for name in self.terms] + list(self.FIXED)
+        self.slots = {name: i for i, name in enumerate(names)}
+        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
 
-    def all_reduced(self) -> StepSums:
-        """The terms, loss and tokens summed over every rank: one all-reduce of a float64 vector (the
-        gate reduces its valence sums itself, before the step commits)."""
-        local = [*self.terms.values(), self.loss, self.tokens, self.real_tokens, self.positions]
-        total = dist.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
-        *terms, loss, tokens, real_tokens, positions = total
-        terms = dict(zip(self.terms, terms, strict=True))
-        return StepSums(terms, loss=loss, tokens=tokens, real_tokens=real_tokens, positions=positions)
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        slot = self.values[self.slots[name]]
+        slot.add_(value.detach().double() if isinstance(value, torch.Tensor) else float(value))
+
+    def entries(self) -> list[tuple[str, str, torch.Tensor]]:
+        """What `dist.read_once` sums over ranks."""
+        return [(name, "sum", self.values[i]) for name, i in self.slots.items()]
 
 
 class Trainer:
@@ -149,22 +154,46 @@ class Trainer:
         weights, weight_sum = self._sequence_weights(micro_batches, teacher_outs, counts, stats)
         lr = float(self.engine.get_lr()[0])  # the rate this step applies
         self.guard.start_step(step)
-        sums = StepSums.zeros(self.objective.active_at(rollout_step=rollouts[0] is not None, on_policy=on_policy))
-        nonfinite = False
+        active = self.objective.active_at(rollout_step=rollouts[0] is not None, on_policy=on_policy)
+        sums = StepSums(active, self.device)
         for a, batch in enumerate(micro_batches):
-            loss = self._forward_backward(
+            self._forward_backward(
                 step, a, batch, teacher_outs[a], rollouts[a], weights[a], weight_sum, sums, on_policy
             )
             teacher_outs[a] = rollouts[a] = None
-            nonfinite |= not bool(torch.isfinite(loss))
             if a < accum - 1:
                 with self.clock("optimizer"):
                     self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
-        grad_norm = self.guard.grad_norm_before_step()
-        nonfinite |= grad_norm is not None and not math.isfinite(grad_norm)
-        stats.update(self.guard.commit(step, nonfinite, sums.valence, sums.teacher_valence, sums.valence_count))
+        read = self._read_step(sums, weight_sum, stats, self.guard.grad_norm_before_step())
+        nonfinite = read.pop("nonfinite") > 0 or not math.isfinite(read.get("grad_norm", 0.0))
+        stats.update(
+            self.guard.commit(
+                step, nonfinite, read.pop("valence"), read.pop("teacher_valence"), read.pop("valence_count")
+            )
+        )
         self.step = step + 1
-        return self._step_metrics(sums.all_reduced(), weight_sum, stats, lr, grad_norm, started)
+        return self._step_metrics(read, sums.terms, stats, lr, started)
+
+    def _read_step(
+        self, sums: StepSums, weight_sum: torch.Tensor, stats: dict, grad_norm: torch.Tensor | None
+    ) -> dict[str, float]:
+        """The step's one read into the host, before its commit: the sums over every rank, whether any
+        rank's loss or gradient norm was not finite, the proxy gate's valence sums, the batch's
+        statistics (tensors in `stats`, replaced by their values) and the memory figures (the largest
+        rank's, as of this point: before the optimizer's update)."""
+        entries = sums.entries()
+        entries.append(("weight_sum", "first", weight_sum))  # Σw of the global batch: alike on every rank
+        entries += [(name, "first", v) for name, v in stats.items() if isinstance(v, torch.Tensor)]
+        if grad_norm is not None:  # ZeRO-0: whole, averaged gradients, alike on every rank
+            entries.append(("grad_norm", "first", grad_norm))
+        entries += [("mem_rss_gb", "max", _rss_gb()), ("mem_peak_rss_gb", "max", _peak_rss_gb())]
+        if self.on_gpu:
+            entries.append(("mem_gpu_gb", "max", torch.cuda.max_memory_allocated() / 2**30))
+        read = dist.read_once(entries)
+        for name in stats:
+            if name in read:
+                stats[name] = read.pop(name)
+        return read
 
     def _documents(self, step: int, micro_step: int) -> tuple[list[Example], list[int] | None]:
         """This rank's documents of a micro-step, and how many of them each packed row holds (None unpacked)."""
@@ -174,26 +203,26 @@ class Trainer:
         packs = [self.packs[i] for i in units]
         return [doc for pack in packs for doc in pack], [len(pack) for pack in packs]
 
-    def _document_counts(self, step: int) -> torch.Tensor:
+    def _document_counts(self, step: int) -> np.ndarray:
         """[accum, world] documents of every rank's micro-batches of a step (the same on every rank:
-        the sampler is deterministic), in the stream order (micro-step, rank) of the global batch."""
+        the sampler is deterministic), in the stream order (micro-step, rank) of the global batch.
+        Host numbers (numpy): the step's bookkeeping reads them without touching the device."""
         accum, micro = self.settings.trainer.grad_accum, self.settings.trainer.micro_batch_size
         if self.pack_sizes is None:
-            return torch.full((accum, self.world), micro, dtype=torch.long)
-        return torch.tensor(
-            [
-                [int(self.pack_sizes[self.sampler.indices(step, a, r)].sum()) for r in range(self.world)]
-                for a in range(accum)
-            ]
+            return np.full((accum, self.world), micro, dtype=np.int64)
+        sizes = np.asarray(self.pack_sizes)
+        return np.array(
+            [[sizes[self.sampler.indices(step, a, r)].sum() for r in range(self.world)] for a in range(accum)],
+            dtype=np.int64,
         )
 
-    def _first_document(self, counts: torch.Tensor, micro_step: int) -> int:
+    def _first_document(self, counts: np.ndarray, micro_step: int) -> int:
         """The global-batch index of this rank's first document of a micro-step (it seeds the draws)."""
         return int(counts.flatten()[: micro_step * self.world + self.rank].sum())
 
     def _batch(self, examples: list[Example], rows: list[int] | None) -> dict[str, torch.Tensor]:
         batch = collate(examples, self.pad_id) if rows is None else collate_packed(examples, self.pad_id, rows)
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return on_device(batch, self.device)
 
     def _on_policy_samples(
         self, step: int, examples: list[list[Example]], counts: torch.Tensor
@@ -243,14 +272,14 @@ class Trainer:
             return [self.teacher.on_batch(mb) for mb in micro_batches]
 
     def _sequence_weights(
-        self, micro_batches: list[dict], teacher_outs: list[dict | None], counts: torch.Tensor, stats: dict
+        self, micro_batches: list[dict], teacher_outs: list[dict | None], counts: np.ndarray, stats: dict
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """w_i of this rank's sequences (documents) per micro-batch, and Σ w over the global batch (the
         same number on every rank: the denominator of L). Uniform without the teacher's valence."""
         obj = self.objective
         if not obj.teacher_valence:
             weights = [torch.ones(int(n), device=self.device) for n in counts[:, self.rank]]
-            return weights, torch.tensor(float(counts.sum()), device=self.device)
+            return weights, torch.full((), float(counts.sum()), device=self.device)
         with self.clock("weights"):
             masks = [shift_for_next_token(mb["input_ids"], mb["loss_mask"])[1] for mb in micro_batches]
             sequences = [Sequences.of_batch(mb) for mb in micro_batches]
@@ -271,9 +300,9 @@ class Trainer:
         weight_sum: torch.Tensor,
         sums: StepSums,
         on_policy: bool,
-    ) -> torch.Tensor:
+    ) -> None:
         """One micro-batch: the student's forwards, the terms, this rank's share of L, backward; its
-        contributions added to `sums`. Returns the (detached) loss."""
+        contributions added to `sums`."""
         obj, clock = self.objective, self.clock
         with clock("student_forward"):
             student_out = self.engine(**model_inputs(batch), **obj.train_inputs(batch, teacher_out, on_policy))
@@ -298,25 +327,25 @@ class Trainer:
         with clock("backward"):
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
         for name in sums.terms:
-            sums.terms[name] += float((w * terms[name].detach()).sum())
-        sums.loss += float(loss.detach())
-        sums.tokens += float(mask.sum())
-        sums.real_tokens += float(batch["attention_mask"].sum())
-        sums.positions += batch["attention_mask"].numel()
-        return loss.detach()
+            sums.add(f"loss/{name}", (w * terms[name].detach()).sum())
+        sums.add("loss", loss)
+        sums.add("nonfinite", ~torch.isfinite(loss.detach()))
+        sums.add("tokens", mask.sum())
+        sums.add("real_tokens", batch["attention_mask"].sum())
+        sums.add("positions", batch["attention_mask"].numel())
 
     @staticmethod
     def _add_valence(student: torch.Tensor, teacher_out: dict | None, mask: torch.Tensor, sums: StepSums) -> None:
         """The proxy gate's sums over the valid positions (the shifted mask, as L_val's): the student's
         valence and the teacher's (means over the k steps), whose batch means arm the gate."""
-        sums.valence += float(student.detach().float().mean(-1)[mask].double().sum())
-        sums.valence_count += float(mask.sum())
+        sums.add("valence", _masked_sum(student.detach().float().mean(-1), mask))
+        sums.add("valence_count", mask.sum())
         if teacher_out is not None and teacher_out.get("valence") is not None:
-            sums.teacher_valence += float(teacher_out["valence"].float().mean(-1)[mask].double().sum())
+            sums.add("teacher_valence", _masked_sum(teacher_out["valence"].float().mean(-1), mask))
 
     def _weights(
-        self, saliencies: list[torch.Tensor], valid: list[torch.Tensor], counts: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+        self, saliencies: list[torch.Tensor], valid: list[torch.Tensor], counts: np.ndarray
+    ) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """w_i of this rank's micro-batches, from the saliencies of the whole global batch.
 
         The gathered vector is ordered (micro-step, rank, document), the order in which one rank
@@ -332,53 +361,57 @@ class Trainer:
             local[a, : s.numel(), 0] = s
             local[a, : s.numel(), 1] = v.to(s.dtype)
         ordered = global_batch_order(dist.all_gather(local))  # [accum·world·slots, 2], (micro-step, rank, slot)
-        filled = (torch.arange(slots)[None, None, :] < counts[:, :, None]).flatten().to(ordered.device)
-        rows = ordered[filled]  # [documents of the global batch, 2]
+        # The filled slots, found from `counts` on the host (a boolean index on the device would wait for it).
+        filled = np.flatnonzero((np.arange(slots)[None, None, :] < counts[:, :, None]).ravel())
+        rows = ordered.index_select(0, to_device(torch.from_numpy(filled), ordered.device))  # [documents, 2]
         global_s, global_valid = rows[:, 0], rows[:, 1] > 0
         w = valence_weights(global_s, obj.lam, obj.z_max, obj.normalize, obj.eps, valid=global_valid)
-        starts = counts.flatten().cumsum(0) - counts.flatten()
+        flat = counts.ravel()
+        starts = np.cumsum(flat) - flat
         mine = [
             w[int(starts[a * self.world + self.rank]) :][: int(counts[a, self.rank])] for a in range(len(saliencies))
         ]
-        kept = global_s[global_valid].double() if bool(global_valid.any()) else global_s.double()
+        # The saliency's statistics over the valid documents (over all of them when none is valid);
+        # device tensors, read with the step's commit.
+        keep = global_valid | ~global_valid.any()
+        mean, std = masked_mean_std(global_s.double(), keep)
         stats = {
-            "ess": float(effective_sample_size(w, global_valid)),
-            "weight_max": float(w.max()),
-            "saliency_mean": float(kept.mean()),
-            "saliency_std": float(kept.std(unbiased=False)),
+            "ess": effective_sample_size(w, global_valid),
+            "weight_max": w.max(),
+            "saliency_mean": mean,
+            "saliency_std": std,
         }
         return list(mine), w.sum(), stats
 
     def _step_metrics(
-        self, total: StepSums, weight_sum: torch.Tensor, stats: dict, lr: float, grad_norm: float | None, started: float
+        self, read: dict[str, float], terms: list[str], stats: dict, lr: float, started: float
     ) -> dict[str, float]:
-        """The step's metrics row (collective: the memory figures are the largest rank's)."""
+        """The step's metrics row, from the step's read (`_read_step`) and, under ZeRO 1-3, DeepSpeed's
+        gradient norm (a device tensor until the row is written: `host_row`)."""
         elapsed = time.perf_counter() - started
-        rss = dist.all_reduce_max(torch.tensor([_rss_gb(), _peak_rss_gb()]))
-        metrics = {"step": self.step, "loss": total.loss}
-        for name, value in total.terms.items():
-            metrics[f"loss/{name}"] = float(value / weight_sum)
+        metrics = {"step": self.step, "loss": read["loss"]}
+        for name in terms:
+            metrics[f"loss/{name}"] = read[f"loss/{name}"] / read["weight_sum"]
         metrics.update(stats)
         metrics.update(self.clock.metrics(elapsed))
+        grad_norm = read["grad_norm"] if "grad_norm" in read else self.engine.get_global_grad_norm()
         metrics.update(
             {
                 "lr": lr,
-                "grad_norm": _as_float(self.engine.get_global_grad_norm()) if grad_norm is None else grad_norm,
-                "tokens": int(total.tokens),
-                "tokens_per_s": total.tokens / elapsed,
+                "grad_norm": float("nan") if grad_norm is None else grad_norm,
+                "tokens": int(read["tokens"]),
+                "tokens_per_s": read["tokens"] / elapsed,
                 # Non-padding tokens per second, and their share of the rows (data.packing's point).
-                "real_tokens_per_s": total.real_tokens / elapsed,
-                "fill": total.real_tokens / max(total.positions, 1.0),
+                "real_tokens_per_s": read["real_tokens"] / elapsed,
+                "fill": read["real_tokens"] / max(read["positions"], 1.0),
                 "step_time_s": elapsed,
                 "epoch": self.sampler.epoch_of(self.step),
-                "mem_rss_gb": float(rss[0]),
-                "mem_peak_rss_gb": float(rss[1]),
+                "mem_rss_gb": read["mem_rss_gb"],
+                "mem_peak_rss_gb": read["mem_peak_rss_gb"],
             }
         )
-        if self.on_gpu:
-            metrics["mem_gpu_gb"] = float(
-                dist.all_reduce_max(torch.tensor([torch.cuda.max_memory_allocated() / 2**30]))[0]
-            )
+        if "mem_gpu_gb" in read:
+            metrics["mem_gpu_gb"] = read["mem_gpu_gb"]
         return metrics
 
     # ---- held-out evaluation ------------------------------------------------------------
@@ -458,7 +491,7 @@ class Trainer:
         first_step = True
         try:
             while self.step < stop_at and not preempted:
-                metrics = self.train_step()
+                metrics = host_row(self.train_step())  # logging reads the step's last device values
                 self.last_metrics = metrics
                 if first_step:
                     self._record_startup()
@@ -648,6 +681,16 @@ def _faults(variable: str) -> set[tuple[int, int]]:
     if not spec:
         return set()
     return {(int(a), int(b)) for a, b in (item.split(":") for item in spec.split(","))}
+
+
+def host_row(metrics: dict) -> dict[str, float]:
+    """A metrics row with its device tensors (DeepSpeed's gradient norm) read into the host."""
+    return {k: _as_float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ of `values` where `mask`, in float64, without selecting (a boolean index waits for the device)."""
+    return torch.where(mask, values.double(), 0.0).sum()
 
 
 def _rss_gb() -> float:

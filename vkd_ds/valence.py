@@ -105,10 +105,12 @@ def saliency(
     minimum = torch.zeros(seqs.count, dtype=torch.float32, device=rows.device)
     minimum = minimum.scatter_reduce(0, seq_of, rows.amin(-1), reduce="amin", include_self=False)
     # Coherence: consecutive valid positions of the same sequence; 1 where a sequence has fewer than two.
+    # Every consecutive pair is computed and the pairs across two sequences count 0: selecting the
+    # pairs (a boolean index) would make the host wait for the device.
     same = seq_of[1:] == seq_of[:-1]
-    cosines = F.cosine_similarity(rows[:-1][same], rows[1:][same], dim=-1)
+    cosines = torch.where(same, F.cosine_similarity(rows[:-1], rows[1:], dim=-1), 0.0)
     pairs = (counts - 1).clamp(min=0)
-    coherence = torch.zeros(seqs.count, dtype=torch.float32, device=rows.device).index_add(0, seq_of[1:][same], cosines)
+    coherence = torch.zeros(seqs.count, dtype=torch.float32, device=rows.device).index_add(0, seq_of[1:], cosines)
     coherence = torch.where(pairs > 0, coherence / pairs.clamp(min=1), torch.ones_like(coherence))
     value = a1 * mean + a2 * minimum + a3 * (1.0 - entropy.to(rows.device)) + a4 * coherence
     return torch.where(counts > 0, value, torch.zeros_like(value))
@@ -133,25 +135,34 @@ def valence_weights(
     """
     s = saliency.double()
     keep = torch.ones_like(s, dtype=torch.bool) if valid is None else valid.to(s.device, torch.bool)
-    if not bool(keep.any()):
-        return torch.ones_like(saliency)  # nothing to weigh: every term is 0 on every sequence
-    mu = s[keep].mean()
-    sigma = s[keep].var(unbiased=False).sqrt()
+    # Masked reductions, not s[keep]: a boolean index (and asking whether any is valid) would make the
+    # host wait for the device in the middle of a training step.
+    mu, sigma = masked_mean_std(s, keep)
     z = (s - mu) / (sigma + eps)
     if z_max is not None:
         z = z.clamp(-z_max, z_max)
     w = torch.where(keep, torch.exp(lam * z), torch.zeros_like(z))
     if normalize:
-        w = w / w[keep].mean()
-    return w.to(saliency.dtype)
+        w = w / masked_mean_std(w, keep)[0]
+    # Nothing to weigh (no valid sequence): every term is 0 on every sequence; weights of 1.
+    return torch.where(keep.any(), w, torch.ones_like(w)).to(saliency.dtype)
+
+
+def masked_mean_std(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population std of `values` [B] where `keep` (0 and 0 where none is kept)."""
+    k = keep.to(values.dtype)
+    count = k.sum().clamp(min=1)
+    mean = (values * k).sum() / count
+    return mean, (((values - mean) ** 2) * k).sum().div(count).sqrt()
 
 
 def effective_sample_size(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """ESS = (Σw)² / Σw² as a fraction of the (valid) batch size: 1 for uniform weights, 1/B for one dominant."""
-    w = weights.double() if valid is None else weights.double()[valid.to(weights.device, torch.bool)]
-    if w.numel() == 0:
-        return torch.ones((), dtype=weights.dtype)
-    return (w.sum() ** 2 / (w * w).sum() / w.numel()).to(weights.dtype)
+    w = weights.double()
+    k = torch.ones_like(w) if valid is None else valid.to(w.device, w.dtype)
+    n, total, squares = k.sum(), (w * k).sum(), (w * w * k).sum()
+    ess = total**2 / squares.clamp(min=torch.finfo(w.dtype).tiny) / n.clamp(min=1)
+    return torch.where(n > 0, ess, torch.ones_like(ess)).to(weights.dtype)
 
 
 HEAD_FORMAT = "vkd-ds valence head v1"

@@ -16,7 +16,9 @@ decisions = []
 # (sum of student valence, positions) on each rank: rank 0 alone would accept, rank 1 alone reject.
 for mine in ([(0.9 * 10, 10), (0.1 * 30, 30)], [(0.9 * 30, 30), (0.1 * 10, 10)]):
     valence_sum, count = mine[rank]
-    projected, _ = gate.proxy_values(valence_sum, 0.0, count)
+    # As the trainer does: the step's one read sums the ranks' valence sums, then the gate decides.
+    total = dist.read_once([("valence", "sum", valence_sum), ("count", "sum", count)])
+    projected, _ = gate.proxy_values(total["valence"], 0.0, total["count"])
     decisions.append(
         {
             "projected": projected,
