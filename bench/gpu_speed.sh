@@ -5,12 +5,17 @@
 #
 # Parts, in order, each under its own timeout (one that fails or runs out of time is recorded, and
 # the next one runs):
+#   0.            the versions and the GPU, to DIR/environment.json (about 10 s);
 #   1. gpu1b      python bench/kd_mfu.py --size gpu1b: 3.5 B teacher, 1.05 B student, packed rows of
 #                 4096 tokens, the config's default layout; MFU, and student and teacher TFLOP/s from a
-#                 second, phase-timed run (about 30 s of assets, then 2 runs of about 60 s; cap 270 s);
+#                 second, phase-timed run. Estimated 150-190 s: assets 30-40 s (the teacher built in
+#                 bf16 on the GPU, 7.3 GB written), a 12-step run 60-80 s (about 45 s to its first
+#                 step), a 6-step phase-timed run 55-70 s; each run is stopped at its last measured
+#                 step, before the final checkpoint (15 GB for this student). Cap 270 s;
 #   2. gpu        (only with --gpu-run) python bench/kd_mfu.py --size gpu --layout L: issue #8's 9.3 %
 #                 configuration, standalone (about 70 s);
-#   3. gpu_check  bash bench/gpu_check.sh (about 6 min; it gets what is left of the budget). Its
+#   3. gpu_check  bash bench/gpu_check.sh: estimated 340-370 s (335 s on an H200 before, now with
+#                 kd_mfu's phase-timed run); it gets what is left of the budget. Its
 #                 kd_mfu check *is* the 9.3 % configuration as measured before (bench/kd_mfu.py's
 #                 defaults: --size gpu, layout as-before), now with its student/teacher split, so the
 #                 summary's `gpu` comes from there unless part 2 ran;
@@ -105,6 +110,10 @@ salvage() {
 
 rm -f "$work/gpu1b/report.json" "$work/gpu/report.json" "$work/check/summary.json"
 for name in gpu1b gpu gpu_check; do rm -f "$out_dir/$name.json" "$out_dir/$name.partial.json"; done
+# gpu_check starts from a clean directory (its export refuses one that exists) but for its assets.
+if [ -d "$work/check" ]; then
+  find "$work/check" -mindepth 1 -maxdepth 1 ! -name assets ! -name mfu -exec rm -rf {} +
+fi
 part gpu1b "$([ "$smoke" = 1 ] && echo 900 || echo 270)" python bench/kd_mfu.py "${size[@]}" --out "$work/gpu1b"
 salvage gpu1b "$work/gpu1b"
 if [ "$gpu_run" = 1 ]; then

@@ -7,13 +7,15 @@
            configuration: 9.3 % MFU on one H200.
     gpu1b  3.53 B teacher (3072 x 28, 24 heads; 3.63 B with the input embedding), 1.05 B student
            (2048 x 18, 16 heads, intermediate 6144; 1.11 B with it), rows of 4096 tokens packed with
-           three documents each (2560 + 1024 + 512 tokens), micro-batch 2 rows x grad_accum 4 (32,768
-           tokens per step); layout `default`: whatever the config's defaults choose.
+           three documents each (2560 + 1024 + 512 tokens), micro-batch 1 row x grad_accum 8: 32,768
+           tokens per step, one row per micro-batch (the only packed batch that FlashAttention-2 keeps
+           within documents; about 45 GB of GPU memory estimated, AdamW included); layout `default`:
+           what the config's defaults choose (deepspeed=auto).
     tiny   gpu1b's shape at toy size (rows of 128 = 80 + 32 + 16), any machine: its figures mean
            nothing, it checks that the bench runs.
 
     python bench/kd_mfu.py [--size gpu|gpu1b|tiny] [--layout default|as-before] [--steps 12] [--skip 4]
-        [--phases separate|same|off] [--phase-steps 5] [--peak-tflops 989] [--out DIR] [overrides ...]
+        [--phases separate|same|off] [--phase-steps 6] [--peak-tflops 989] [--out DIR] [overrides ...]
 
 FLOPs of one step, counted from the shapes (the PaLM appendix-B convention; causal masking not
 halved; the input embedding lookup counts nothing, the LM head's matmul counts):
@@ -84,8 +86,8 @@ class Size:
 
 SIZES = {
     "gpu": Size((18, 2048, 16), (12, 768, 12, 2304), 32000, (1024,), 8, 1, "as-before"),
-    "gpu1b": Size((28, 3072, 24), (18, 2048, 16, 6144), 32000, (2560, 1024, 512), 2, 4, "default", rows=48),
-    "tiny": Size((2, 64, 4), (2, 32, 2, 64), 512, (80, 32, 16), 2, 2, "default", rows=16),
+    "gpu1b": Size((28, 3072, 24), (18, 2048, 16, 6144), 32000, (2560, 1024, 512), 1, 8, "default", rows=48),
+    "tiny": Size((2, 64, 4), (2, 32, 2, 64), 512, (80, 32, 16), 1, 4, "default", rows=16),
 }
 # Issue #8's engine layout, which the 9.3 % was measured with; `default` adds nothing (the config's
 # defaults decide: `deepspeed=auto` where that is the default).
@@ -251,8 +253,8 @@ def peak_gpu_gb(rows: list[dict]) -> float | None:
 def phase_split(rows: list[dict], flops_student: float, flops_teacher: float, peak: float, procs: int) -> dict:
     """Median seconds per phase over `rows` (runs with trainer.time_phases) and the TFLOP/s of each model."""
     seconds = {p: round(median(rows, f"time/{p}"), 4) for p in PHASES if rows[0].get(f"time/{p}") not in (None, "")}
-    teacher_s = seconds.get("teacher_forward", 0.0)
-    student_s = statistics.median(sum(float(r[f"time/{p}"] or 0) for p in STUDENT_PHASES) for r in rows)
+    teacher_s = median(rows, "time/teacher_forward") if "teacher_forward" in seconds else 0.0
+    student_s = statistics.median(sum(float(r.get(f"time/{p}") or 0) for p in STUDENT_PHASES) for r in rows)
     split = {"seconds": seconds, "student_s": round(student_s, 4)}
     for name, flops, spent in (("teacher", flops_teacher, teacher_s), ("student", flops_student, student_s)):
         tflops = flops / spent / 1e12 if spent > 0 else None
@@ -266,7 +268,7 @@ def main() -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="gpu")
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default=None, help="default: the size's")
     parser.add_argument("--phases", choices=("separate", "same", "off"), default="separate")
-    parser.add_argument("--phase-steps", type=int, default=5, help="steps of the phase-timing run (2 skipped)")
+    parser.add_argument("--phase-steps", type=int, default=6, help="steps of the phase-timing run (half skipped)")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.set_defaults(procs=1)  # one process per GPU; --procs N for N GPUs
     args = parser.parse_args()
@@ -359,7 +361,7 @@ def main() -> int:
         if args.phases == "same":
             run, measured = timed, rows
         else:
-            skip = min(2, args.phase_steps - 1)
+            skip = args.phase_steps // 2
             run = train_steps(args.procs, overrides + phased, out / "run_phases", env, args.phase_steps)
             measured = run["rows"][skip:]
         split = phase_split(measured, f_student, f_teacher, args.peak_tflops, args.procs)

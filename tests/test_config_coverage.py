@@ -200,6 +200,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     # --- teacher, student, data --------------------------------------------------------------
     "teacher.path": Run("teacher", ("teacher.path={other_teacher}",), differs("eval/teacher_ce", step=3)),
     "teacher.offload_param": Run("misc", ("teacher.offload_param=none",), logged("(ZeRO-3, offload=none)")),
+    "teacher.layout": Elsewhere(
+        "tests/test_speed_path.py::test_the_planned_layout_trains_as_zero3_does_and_shards_when_told_the_device_is_small",
+        "teacher.layout=auto keeps the teacher whole on each rank (logged), with ZeRO-3's losses",
+    ),
     "teacher.cache": Elsewhere(
         "tests/test_teacher_cache.py::test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses",
         "a run on teacher.cache loads no teacher and has the live run's losses at k = V",
@@ -440,6 +444,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
         "offload",
         ("deepspeed.offload_optimizer=cpu",),
         both(logged("optimizer offloaded to cpu"), same("loss", step=2, rtol=1e-4)),
+    ),
+    "deepspeed.memory_per_rank_gb": Elsewhere(
+        "tests/test_speed_path.py::test_the_planned_layout_trains_as_zero3_does_and_shards_when_told_the_device_is_small",
+        "told a rank has 1 MB, the planned layout shards both models (logged)",
     ),
     "deepspeed.nvme_path": NotHere(
         "only with deepspeed.offload_optimizer=nvme: DeepSpeed's async_io op (libaio), not built here (issue #18)"

@@ -63,20 +63,13 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__} at {where}:{frame.lineno}: {(frame.line or '').strip()}"
 
 
-def _attention_kwargs(eager_attention: bool, dtype: torch.dtype) -> dict[str, str]:
-    """The fastest attention transformers offers here: FlashAttention-2 on a GPU in bf16 where the
-    flash-attn package is installed, else transformers' default (PyTorch's SDPA, whose own kernels
-    include flash attention on recent GPUs). The start-up log names the one each model runs."""
-    if eager_attention:
-        # The attention-map term reads attention probabilities, which only eager attention returns.
-        return {"attn_implementation": "eager"}
-    from transformers.utils import is_flash_attn_2_available
-
-    from vkd_ds import dist
-
-    if dist.on_gpu() and dtype == torch.bfloat16 and is_flash_attn_2_available():
-        return {"attn_implementation": "flash_attention_2"}
-    return {}
+def _attention_kwargs(eager_attention: bool) -> dict[str, str]:
+    """transformers' default attention (PyTorch's SDPA, which runs flash-attention kernels on recent
+    GPUs for unmasked causal rows), or eager attention for the attention-map term, which reads
+    attention probabilities. FlashAttention-2 is not chosen here: transformers keeps packed documents
+    apart with it only in micro-batches of one row, and the start-up check would refuse the others
+    (untested on a GPU). The start-up log names what each model runs."""
+    return {"attn_implementation": "eager"} if eager_attention else {}
 
 
 def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: bool = False):
@@ -104,7 +97,7 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
         raise refusal or VkdError("teacher.path: the teacher does not fit on another node (its rank 0 log says why)")
     if ds_config["zero_optimization"].get("offload_param", {}).get("device") == "nvme":
         ds_config = nvme_swap_config(ds_config, shape.largest, dist.world_size())
-    attention = _attention_kwargs(eager_attention, _dtype(ds_config))
+    attention = _attention_kwargs(eager_attention)
     try:
         model = build_teacher_model(path, ds_config, _dtype(ds_config), attention)
     except (OSError, ValueError) as err:
@@ -122,7 +115,7 @@ def build_student_model(
     """The student module, from a local directory or freshly initialized from `model_config`;
     `extras` (layers, projectors, valence head, regularized parameters) go to StudentModule."""
     torch.manual_seed(seed)  # a fresh student's init is a function of the seed only
-    attention = _attention_kwargs(eager_attention, _dtype(ds_config))
+    attention = _attention_kwargs(eager_attention)
     with _zero3_construction(ds_config):
         if path is not None:
             try:

@@ -136,8 +136,6 @@ class Trainer:
         forward and backward per micro-batch, the commit, metrics. Everything global (L_seq's
         baseline, the weights' batch statistics) is known before the first backward."""
         started = time.perf_counter()
-        if self.on_gpu:
-            torch.cuda.reset_peak_memory_stats()  # mem_gpu_gb is this step's peak
         self.clock.reset()
         step, accum = self.step, self.settings.trainer.grad_accum
         layouts = [self._documents(step, a) for a in range(accum)]
@@ -180,7 +178,7 @@ class Trainer:
         """The step's one read into the host, before its commit: the sums over every rank, whether any
         rank's loss or gradient norm was not finite, the proxy gate's valence sums, the batch's
         statistics (tensors in `stats`, replaced by their values) and the memory figures (the largest
-        rank's, as of this point: before the optimizer's update)."""
+        rank's, as of this point)."""
         entries = sums.entries()
         entries.append(("weight_sum", "first", weight_sum))  # Σw of the global batch: alike on every rank
         entries += [(name, "first", v) for name, v in stats.items() if isinstance(v, torch.Tensor)]
@@ -188,7 +186,10 @@ class Trainer:
             entries.append(("grad_norm", "first", grad_norm))
         entries += [("mem_rss_gb", "max", _rss_gb()), ("mem_peak_rss_gb", "max", _peak_rss_gb())]
         if self.on_gpu:
+            # The peak since the previous step's read: this step's forwards and backwards, and the
+            # previous step's optimizer update.
             entries.append(("mem_gpu_gb", "max", torch.cuda.max_memory_allocated() / 2**30))
+            torch.cuda.reset_peak_memory_stats()
         read = dist.read_once(entries)
         for name in stats:
             if name in read:
