@@ -387,3 +387,34 @@ def test_the_bf16_fused_head_matches_the_fp32_one_within_bf16_rounding(sparse):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
     # ... and it is bf16 arithmetic, not an fp32 copy: the results differ from the fp32 head's.
     assert not torch.equal(results[torch.bfloat16][0], results[torch.float32][0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_soft_term_may_store_its_gradient_in_the_teachers_logits(kind, dtype):
+    """Training's soft term stores d loss/d logits in the teacher's logits, which nothing reads after
+    it (`overwrite_teacher`): a [tokens, vocab] tensor fewer at the step's peak. Loss and gradient are
+    bit for bit those of a separate store, with masked positions, a padded student width and a
+    per-sequence upstream gradient; the teacher's tensor then holds the gradient."""
+    from vkd_ds.losses import Divergence
+
+    torch.manual_seed(7)
+    batch, seq, vocab = 3, 9, 37
+    student = (torch.randn(batch, seq, vocab + 3) * 2).to(dtype)  # a padded LM head
+    teacher = (torch.randn(batch, seq, vocab + 3) * 2).to(dtype)
+    mask = torch.rand(batch, seq) > 0.3
+    mask[:, -1] = False  # the last position never has a target
+    divergence = Divergence(kind, 2.0, 0.4, 0.2)
+    upstream = torch.tensor([0.3, 1.7, 0.9])
+    results = []
+    for overwrite in (False, True):
+        s = student.clone().requires_grad_(True)
+        t = teacher.clone()
+        loss = divergence_per_sequence(s, t, mask, divergence, vocab, 4, overwrite_teacher=overwrite)
+        (grad,) = torch.autograd.grad((loss * upstream).sum(), [s])
+        results.append((loss, grad, t))
+    (loss_kept, grad_kept, teacher_kept), (loss_reused, grad_reused, teacher_reused) = results
+    assert torch.equal(loss_reused, loss_kept) and torch.equal(grad_reused, grad_kept)
+    assert torch.equal(teacher_kept, teacher)  # by default the teacher's logits are left alone
+    assert not torch.equal(teacher_reused, teacher)  # reused: they held the stored gradient
+    assert grad_kept[~mask].abs().max() == 0 and grad_kept[..., vocab:].abs().max() == 0

@@ -436,60 +436,62 @@ def _teacher_rows(teacher, divergence: Divergence, vocab_size: int, by_position:
 class _ChunkedTokenLoss(torch.autograd.Function):
     """Per-token loss over selected positions, computed chunk by chunk.
 
-    Forward stores only d(loss)/d(logits) of the selected positions, in the
-    logits' dtype; backward scales it by the incoming per-token gradient.
+    Forward stores only d(loss)/d(logits), in the logits' dtype and already laid out as the logits'
+    gradient (0 at the positions not selected and past `vocab_size`); backward scales it in place by
+    the incoming per-token gradient and hands it back, so it allocates no second [tokens, vocab]
+    tensor. (This graph cannot be backpropagated twice, which the trainer never does.)
     """
 
     @staticmethod
-    def forward(ctx, logits, flat_index, rows_loss, vocab_size, chunk_tokens):
+    def forward(ctx, logits, flat_index, rows_loss, vocab_size, chunk_tokens, into=None):
         """`rows_loss(student, rows, sel)`: (per-token loss, d loss/d student) of one chunk: `student` the
         fp32 logits of the flat positions `sel` (an overwritable copy), `rows` the chunk's slice of
-        the selected positions (`_ce_rows`, `_teacher_rows`)."""
+        the selected positions (`_ce_rows`, `_teacher_rows`). `into`: a [positions, width] tensor of
+        the logits' dtype the gradient may be stored in (the teacher's logits, which `rows_loss` has
+        read at a chunk's positions before its gradient is written there); None: a new one."""
         flat_logits = logits.flatten(0, 1)
         num_tokens = flat_index.numel()
         chunk_tokens = chunk_rows(chunk_tokens, vocab_size)
         losses = torch.empty(num_tokens, dtype=torch.float32, device=logits.device)
         grads = None
         if logits.requires_grad:
-            grads = torch.empty((num_tokens, vocab_size), dtype=logits.dtype, device=logits.device)
+            fits = into is not None and into.shape == flat_logits.shape and into.dtype == logits.dtype
+            grads = into if fits and into.device == logits.device else torch.empty_like(flat_logits)
+        held = None if grads is None else grads[:, :vocab_size]
         for start in range(0, num_tokens, chunk_tokens):
             sel = flat_index[start : start + chunk_tokens]
             student = flat_logits[sel, :vocab_size].float()  # advanced indexing: a copy, ours to overwrite
             loss, grad = rows_loss(student, slice(start, start + len(sel)), sel)
             del student
             losses[start : start + chunk_tokens] = loss
-            if grads is not None:
-                grads[start : start + chunk_tokens] = grad
+            if held is not None:
+                held.index_copy_(0, sel, grad.to(grads.dtype))
+            del grad
+        if grads is not None:
+            unselected = torch.ones(grads.shape[0], dtype=torch.bool, device=grads.device)
+            unselected[flat_index] = False
+            grads.masked_fill_(unselected[:, None], 0)
+            if grads.shape[1] > vocab_size:
+                grads[:, vocab_size:] = 0
         ctx.save_for_backward(flat_index, grads)
         ctx.logits_shape = logits.shape
-        ctx.vocab_size = vocab_size
         ctx.chunk_tokens = chunk_tokens
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         flat_index, grads = ctx.saved_tensors
-        shape = ctx.logits_shape
         # The stored gradient is already rounded to the logits' dtype once; the per-token scale stays
         # fp32 and each chunk's product is rounded once more, not the scale and then the product.
-        scale = grad_losses.float()
-        chunk = ctx.chunk_tokens
-        if flat_index.numel() == shape[0] * shape[1] and ctx.vocab_size == shape[2]:
-            # Every position and the whole width are selected: scale the stored gradient in place
-            # and hand it back, so backward allocates no second [tokens, vocab] tensor.
-            # (This graph cannot be backpropagated twice, which the trainer never does.)
-            if grads.dtype == torch.float32:
-                grads.mul_(scale[:, None])
-            else:
-                for start in range(0, flat_index.numel(), chunk):
-                    rows = slice(start, start + chunk)
-                    grads[rows] = _scaled(grads[rows], scale[rows])
-            return grads.view(shape), None, None, None, None
-        grad_logits = torch.zeros((shape[0] * shape[1], shape[2]), dtype=grads.dtype, device=grads.device)
-        for start in range(0, flat_index.numel(), chunk):
-            rows = slice(start, start + chunk)
-            grad_logits[flat_index[rows], : ctx.vocab_size] = _scaled(grads[rows], scale[rows])
-        return grad_logits.view(shape), None, None, None, None
+        scale = torch.zeros(grads.shape[0], dtype=torch.float32, device=grads.device)
+        scale[flat_index] = grad_losses.float()
+        if grads.dtype == torch.float32:
+            grads.mul_(scale[:, None])
+        else:
+            for start in range(0, grads.shape[0], ctx.chunk_tokens):
+                rows = slice(start, start + ctx.chunk_tokens)
+                grads[rows] = _scaled(grads[rows], scale[rows])
+        return grads.view(ctx.logits_shape), None, None, None, None, None
 
 
 def _scaled(grad_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
@@ -528,10 +530,14 @@ def divergence_per_sequence(
     vocab_size: int | None = None,
     chunk_tokens: int = 1024,
     sequences: Sequences | None = None,
+    overwrite_teacher: bool = False,
 ) -> torch.Tensor:
     """`token_divergence` with the divergence given as a Divergence; `teacher` the teacher's logits
     [B,S,Vt], or a SparseTeacher of the selected positions (the teacher cache's top-k and tail).
-    `sequences`: which sequence each position is in (a packed batch's); default one per row."""
+    `sequences`: which sequence each position is in (a packed batch's); default one per row.
+    `overwrite_teacher`: the teacher's logits are not read again (training's soft term), so where they
+    have the student's logits' shape and dtype the gradient is stored in them, not in a new
+    [tokens, vocab] tensor; they then hold that gradient."""
     seqs = Sequences.of(mask, sequences)
     flat_index = selected(mask)
     if isinstance(teacher, SparseTeacher):
@@ -541,7 +547,11 @@ def divergence_per_sequence(
         rows_loss = _teacher_rows(teacher, divergence, vocab, by_position=False)
     else:
         vocab = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
-        rows_loss = _teacher_rows(teacher.detach().flatten(0, 1), divergence, vocab, by_position=True)
+        flat_teacher = teacher.detach().flatten(0, 1)
+        rows_loss = _teacher_rows(flat_teacher, divergence, vocab, by_position=True)
+        into = flat_teacher if overwrite_teacher and teacher.is_contiguous() else None
+        per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens, into)
+        return seqs.mean_selected(per_token, flat_index)
     per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens)
     return seqs.mean_selected(per_token, flat_index)
 

@@ -114,8 +114,16 @@ def _soft(x: TermInputs) -> torch.Tensor:
     if (pair := _one_pass(x)) is not None:
         return pair[1]
     obj = x.objective
+    # Nothing reads the teacher's logits after this term: they may hold its stored gradient.
     return divergence_per_sequence(
-        x.student["logits"], x.teacher["logits"], x.mask, obj.divergence, obj.vocab_size, obj.chunk_tokens, x.sequences
+        x.student["logits"],
+        x.teacher["logits"],
+        x.mask,
+        obj.divergence,
+        obj.vocab_size,
+        obj.chunk_tokens,
+        x.sequences,
+        overwrite_teacher=True,
     )
 
 

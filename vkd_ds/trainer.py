@@ -155,10 +155,9 @@ class Trainer:
         active = self.objective.active_at(rollout_step=rollouts[0] is not None, on_policy=on_policy)
         sums = StepSums(active, self.device)
         for a, batch in enumerate(micro_batches):
-            self._forward_backward(
-                step, a, batch, teacher_outs[a], rollouts[a], weights[a], weight_sum, sums, on_policy
-            )
-            teacher_outs[a] = rollouts[a] = None
+            # The list gives up its teacher outputs here: _forward_backward drops them before backward.
+            self._forward_backward(step, a, batch, teacher_outs, rollouts[a], weights[a], weight_sum, sums, on_policy)
+            rollouts[a] = None
             if a < accum - 1:
                 with self.clock("optimizer"):
                     self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
@@ -295,7 +294,7 @@ class Trainer:
         step: int,
         micro_step: int,
         batch: dict,
-        teacher_out: dict | None,
+        teacher_outs: list[dict | None],
         rollout: _PendingRollout | None,
         w: torch.Tensor,
         weight_sum: torch.Tensor,
@@ -303,8 +302,12 @@ class Trainer:
         on_policy: bool,
     ) -> None:
         """One micro-batch: the student's forwards, the terms, this rank's share of L, backward; its
-        contributions added to `sums`."""
+        contributions added to `sums`. `teacher_outs`: the step's teacher outputs; this micro-batch's
+        is taken out of the list, and it and the student's outputs are dropped before backward, which
+        needs neither: their logits ([tokens, vocab] each) would otherwise be held beside the loss's
+        stored gradients."""
         obj, clock = self.objective, self.clock
+        teacher_out, teacher_outs[micro_step] = teacher_outs[micro_step], None
         with clock("student_forward"):
             student_out = self.engine(**model_inputs(batch), **obj.train_inputs(batch, teacher_out, on_policy))
         with clock("loss"):
@@ -323,6 +326,7 @@ class Trainer:
         if self.guard.wants_student_valence:
             with clock("gate"):
                 self._add_valence(student_out["valence"], teacher_out, mask, sums)
+        del student_out, teacher_out
         # DeepSpeed averages gradients over ranks, while `loss` is already this rank's
         # share of the global sum: scale by the world size so the update is of L itself.
         with clock("backward"):
