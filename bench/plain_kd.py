@@ -1,17 +1,21 @@
 """vkd-ds against a minimal hand-written PyTorch KD loop on the same models and data (issue #7).
 
-    python bench/plain_kd.py [--setting speed|memory|both] [--steps 12] [--skip 2] [--out DIR]
+    python bench/plain_kd.py [--setting speed|memory|both] [--vocab N] [--vkd-only] [--steps 12] [--skip 2] [--out DIR]
 
 Both sides: one process, fp32, the issue's 4 × 256 Llama teacher and the default 2 × 128 student,
 batch 8, CE + soft KD (λ 1 and 0.8, T = 4), AdamW with gradient clipping at 1.0. vkd-ds runs
-through the deepspeed launcher with ZeRO-0 (the teacher engine as configured: ZeRO-3 inference,
-parameters offloaded to CPU), valence weights off (weighting.lam=0). The plain loop is below:
+through the deepspeed launcher with ZeRO-0 (the teacher where the config's layout puts it: since
+issue #31, `auto`, whole in the one process; before, ZeRO-3 inference offloaded to CPU), valence
+weights off (weighting.lam=0). The plain loop is below:
 full-vocabulary logits, `log_softmax`, `kl_div` and `cross_entropy`, as one would write it.
 
 Settings: `speed` (vocabulary 8192, 256 tokens; target vkd-ds ≥ 0.9 × the plain loop's tokens/s)
 and `memory` (vocabulary 32768, 512 tokens; target a lower peak RSS than the plain loop, from
-chunked losses). Tokens/s is the median over the steps after `--skip`, counting predicted tokens;
-peak memory is each process's peak resident set (ru_maxrss). All cores go to the one process.
+chunked losses); `--vocab N` runs a setting at another vocabulary (e.g. 151936, issue #31's
+second workload), `--vkd-only` skips the plain loop (which needs about 6 x [tokens, vocab] fp32 there).
+Tokens/s is the median over the steps after `--skip`, counting predicted tokens;
+peak memory is vkd-ds's training peak (metrics.csv's `mem_peak_rss_gb`: since the engines were
+built, the largest of the steps) and the plain loop's process peak (ru_maxrss). All cores go to the one process.
 vkd-ds tunes glibc's allocator (trainer.keep_freed_memory); the plain loop runs both as written
 and with the same setting (`plain_tuned_malloc`), so the ratios show what the framework itself buys.
 Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any figure.
@@ -101,6 +105,8 @@ def main() -> int:
     parser.add_argument("--setting", choices=[*SETTINGS, "both"], default="both")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=None, help="the setting's vocabulary instead of its own")
+    parser.add_argument("--vkd-only", action="store_true", help="skip the plain loop")
     parser.add_argument("--out", default=None, help="work directory (default: a temporary one)")
     parser.add_argument("--plain", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop here
     parser.add_argument("--seq-len", type=int, default=None, help=argparse.SUPPRESS)
@@ -114,6 +120,7 @@ def main() -> int:
     report: dict = {**describe(env, 1), "batch": BATCH, "steps": args.steps, "skip": args.skip}
     for name in SETTINGS if args.setting == "both" else [args.setting]:
         vocab, seq_len = SETTINGS[name]
+        vocab = args.vocab or vocab
         assets = bench_assets(out, vocab, seq_len)
         overrides = asset_overrides(assets, seq_len) + VKD + [f"trainer.max_steps={args.steps}"]
         rows = train(1, overrides, out / f"vkd_{name}", env)
@@ -124,7 +131,7 @@ def main() -> int:
         }
         report[name] = {"vocab": vocab, "seq_len": seq_len, "vkd_ds": {k: round(v, 4) for k, v in ours.items()}}
         # The plain loop as written, and with the glibc setting vkd-ds applies (trainer.keep_freed_memory).
-        for label, extra in (("plain", []), ("plain_tuned_malloc", ["--tuned"])):
+        for label, extra in () if args.vkd_only else (("plain", []), ("plain_tuned_malloc", ["--tuned"])):
             command = [sys.executable, __file__, "--plain", str(assets), "--seq-len", str(seq_len), *extra]
             command += ["--steps", str(args.steps), "--skip", str(args.skip)]
             done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
