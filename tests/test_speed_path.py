@@ -138,3 +138,26 @@ def test_the_planned_layout_trains_as_zero3_does_and_shards_when_told_the_device
     zero3, auto, small = (runs[name][1] for name in ("zero3", "auto", "small"))
     assert len(auto) == 3
     assert auto == pytest.approx(zero3, rel=1e-5) and small == pytest.approx(zero3, rel=1e-5)
+
+
+def test_nvme_optimizer_offload_keeps_the_student_on_zero3():
+    """DeepSpeed swaps optimizer state to NVMe only under ZeRO-3 (ZeRO-1/2 would keep it in memory)."""
+    nvme = ["deepspeed.offload_optimizer=nvme", "deepspeed.nvme_path=/tmp"]
+    assert planned(nvme, 1, 12.0).student_stage == 3 and planned(nvme, 4, 12.0).student_stage == 3
+
+
+def test_a_resumed_checkpoint_tells_its_stage(tmp_path):
+    """Recorded in COMPLETE since layouts are planned; before, the run's config.yaml said it, or only
+    ZeRO-3's per-rank model-states files; a checkpoint that tells nothing is refused with what to set."""
+    from vkd_ds.checkpoint import written_stage
+    from vkd_ds.errors import VkdError
+
+    step = tmp_path / "run" / "checkpoints" / "step_0000004"
+    step.mkdir(parents=True)
+    assert written_stage(step, {"zero_stage": 2}) == 2
+    with pytest.raises(VkdError, match="set deepspeed.zero_stage to the stage it was trained with"):
+        written_stage(step, {})
+    (step / "zero_pp_rank_1_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert written_stage(step, {}) == 3
+    (tmp_path / "run" / "config.yaml").write_text("deepspeed:\n  zero_stage: 1\n")
+    assert written_stage(step, {}) == 1

@@ -223,18 +223,32 @@ def read_meta(checkpoint_dir: Path) -> dict:
     return meta
 
 
-def written_stage(meta: dict) -> int:
-    """The student's ZeRO stage a checkpoint was written with: recorded since layouts are planned
-    (vkd_ds/layout.py), else told by DeepSpeed's file names (ZeRO-3 writes a model-states file per
-    rank, ZeRO-1/2 an optimizer-states file per rank; ZeRO-0 neither, or bf16_-prefixed ones)."""
+def written_stage(checkpoint_dir: Path, meta: dict) -> int:
+    """The student's ZeRO stage a checkpoint was written with (DeepSpeed loads it only into that stage):
+    recorded in COMPLETE since layouts are planned (vkd_ds/layout.py); for an older checkpoint, the
+    `deepspeed.zero_stage` of its run directory's config.yaml (an explicit stage then), else ZeRO-3
+    when DeepSpeed wrote a model-states file per rank (only ZeRO-3 does). Otherwise the stage cannot be
+    told apart from the files (bf16 ZeRO-0, 1 and 2 write alike): a VkdError asks for it."""
     if "zero_stage" in meta:
         return int(meta["zero_stage"])
-    names = [Path(name).name for name in meta.get("files", {})]
-    if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):
+    checkpoint_dir = Path(checkpoint_dir)
+    config = checkpoint_dir.parent.parent / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        try:
+            stage = (yaml.safe_load(config.read_text()) or {}).get("deepspeed", {}).get("zero_stage")
+        except (yaml.YAMLError, AttributeError):
+            stage = None
+        if isinstance(stage, int):
+            return stage
+    if any(checkpoint_dir.glob("zero_pp_rank_*_model_states.pt")):
         return 3
-    if any(n.startswith("zero_pp_rank_") and n.endswith("_optim_states.pt") for n in names):
-        return 2
-    return 0
+    raise VkdError(
+        f"resume: {checkpoint_dir} does not record the student's ZeRO stage (written before vkd-ds planned "
+        "layouts, and its run directory has no config.yaml saying it): set deepspeed.zero_stage to the stage "
+        "it was trained with"
+    )
 
 
 def needs_universal(

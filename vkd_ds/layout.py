@@ -88,6 +88,8 @@ def plan_layout(
         # bf16 (ZeRO >= 1: in fp32). Several: ZeRO-2 communicates as much as ZeRO-0 and holds less.
         cheapest = 0 if world == 1 and not (bf16 and s.trainer.grad_accum > 1) else (1 if world == 1 else 2)
         stages, decided = [max(cheapest, 1) if offload_optimizer else cheapest, 3], []
+        if s.deepspeed.offload_optimizer == "nvme":  # DeepSpeed swaps optimizer state to NVMe only under ZeRO-3
+            stages, decided = [3], ["student: deepspeed.offload_optimizer=nvme"]
     choices = _teacher_choices(s, teacher_parameters is not None)
     options = [(stage, teacher) for stage in stages for teacher in choices]
     for stage, (layout, offload) in options:

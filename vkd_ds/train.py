@@ -206,13 +206,19 @@ class _TeacherLoadClock:
 
 
 def memory_per_rank(s: Settings) -> int:
-    """Bytes a rank plans the layout and the loss chunks with (deepspeed.memory_per_rank_gb)."""
+    """Bytes a rank plans the layout and the loss chunks with (deepspeed.memory_per_rank_gb): `auto`,
+    the least any rank has free (collective), so that every rank plans the same layout and chunks."""
+    import torch
+
     if s.deepspeed.memory_per_rank_gb != "auto":
         return int(float(s.deepspeed.memory_per_rank_gb) * GIB)
-    return free_device_bytes(dist.on_gpu(), dist.local_world_size())
+    free = free_device_bytes(dist.on_gpu(), dist.local_world_size())
+    return -int(dist.all_reduce_max(torch.tensor([-float(free)], dtype=torch.float64))[0])
 
 
-def _plan_layout(s: Settings, prepared: Prepared, world: int, meta: dict | None) -> Layout:
+def _plan_layout(
+    s: Settings, prepared: Prepared, world: int, meta: dict | None, resume_from: Path | None, memory: int
+) -> Layout:
     """The layout of this run (vkd_ds/layout.py): an `auto` student stage keeps the stage of the
     checkpoint resumed from, which DeepSpeed can only load into that stage."""
     from vkd_ds.ds_config import resolve_precision
@@ -224,8 +230,9 @@ def _plan_layout(s: Settings, prepared: Prepared, world: int, meta: dict | None)
         prepared.teacher_parameters if prepared.loads_teacher else None,
         world,
         resolve_precision(s, dist.on_gpu()) == "bf16",
-        memory_per_rank(s),
-        checkpoint.written_stage(meta) if meta is not None else None,
+        memory,
+        # Only an `auto` stage asks (a checkpoint too old to tell is refused only then).
+        checkpoint.written_stage(resume_from, meta) if meta is not None and s.deepspeed.zero_stage == "auto" else None,
     )
 
 
@@ -283,7 +290,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.manual_seed(s.trainer.seed)
 
     # Where each model lives, from their sizes and the memory free to a rank (explicit keys kept).
-    layout = _plan_layout(s, prepared, world, meta)
+    memory = memory_per_rank(s)
+    layout = _plan_layout(s, prepared, world, meta, resume_from, memory)
     s = with_layout(s, layout)
     prepared = dataclasses.replace(prepared, settings=s)
     # DeepSpeed checks both engines' JSON before either engine is built (and before anything is written).
@@ -292,7 +300,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         hidden_width(prepared.student_config),
         torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32,
         dist.on_gpu(),
-        memory_per_rank(s),
+        memory,
     )
     prepared = dataclasses.replace(prepared, objective=objective)
     eager = objective.attention > 0

@@ -396,7 +396,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         metrics = {"step": self.step, "loss": read["loss"]}
         for name in terms:
-            metrics[f"loss/{name}"] = read[f"loss/{name}"] / read["weight_sum"]
+            metrics[f"loss/{name}"] = read[f"loss/{name}"] / read["weight_sum"] if read["weight_sum"] else float("nan")
         metrics.update(stats)
         metrics.update(self.clock.metrics(elapsed))
         grad_norm = read["grad_norm"] if "grad_norm" in read else self.engine.get_global_grad_norm()
