@@ -232,7 +232,7 @@ def test_settings_are_typed_frozen_and_the_only_config_below_train():
         s.trainer.lr = 2.0
     with pytest.raises(VkdError, match="`trainer.lr` must be a number"):
         settings_of(REQUIRED + ["trainer.lr=fast"])
-    # Keys that did nothing are gone: the teacher is always ZeRO-3.
+    # Keys that did nothing are gone (teacher.zero_stage; the teacher's placement is teacher.layout now).
     with pytest.raises(VkdError, match="teacher.zero_stage"):
         settings_of(REQUIRED + ["teacher.zero_stage=3"])
     entry_points = {"config.py", "settings.py", "train.py", "launch.py", "cli.py", "fit_head.py"}

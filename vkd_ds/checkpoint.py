@@ -223,25 +223,17 @@ def read_meta(checkpoint_dir: Path) -> dict:
     return meta
 
 
-def written_stage(checkpoint_dir: Path, meta: dict) -> int:
+def written_stage(checkpoint_dir: Path, meta: dict, configured: int | None = None) -> int:
     """The student's ZeRO stage a checkpoint was written with (DeepSpeed loads it only into that stage):
-    recorded in COMPLETE since layouts are planned (vkd_ds/layout.py); for an older checkpoint, the
-    `deepspeed.zero_stage` of its run directory's config.yaml (an explicit stage then), else ZeRO-3
-    when DeepSpeed wrote a model-states file per rank (only ZeRO-3 does). Otherwise the stage cannot be
-    told apart from the files (bf16 ZeRO-0, 1 and 2 write alike): a VkdError asks for it."""
+    recorded in COMPLETE since layouts are planned (vkd_ds/layout.py); for an older checkpoint,
+    `configured` (the explicit `deepspeed.zero_stage` of its run directory's config.yaml, which the
+    caller reads), else ZeRO-3 when DeepSpeed wrote a model-states file per rank (only ZeRO-3 does).
+    Otherwise the files cannot tell (bf16 ZeRO-0, 1 and 2 write alike): a VkdError asks for it."""
     if "zero_stage" in meta:
         return int(meta["zero_stage"])
+    if configured is not None:
+        return configured
     checkpoint_dir = Path(checkpoint_dir)
-    config = checkpoint_dir.parent.parent / "config.yaml"
-    if config.is_file():
-        import yaml
-
-        try:
-            stage = (yaml.safe_load(config.read_text()) or {}).get("deepspeed", {}).get("zero_stage")
-        except (yaml.YAMLError, AttributeError):
-            stage = None
-        if isinstance(stage, int):
-            return stage
     if any(checkpoint_dir.glob("zero_pp_rank_*_model_states.pt")):
         return 3
     raise VkdError(

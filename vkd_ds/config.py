@@ -16,7 +16,8 @@ from vkd_ds.errors import VkdError
 
 CONFIG_NAME = "config"
 # Keys older releases wrote into a run's config.yaml that no longer exist: dropped when such a run
-# is read back (`vkd-ds eval RUN_DIR`). teacher.zero_stage: the teacher is always ZeRO-3.
+# is read back (`vkd-ds eval RUN_DIR`). teacher.zero_stage: it did nothing (the teacher's placement
+# is teacher.layout now).
 REMOVED_KEYS = ("teacher.zero_stage",)
 
 

@@ -232,8 +232,24 @@ def _plan_layout(
         resolve_precision(s, dist.on_gpu()) == "bf16",
         memory,
         # Only an `auto` stage asks (a checkpoint too old to tell is refused only then).
-        checkpoint.written_stage(resume_from, meta) if meta is not None and s.deepspeed.zero_stage == "auto" else None,
+        _resumed_stage(resume_from, meta) if meta is not None and s.deepspeed.zero_stage == "auto" else None,
     )
+
+
+def _resumed_stage(resume_from: Path, meta: dict) -> int:
+    """The stage of the checkpoint resumed from; for one older than COMPLETE's record, its run's config.yaml
+    (RUN_DIR/config.yaml beside RUN_DIR/checkpoints) may say it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    configured = None
+    config = Path(resume_from).parent.parent / "config.yaml"
+    if "zero_stage" not in meta and config.is_file():
+        try:
+            configured = OmegaConf.select(OmegaConf.load(config), "deepspeed.zero_stage")
+        except (OmegaConfBaseException, ValueError, OSError):  # a damaged config.yaml tells nothing
+            configured = None
+    return checkpoint.written_stage(resume_from, meta, configured if isinstance(configured, int) else None)
 
 
 def _resume_point(s: Settings, run_dir: Path) -> Path | None:
