@@ -159,10 +159,7 @@ def read_once(entries: list[tuple[str, str, torch.Tensor | float]]) -> dict[str,
     for i, (name, how, _) in enumerate(entries):
         column = [row[i] for row in rows]
         if how == "sum":
-            total = 0.0
-            for value in column:
-                total += value
-            out[name] = total
+            out[name] = sum(column)  # left to right: rank order, the same on every rank
         else:
             out[name] = max(column) if how == "max" else column[0]
     return out
