@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vkd_ds.launch import free_port  # noqa: F401  (tests import it from here)
+from vkd_ds.dist import free_port  # noqa: F401  (tests import it from here)
 from vkd_ds.terms import loss_overrides
 
 REPO = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn, args) ->
 def run_ranks(fn, world_size: int, *args, timeout: float = 180) -> list:
     import torch.multiprocessing as mp
 
-    from vkd_ds.launch import free_port
+    from vkd_ds.dist import free_port
 
     with tempfile.TemporaryDirectory(prefix="vkd-multirank-") as out_dir:
         context = mp.start_processes(

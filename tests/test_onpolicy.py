@@ -54,7 +54,7 @@ def test_on_policy_with_text_records_and_no_room_for_a_completion_is_refused(tin
     """A record without a prompt is prompted with its first seq_kd.prompt_tokens tokens: with
     prompt_tokens >= data.max_seq_len there is no room left to sample into."""
     from vkd_ds.assets import asset_overrides
-    from vkd_ds.train import prepare
+    from vkd_ds.builders.inputs import prepare
 
     common = [*asset_overrides(tiny_assets), f"run.dir={tmp_path / 'run'}", "data.max_seq_len=48"]
     common += ["loss.seq=0", "seq_kd.n_gen=8", "onpolicy.fraction=0.5"]

@@ -65,13 +65,14 @@ def _layouts_compared(overrides: list[str], fused: bool) -> dict:
     with positions that do not restart (attention then crosses documents); each layout's
     per-document terms, saliency and the gradient of the weighted loss."""
     from vkd_ds import engines
+    from vkd_ds.builders.inputs import prepare
+    from vkd_ds.builders.student import build_student
     from vkd_ds.config import compose
     from vkd_ds.data import collate
     from vkd_ds.ds_config import checked_deepspeed_configs
     from vkd_ds.losses import combine_terms, shift_for_next_token, weighted_batch_loss
     from vkd_ds.objective import Teacher
     from vkd_ds.sequences import Sequences, model_inputs
-    from vkd_ds.train import build_student, prepare
     from vkd_ds.valence import load_head, valence_weights
 
     prepared = prepare(compose([*overrides, f"loss.fused_head={str(fused).lower()}"]))
@@ -186,8 +187,8 @@ def test_rows_of_another_length_and_their_refusal(tiny_assets, short_records, tm
     """data.pack_length: rows of that many tokens, each document whole (max_seq_len stays the longest);
     shorter than data.max_seq_len is refused before anything starts."""
     from tests.conftest import vkd_cli_in_process
+    from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
-    from vkd_ds.train import prepare
 
     overrides = [*base_overrides(tiny_assets, tmp_path / "run"), f"data.train_path={short_records}"]
     plain = prepare(compose([*overrides, "data.max_seq_len=48", "data.packing=true"])).packs

@@ -149,8 +149,8 @@ def test_nvme_optimizer_offload_keeps_the_student_on_zero3():
 def test_a_resumed_checkpoint_tells_its_stage(tmp_path):  # what deepspeed.zero_stage=auto resumes on
     """Recorded in COMPLETE since layouts are planned; before, the run's config.yaml said it, or only
     ZeRO-3's per-rank model-states files; a checkpoint that tells nothing is refused with what to set."""
+    from vkd_ds.builders.start import resumed_stage as written_stage
     from vkd_ds.errors import VkdError
-    from vkd_ds.train import _resumed_stage as written_stage
 
     step = tmp_path / "run" / "checkpoints" / "step_0000004"
     step.mkdir(parents=True)

@@ -227,8 +227,8 @@ def test_a_teacher_changed_after_it_was_hashed_is_hashed_again_and_refused(
     # A rank: a process that has not hashed the teacher, with the launcher's value.
     monkeypatch.setattr(teacher_cache, "_hashed", {})
     monkeypatch.setenv(teacher_cache.FINGERPRINT_ENV, handed)
+    from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
-    from vkd_ds.train import prepare
 
     assert prepare(compose(run)).cache_manifest["top_k"] == 64
     assert len(trace.read_text().splitlines()) == 1  # reused
@@ -332,8 +332,8 @@ def test_a_cache_that_does_not_match_the_run_is_refused_before_anything_starts(c
 def test_with_teacher_path_given_a_matching_teacher_is_accepted(tiny_assets, cache64, tmp_path):
     """teacher.path with the cache's own teacher: its fingerprint matches, and the run starts (the first
     checks pass; it is stopped by an unrelated bad key right after them, so nothing runs)."""
+    from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
-    from vkd_ds.train import prepare
 
     prepared = prepare(
         compose([*cached_overrides(tiny_assets, tmp_path / "run", cache64), f"teacher.path={tiny_assets / 'teacher'}"])
@@ -412,10 +412,10 @@ def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64,
 
     monkeypatch.setattr(teacher_cache, "MAX_OPEN_SHARDS", 2)
 
+    from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
     from vkd_ds.data import collate
     from vkd_ds.teacher_cache import CachedTeacher
-    from vkd_ds.train import prepare
 
     prepared = prepare(compose(cached_overrides(tiny_assets, tiny_assets / "unused", cache64)))
     teacher = CachedTeacher(cache64, prepared.cache_manifest, prepared.data_splits, torch.device("cpu"))

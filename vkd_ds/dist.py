@@ -19,6 +19,15 @@ def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
 
 
+def free_port() -> int:
+    """A port free on this machine now, for a rendezvous started here."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init() -> None:
     """Join the process group started by the deepspeed launcher (or make a group of one)."""
     import deepspeed
@@ -28,8 +37,6 @@ def init() -> None:
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        from vkd_ds.launch import free_port
-
         os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if on_gpu() else "gloo"
     if on_gpu():

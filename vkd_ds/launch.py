@@ -31,6 +31,8 @@ def launcher_command(
     if num_procs is not None:
         command += ["--num_gpus", str(num_procs)]
     if master_port is not None or not any(a.startswith("--master_port") for a in launcher_args):
+        from vkd_ds.dist import free_port
+
         command += ["--master_port", str(master_port or free_port())]
     command += [script] if script is not None else ["--module", ENTRY_MODULE]
     return command + list(args)
@@ -47,9 +49,9 @@ def start_training(overrides: list[str]) -> int:
     """`vkd-ds train [overrides]`: every input check once, here, before any process starts; then the
     ranks (one per GPU, or `num_procs` on a CPU machine). The exit status of the job."""
     select_accelerator()
+    from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import check_global_batch, compose
     from vkd_ds.ds_config import checked_deepspeed_configs
-    from vkd_ds.train import prepare
 
     cfg = compose(overrides)
     prepared = prepare(cfg)
@@ -113,14 +115,6 @@ def procs_for(cfg) -> int:
     if num_procs_are_gpus():
         return torch.cuda.device_count()
     return int(cfg.num_procs)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:

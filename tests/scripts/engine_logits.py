@@ -10,9 +10,10 @@ args = strip_local_rank(sys.argv[1:])
 import torch  # noqa: E402
 
 from vkd_ds import checkpoint, dist, engines  # noqa: E402
+from vkd_ds.builders.inputs import prepare  # noqa: E402
+from vkd_ds.builders.student import build_student  # noqa: E402
 from vkd_ds.config import compose  # noqa: E402
 from vkd_ds.ds_config import student_ds_config, student_lr_schedule  # noqa: E402
-from vkd_ds.train import build_student, prepare  # noqa: E402
 
 out_file = Path(args[0])
 prepared = prepare(compose(args[1:]))

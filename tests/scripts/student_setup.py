@@ -11,9 +11,10 @@ def student_engine(seed: int):
     """(output path, settings, prepared inputs, student engine) of this rank."""
     args = strip_local_rank(sys.argv[1:])
     from vkd_ds import dist, engines
+    from vkd_ds.builders.inputs import prepare
+    from vkd_ds.builders.student import build_student
     from vkd_ds.config import compose
     from vkd_ds.ds_config import student_ds_config, student_lr_schedule
-    from vkd_ds.train import build_student, prepare
 
     prepared = prepare(compose(args[1:]))
     settings = prepared.settings
