@@ -1,4 +1,4 @@
-"""Peak memory and time of chunked vs dense soft KD, forward + backward (SPEC §2, issue #3).
+"""Peak memory and time of chunked vs dense soft KD, forward + backward (docs/objective.md, issue #3).
 
     python bench/soft_kd_memory.py [--tokens 8192] [--vocab 32768 128256 151936] [--repeats 3]
 
@@ -10,7 +10,7 @@ repeats. Prints one JSON document. State the allocator (GLIBC_TUNABLES) with any
 
 Cases: fp32 logits at 32k; bf16 logits (what GPU training holds) at 32k, 128,256 (Llama 3) and
 151,936 (Qwen 2/3).
-`dense` is the SPEC formula on the whole tensors in fp32 (bf16 inputs upcast);
+`dense` is the objective's formula on the whole tensors in fp32 (bf16 inputs upcast);
 `dense_native` computes in the logits' dtype, as a naive bf16 loop would. Chunked
 uses `loss.chunk_tokens` positions per fp32 chunk (`auto`, the default: what training plans on
 this machine, losses.plan_chunk_rows; glibc's default allocator, as the figures were first
