@@ -256,7 +256,7 @@ def test_every_loss_term_is_declared_once():
     names = "|".join(TERM_NAMES)
     listed = re.compile(rf"""(["'](loss\.)?({names})(=0)?["']\s*,\s*){{2,}}""")
     offenders = []
-    for path in [*repo.glob("vkd_ds/*.py"), *repo.glob("bench/*.py"), *repo.glob("tests/**/*.py")]:
+    for path in [*repo.glob("vkd_ds/**/*.py"), *repo.glob("bench/*.py"), *repo.glob("tests/**/*.py")]:
         if path.name == "terms.py" or path == Path(__file__).resolve():
             continue
         if listed.search(path.read_text()):
