@@ -214,6 +214,7 @@ def test_a_teacher_changed_after_it_was_hashed_is_hashed_again_and_refused(
     launch script) is reused only while each weight file's size and mtime_ns are the same; a teacher
     changed since is hashed again, and training refuses it."""
     from vkd_ds import teacher_cache
+    from vkd_ds.teacher_cache import fingerprints
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_assets / "teacher", teacher)
@@ -225,7 +226,7 @@ def test_a_teacher_changed_after_it_was_hashed_is_hashed_again_and_refused(
     assert handed == teacher_cache.fingerprint_env(teacher)[teacher_cache.FINGERPRINT_ENV]
     assert len(trace.read_text().splitlines()) == 1
     # A rank: a process that has not hashed the teacher, with the launcher's value.
-    monkeypatch.setattr(teacher_cache, "_hashed", {})
+    monkeypatch.setattr(fingerprints, "_hashed", {})
     monkeypatch.setenv(teacher_cache.FINGERPRINT_ENV, handed)
     from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
@@ -233,7 +234,7 @@ def test_a_teacher_changed_after_it_was_hashed_is_hashed_again_and_refused(
     assert prepare(compose(run)).cache_manifest["top_k"] == 64
     assert len(trace.read_text().splitlines()) == 1  # reused
     # The teacher changes (other weights, same sizes) after the launcher hashed it: hashed again, refused.
-    monkeypatch.setattr(teacher_cache, "_hashed", {})
+    monkeypatch.setattr(fingerprints, "_hashed", {})
     _other_teacher(tiny_assets, teacher)
     refused = vkd_cli_in_process(["train", *run])
     assert refused.returncode == 2 and "was made from another teacher" in refused.stderr, refused.stderr
@@ -408,9 +409,9 @@ def test_reading_the_whole_cache_keeps_none_of_it_resident(tiny_assets, cache64,
     mapped), and the pages a batch read are released once it is copied out."""
     import torch
 
-    from vkd_ds import teacher_cache
+    from vkd_ds.teacher_cache import reader
 
-    monkeypatch.setattr(teacher_cache, "MAX_OPEN_SHARDS", 2)
+    monkeypatch.setattr(reader, "MAX_OPEN_SHARDS", 2)
 
     from vkd_ds.builders.inputs import prepare
     from vkd_ds.config import compose
