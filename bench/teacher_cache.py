@@ -57,7 +57,8 @@ CE_ONLY = [*loss_overrides(ce=1.0), "weighting.lam=0"]
 def cache_teacher(procs: int, overrides: list[str], cache_dir: Path, env: dict) -> tuple[dict, float]:
     """`vkd-ds cache-teacher` (its ranks under the launcher, as the command starts them): the manifest
     and the wall time."""
-    from vkd_ds.launch import CACHE_TEACHER_FLAG, launcher_command
+    from vkd_ds.launch import launcher_command
+    from vkd_ds.teacher_cache import CACHE_TEACHER_FLAG
 
     started = time.perf_counter()
     cmd = launcher_command([CACHE_TEACHER_FLAG, *overrides, f"cache.dir={cache_dir}"], procs)

@@ -31,7 +31,7 @@ def cache_overrides(assets, cache_dir, *extra) -> list[str]:
 
 def run_cache_teacher(overrides, env=None):
     """The ranks of `vkd-ds cache-teacher` under the deepspeed launcher (what the command starts)."""
-    from vkd_ds.launch import CACHE_TEACHER_FLAG
+    from vkd_ds.teacher_cache import CACHE_TEACHER_FLAG
 
     return deepspeed_launch(["launcher/train.py", CACHE_TEACHER_FLAG, *overrides], 2, env=env)
 

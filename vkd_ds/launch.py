@@ -83,6 +83,8 @@ def start_cache_teacher(overrides: list[str]) -> int:
     num_procs = procs_for(cfg)
     check_deepspeed_config(teacher_ds_config(plan.settings, num_procs_are_gpus()), num_procs, "teacher")
     env = env_with_teacher_fingerprint(plan.settings.teacher.path)
+    from vkd_ds.teacher_cache import CACHE_TEACHER_FLAG
+
     return run_launcher([CACHE_TEACHER_FLAG, *overrides], num_procs, env=env)
 
 
@@ -228,6 +230,8 @@ def main() -> None:
     quiet_warnings()
     global _job
     sys.argv = [sys.argv[0]] + strip_local_rank(sys.argv[1:])
+    from vkd_ds.teacher_cache import CACHE_TEACHER_FLAG  # neither DeepSpeed nor transformers: before select_accelerator
+
     if sys.argv[1:2] == [CACHE_TEACHER_FLAG]:
         _job = "cache-teacher"
         del sys.argv[1]
