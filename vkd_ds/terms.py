@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from vkd_ds.losses import (
+    Divergence,
     SparseTeacher,
     attention_kd,
     cached_token_losses,
@@ -31,9 +31,6 @@ from vkd_ds.losses import (
     valence_mse,
 )
 from vkd_ds.sequences import Sequences
-
-if TYPE_CHECKING:
-    from vkd_ds.objective import Objective
 
 # What a term can need, beyond the student's forward on the batch.
 TEACHER_LOGITS = "teacher_logits"
@@ -52,9 +49,26 @@ class SampleScores:
     teacher_logprob: torch.Tensor
 
 
+@dataclass(frozen=True)
+class TermParams:
+    """The objective's values the terms read (the objective is a TermParams: it adds the weights' and
+    the valence heads' values)."""
+
+    lambdas: dict[str, float]
+    divergence: Divergence  # the soft term's D, its temperature and parameters (loss.divergence, ...)
+    chunk_tokens: int | None  # positions per loss chunk; None: `auto`, until `planned`
+    vocab_size: int
+    layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
+    feat_normalize: bool = False  # layer-normalize both hidden states (no affine) before the MSE
+    attention: float = 0.0  # weight of the attention-map part of L_feat
+    contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
+    contrastive_temperature: float = 0.1
+    fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
+
+
 @dataclass
 class TermInputs:
-    objective: Objective
+    objective: TermParams
     student: dict  # the student module's forward outputs
     teacher: dict | None  # the teacher's (logits, hiddens, attentions, valence)
     targets: torch.Tensor  # [B,S] next-token targets

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from vkd_ds import checkpoint, dist
+from vkd_ds.build import build_objective
 from vkd_ds.config import check_global_batch, to_yaml
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
@@ -91,7 +92,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
-    objective = Objective.from_settings(s, layer_map, vocab)
+    objective = build_objective(s, layer_map, vocab)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
     if objective.layer_map and teacher_width != student_width and not s.feat.projectors:
         raise VkdError(
