@@ -61,7 +61,7 @@ from vkd_ds.settings_sections import (
     ValenceSettings,
     WeightingSettings,
 )
-from vkd_ds.terms import ROLLOUTS, TEACHER_HIDDENS, TERMS
+from vkd_ds.terms import CACHED_TEACHER_SERVES, DENSE_TEACHER_LOGITS, ROLLOUTS, STUDENT_LOGITS, TERMS
 
 __all__ = [
     "BASELINES",
@@ -141,6 +141,7 @@ class Settings:
 
     def __post_init__(self):
         """Checks of keys in different sections."""
+        self._check_term_needs()
         if self.teacher.cache:
             self._check_cached_teacher()
         if not self.data.tokenizer_path:
@@ -184,14 +185,33 @@ class Settings:
             steps = self.gate.rollout_steps
             raise VkdError(f"config key `gate.rollout_steps` ({steps}) must be below data.max_seq_len")
 
+    def _check_term_needs(self) -> None:
+        """Each term with a weight can be served what it declares it needs: the student's logits (which
+        the fused LM head does not make: it computes the fused terms inside the student) and the
+        teacher's dense logits (a teacher.cache holds their top-k)."""
+        fused = ", ".join(f"loss.{name}" for name, term in TERMS.items() if term.fused)
+        for name, term in TERMS.items():
+            weight = self.loss.weights[name]
+            if not weight > 0:
+                continue
+            if self.loss.fused_head and STUDENT_LOGITS in term.needs and not term.fused:
+                raise VkdError(
+                    f"loss.{name}={weight:g} reads the student's logits, which loss.fused_head=true does not make "
+                    f"(it computes {fused} inside the student): set loss.fused_head=false or loss.{name}=0"
+                )
+            if self.teacher.cache and DENSE_TEACHER_LOGITS in term.needs:
+                raise VkdError(
+                    f"loss.{name}={weight:g} reads the teacher's dense logits, and teacher.cache holds only their "
+                    f"top-k: set loss.{name}=0, or train with teacher.path and teacher.cache=null"
+                )
+
     def _check_cached_teacher(self) -> None:
-        """teacher.cache serves CE, token KD, L_val, L_reg and the weights; the rest needs the live teacher."""
-        # The cache holds the teacher's distribution, entropy and valence, not its hidden states or its
-        # scores of the student's samples.
+        """teacher.cache serves the needs of CACHED_TEACHER_SERVES (CE, token KD, L_val, L_reg) and the
+        weights; the rest needs the live teacher."""
         live = [
             f"loss.{name}={self.loss.weights[name]:g}"
             for name, term in TERMS.items()
-            if self.loss.weights[name] > 0 and (TEACHER_HIDDENS in term.needs or ROLLOUTS in term.needs)
+            if self.loss.weights[name] > 0 and not set(term.needs) <= set(CACHED_TEACHER_SERVES)
         ]
         if self.loss.weights["reg"] > 0 and self.reg.contrastive > 0:
             live.append(f"reg.contrastive={self.reg.contrastive:g}")
