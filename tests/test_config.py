@@ -235,7 +235,8 @@ def test_settings_are_typed_frozen_and_the_only_config_below_train():
     # Keys that did nothing are gone (teacher.zero_stage; the teacher's placement is teacher.layout now).
     with pytest.raises(VkdError, match="teacher.zero_stage"):
         settings_of(REQUIRED + ["teacher.zero_stage=3"])
-    entry_points = {"config.py", "settings.py", "train.py", "launch.py", "cli.py", "fit_head.py"}
+    # settings_fields.py: the settings' field checks and their conversion of config nodes (settings.py's part)
+    entry_points = {"config.py", "settings.py", "settings_fields.py", "train.py", "launch.py", "cli.py", "fit_head.py"}
     package = Path(__file__).resolve().parent.parent / "vkd_ds"
     readers = sorted(p.name for p in package.glob("*.py") if "omegaconf" in p.read_text())
     assert set(readers) <= entry_points, readers

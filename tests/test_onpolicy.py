@@ -26,10 +26,10 @@ def test_on_policy_steps_are_a_function_of_seed_and_step_at_the_fraction():
 
 
 def test_on_policy_steps_run_every_term_but_ce():
-    from vkd_ds.objective import Objective
+    from vkd_ds.builders.objective import build_objective
 
     settings = Settings.from_config(compose(REQUIRED + ["loss.seq=0.3", "onpolicy.fraction=0.5"]))
-    objective = Objective.from_settings(settings, [(0, 0)], 384)
+    objective = build_objective(settings, [(0, 0)], 384)
     off_policy = objective.active_at(rollout_step=False)
     on_policy = objective.active_at(rollout_step=False, on_policy=True)
     assert "ce" in off_policy and set(off_policy) - set(on_policy) == {"ce"}

@@ -20,8 +20,8 @@ import torch
 from omegaconf import DictConfig
 
 from vkd_ds.errors import VkdError
+from vkd_ds.settings import LABEL_SOURCES as LABEL_SOURCES  # declared beside the settings field valence.fit.labels
 
-LABEL_SOURCES = ("auto", "data", "lexicon")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']*|[:;=8xX][-o^']?[()DPp/\\|\]\[]")
 
 

@@ -37,9 +37,9 @@ from vkd_ds.data import Example
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import shift_for_next_token
 from vkd_ds.rollout import SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms, sample
+from vkd_ds.settings import GATE_MODES as GATE_MODES  # declared beside the settings field gate.mode
 from vkd_ds.settings import GateSettings
 
-GATE_MODES = ("proxy", "lookahead")
 BLOCKED_MESSAGE = "Mercy gate blocked – low projected valence trajectory"
 # Probe draws come from their own stream, apart from sequence KD's (which is seeded by the step).
 PROBE_SEED_OFFSET = 7919

@@ -7,7 +7,7 @@ the collectives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,22 +15,15 @@ from vkd_ds.features import HiddenCapture
 from vkd_ds.losses import Divergence, shift_for_next_token, token_ce
 from vkd_ds.malloc import teacher_phase
 from vkd_ds.sequences import Sequences, model_inputs
-from vkd_ds.settings import Settings
-from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs
+from vkd_ds.terms import ROLLOUTS, TERM_NAMES, TERMS, SampleScores, TermInputs, TermParams
 from vkd_ds.valence import ValenceHead, cached_normalized_entropy, saliency
 
 
 @dataclass(frozen=True)
-class Objective:
-    lambdas: dict[str, float]
-    divergence: Divergence  # the soft term's D, its temperature and parameters (loss.divergence, ...)
-    chunk_tokens: int | None  # positions per loss chunk; None: `auto`, until `planned`
-    vocab_size: int
-    layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
-    feat_normalize: bool = False  # layer-normalize both hidden states (no affine) before the MSE
-    attention: float = 0.0  # weight of the attention-map part of L_feat
-    contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
-    contrastive_temperature: float = 0.1
+class Objective(TermParams):
+    """The terms' values (TermParams) and those of the weights and the valence heads; built from the
+    settings by `build_objective`, at the composition root (build.py)."""
+
     valence_k: int | None = None  # the student's head (trained by L_val)
     teacher_valence: bool = False  # the teacher's head (L_val targets and saliency)
     lam: float = 0.0
@@ -38,37 +31,6 @@ class Objective:
     normalize: bool = True
     alphas: tuple[float, ...] = (0.55, 0.20, 0.15, 0.10)
     eps: float = 1e-6
-    fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
-
-    @classmethod
-    def from_settings(cls, cfg: Settings, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
-        lambdas = dict(cfg.loss.weights)
-        contrastive = float(cfg.reg.contrastive) if lambdas["reg"] > 0 else 0.0
-        captures = lambdas["feat"] > 0 or contrastive > 0
-        lam = float(cfg.weighting.lam)
-        return cls(
-            lambdas=lambdas,
-            divergence=Divergence(
-                cfg.loss.divergence, float(cfg.loss.temperature), float(cfg.loss.beta), float(cfg.loss.alpha)
-            ),
-            chunk_tokens=None if cfg.loss.chunk_tokens == "auto" else int(cfg.loss.chunk_tokens),
-            vocab_size=vocab_size,
-            layer_map=list(layer_map) if captures else [],
-            feat_normalize=bool(cfg.feat.normalize),
-            attention=float(cfg.feat.attention) if lambdas["feat"] > 0 else 0.0,
-            contrastive=contrastive,
-            contrastive_temperature=float(cfg.reg.contrastive_temperature),
-            valence_k=int(cfg.valence.k) if lambdas["val"] > 0 else None,
-            # The head serves L_val and the weights' saliency (the settings require it for them);
-            # with λ = 0 and L_val off the weights are uniform and no saliency is computed.
-            teacher_valence=cfg.valence_feeds_the_loss,
-            lam=lam,
-            z_max=None if cfg.weighting.z_max is None else float(cfg.weighting.z_max),
-            normalize=bool(cfg.weighting.normalize),
-            alphas=tuple(float(a) for a in cfg.weighting.alphas),
-            eps=float(cfg.weighting.eps),
-            fused_head=bool(cfg.loss.fused_head),
-        )
 
     @property
     def active(self) -> list[str]:

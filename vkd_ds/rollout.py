@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from vkd_ds import dist
 from vkd_ds.data import Example, collate
 from vkd_ds.errors import VkdError
+from vkd_ds.settings import GATHER_MODES  # declared beside the settings field rollout.gather_student
 
-GATHER_MODES = ("auto", "always", "never")
 # `auto` gathers the student when its full parameters take at most this fraction of the
 # memory left on the device (GPU) or machine (CPU).
 AUTO_GATHER_MEMORY_FRACTION = 0.25

@@ -22,6 +22,8 @@ from vkd_ds import dist
 from vkd_ds.data import Example
 from vkd_ds.losses import shift_for_next_token, token_logprobs
 from vkd_ds.rollout import Samples, SamplingSettings, StudentSampler, prompt_of, rollout_batch, row_uniforms
+from vkd_ds.settings import BASELINES as BASELINES  # declared beside the settings field seq_kd.baseline
+from vkd_ds.settings import REWARDS as REWARDS  # declared beside the settings field seq_kd.reward
 from vkd_ds.settings import Settings
 
 
@@ -33,10 +35,6 @@ def is_on_policy_step(seed: int, step: int, fraction: float) -> bool:
     if fraction >= 1.0:
         return True
     return random.Random(f"onpolicy:{seed}:{step}").random() < fraction
-
-
-REWARDS = ("teacher_logprob", "reverse_kl", "per_token")
-BASELINES = ("batch", "ema")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A term's name is its config key (`loss.<name>`, its λ) and its metrics column (`loss/<name>`).
 Config validation, the objective, the demo's CE-only baseline, the benches and the tests all
 derive their lists of terms from `TERMS`; adding a term is one `Term(...)` here (and its default
-λ in configs/loss/default.yaml).
+λ in configs/loss/default.yaml). A term declares what it reads beyond the student's forward (its
+`needs`, from NEEDS): the settings refuse a configuration that cannot serve the needs of a term with
+λ > 0 (the fused LM head, a teacher cache).
 
 A term's function maps a `TermInputs` (one micro-batch) to a per-sequence value [B]: the loss is
 Σ_term λ_term · term[B], weighted over the global batch by the trainer.
@@ -13,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from vkd_ds.losses import (
+    Divergence,
     SparseTeacher,
     attention_kd,
     cached_token_losses,
@@ -32,15 +34,18 @@ from vkd_ds.losses import (
 )
 from vkd_ds.sequences import Sequences
 
-if TYPE_CHECKING:
-    from vkd_ds.objective import Objective
-
 # What a term can need, beyond the student's forward on the batch.
-TEACHER_LOGITS = "teacher_logits"
+STUDENT_LOGITS = "student_logits"  # [B,S,V]; loss.fused_head=true gives none (a fused term runs inside the head)
+TEACHER_LOGITS = "teacher_logits"  # the teacher's distribution: its logits, or a teacher.cache's top-k (SparseTeacher)
+DENSE_TEACHER_LOGITS = "dense_teacher_logits"  # the teacher's logits [B,S,V] themselves: the live teacher only
 TEACHER_HIDDENS = "teacher_hiddens"  # the mapped layers' hidden states (feature hooks)
 VALENCE_HEADS = "valence_heads"  # the student's valence head and the teacher's
 ROLLOUTS = "rollouts"  # the student's samples, scored by the teacher (only on rollout steps)
-NEEDS = (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
+NEEDS = (STUDENT_LOGITS, TEACHER_LOGITS, DENSE_TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
+TEACHER_NEEDS = (TEACHER_LOGITS, DENSE_TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS)
+# What training from a teacher.cache serves: `vkd-ds cache-teacher` stores the teacher's top-k token
+# distribution, its entropy and its valence, not its hidden states nor its scores of the student's samples.
+CACHED_TEACHER_SERVES = (STUDENT_LOGITS, TEACHER_LOGITS, VALENCE_HEADS)
 
 
 @dataclass
@@ -52,9 +57,26 @@ class SampleScores:
     teacher_logprob: torch.Tensor
 
 
+@dataclass(frozen=True)
+class TermParams:
+    """The objective's values the terms read (the objective is a TermParams: it adds the weights' and
+    the valence heads' values)."""
+
+    lambdas: dict[str, float]
+    divergence: Divergence  # the soft term's D, its temperature and parameters (loss.divergence, ...)
+    chunk_tokens: int | None  # positions per loss chunk; None: `auto`, until `planned`
+    vocab_size: int
+    layer_map: list[tuple[int, int]] = field(default_factory=list)  # (student, teacher) layer pairs captured
+    feat_normalize: bool = False  # layer-normalize both hidden states (no affine) before the MSE
+    attention: float = 0.0  # weight of the attention-map part of L_feat
+    contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
+    contrastive_temperature: float = 0.1
+    fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
+
+
 @dataclass
 class TermInputs:
-    objective: Objective
+    objective: TermParams
     student: dict  # the student module's forward outputs
     teacher: dict | None  # the teacher's (logits, hiddens, attentions, valence)
     targets: torch.Tensor  # [B,S] next-token targets
@@ -75,7 +97,7 @@ class Term:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(need in self.needs for need in (TEACHER_LOGITS, TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS))
+        return any(need in self.needs for need in TEACHER_NEEDS)
 
 
 def _one_pass(x: TermInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -165,8 +187,14 @@ def _reg(x: TermInputs) -> torch.Tensor:
 
 
 _DECLARED = (
-    Term("ce", _ce, fused=True, on_samples=False, summary="cross-entropy on the data's next tokens"),
-    Term("soft", _soft, (TEACHER_LOGITS,), fused=True, summary="token-level KD: T²·D(p_T, p_S), D = loss.divergence"),
+    Term("ce", _ce, (STUDENT_LOGITS,), fused=True, on_samples=False, summary="cross-entropy on the data's next tokens"),
+    Term(
+        "soft",
+        _soft,
+        (STUDENT_LOGITS, TEACHER_LOGITS),
+        fused=True,
+        summary="token-level KD: T²·D(p_T, p_S), D = loss.divergence",
+    ),
     Term("feat", _feat, (TEACHER_HIDDENS,), summary="MSE of mapped hidden states (and attention maps)"),
     Term("seq", _seq, (ROLLOUTS,), summary="sequence KD: REINFORCE on the teacher's score of student samples"),
     Term("val", _val, (VALENCE_HEADS,), summary="MSE of the student's valence trajectory to the teacher's"),

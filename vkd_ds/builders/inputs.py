@@ -15,6 +15,7 @@ from vkd_ds.models import (
     model_config_from_dict,
     student_config_from_dict,
 )
+from vkd_ds.builders.objective import build_objective
 from vkd_ds.objective import Objective
 from vkd_ds.packing import PackedRows, packed_rows
 from vkd_ds.settings import Settings
@@ -76,7 +77,7 @@ def prepare(cfg) -> Prepared:
     valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
-    objective = Objective.from_settings(s, layer_map, vocab)
+    objective = build_objective(s, layer_map, vocab)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
     if objective.layer_map and teacher_width != student_width and not s.feat.projectors:
         raise VkdError(

@@ -24,7 +24,8 @@ def write_cache(cfg) -> dict:
     from vkd_ds.ds_config import teacher_ds_config
     from vkd_ds.memory import free_device_bytes
     from vkd_ds.metrics import setup_logging
-    from vkd_ds.objective import Objective, Teacher
+    from vkd_ds.builders.objective import build_objective
+    from vkd_ds.objective import Teacher
     from vkd_ds.valence import load_head
 
     plan = prepare_cache(cfg)
@@ -40,7 +41,7 @@ def write_cache(cfg) -> dict:
         head = load_head(s.valence.teacher_head, int(s.valence.k), plan.teacher_width).to(dist.device())
         head.requires_grad_(False)
     # The teacher's logits go through the chunked loss code here: plan the chunks for their width.
-    objective = Objective.from_settings(s, [], manifest["vocab_size"]).planned(
+    objective = build_objective(s, [], manifest["vocab_size"]).planned(
         plan.teacher_width,
         torch.bfloat16 if ds["bf16"]["enabled"] else torch.float32,
         dist.on_gpu(),
