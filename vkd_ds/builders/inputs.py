@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vkd_ds.builders.objective import build_objective
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.models import (
@@ -15,7 +16,6 @@ from vkd_ds.models import (
     model_config_from_dict,
     student_config_from_dict,
 )
-from vkd_ds.builders.objective import build_objective
 from vkd_ds.objective import Objective
 from vkd_ds.packing import PackedRows, packed_rows
 from vkd_ds.settings import Settings

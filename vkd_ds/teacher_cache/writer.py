@@ -20,11 +20,11 @@ def write_cache(cfg) -> dict:
     """Runs on every rank of the launched job: the teacher (ZeRO-3, offloaded, as training builds
     it) over every record of the data files; the manifest, complete, on rank 0 at the end."""
     from vkd_ds import dist, engines
+    from vkd_ds.builders.objective import build_objective
     from vkd_ds.data import collate
     from vkd_ds.ds_config import teacher_ds_config
     from vkd_ds.memory import free_device_bytes
     from vkd_ds.metrics import setup_logging
-    from vkd_ds.builders.objective import build_objective
     from vkd_ds.objective import Teacher
     from vkd_ds.valence import load_head
 
