@@ -238,7 +238,7 @@ def test_settings_are_typed_frozen_and_the_only_config_below_train():
     # settings_fields.py: the settings' field checks and their conversion of config nodes (settings.py's part)
     entry_points = {"config.py", "settings.py", "settings_fields.py", "train.py", "launch.py", "cli.py", "fit_head.py"}
     package = Path(__file__).resolve().parent.parent / "vkd_ds"
-    readers = sorted(p.name for p in package.glob("*.py") if "omegaconf" in p.read_text())
+    readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "omegaconf" in p.read_text())
     assert set(readers) <= entry_points, readers
 
 
