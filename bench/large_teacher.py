@@ -6,7 +6,7 @@
 The teacher is a randomly initialized Llama of TinyLlama's shape (2048 wide, 22 layers, MLP 5632,
 32 heads, 4 key/value heads, vocabulary 32,000: 1.10 B parameters), written once as sharded
 safetensors in bf16 (1 GiB files, 2.2 GB in all) and read by vkd-ds's loader
-(vkd_ds/teacher_load.py), shard by shard, into each rank's ZeRO-3 partition, in the run's precision
+(vkd_ds/teacher_load/), shard by shard, into each rank's ZeRO-3 partition, in the run's precision
 (fp32 by default on CPU: 4.4 GB of weights, 2.2 GB per rank). The student is the default config's
 (2 × 128) at the same vocabulary. CE + soft KD, 128-token records, one sequence per rank and step.
 Overrides go after `--` (--offload takes several values).

@@ -123,7 +123,7 @@ ZERO3_LAYOUT = ["deepspeed=zero3", "teacher.layout=zero3", "teacher.offload_para
 
 
 # Every term of the full objective, the attention-map part of L_feat and a regularized LM
-# parameter included; valence weights at the SPEC's λ = 6 (the contrastive term is left out:
+# parameter included; valence weights at the default λ = 6 (the contrastive term is left out:
 # its negatives are the micro-batch, which differs between layouts by design).
 # Sequence KD samples alike on every layout: each sequence's draws are seeded by its place
 # in the global batch, and its baseline is the global batch's mean reward.

@@ -87,7 +87,7 @@ def test_bf16_two_ranks_match_one_rank(tiny_assets, tmp_path):
     # Adam's update of an entry is about lr_t·sign(g) while its moments are young: an entry whose bf16
     # gradient is near 0 can get opposite signs in the two layouts at a step and the entries part by
     # up to 2·lr_t there, so by at most 2·Σ_t lr_t in all. Measured: 1 of 12288 embedding entries
-    # 2.5e-3 apart (Σ lr_t = 4.3e-3), and 4.4e-3 once sequence KD's gradient became the SPEC's summed
+    # 2.5e-3 apart (Σ lr_t = 4.3e-3), and 4.4e-3 once sequence KD's gradient became the summed
     # log-probability (issue #10); every other entry of every tensor within 2e-3.
     lr_sum = sum(float(r["lr"]) for r in rows_one)
     w_two, w_one = final_weights(two), final_weights(one)

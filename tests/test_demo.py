@@ -10,14 +10,14 @@ pytestmark = pytest.mark.distributed
 
 
 def test_quick_demo_with_sequence_kd_end_to_end(tmp_path):
-    """The demo with every term on: sequence KD is off in its config (README) and turned on here, at
-    λ = 0.01: its gradient sums the log-probability over a sample's 32 tokens (SPEC §2), so 0.01 is
-    about the push 0.3 gave when it averaged them (at 0.3 the distilled student lost: README).
+    """The demo with every term on: sequence KD is off in its config (docs/demo.md) and turned on here, at
+    λ = 0.01: its gradient sums the log-probability over a sample's 32 tokens (docs/objective.md, Sequence KD), so 0.01 is
+    about the push 0.3 gave when it averaged them (at 0.3 the distilled student lost: docs/demo.md).
 
     Which student wins is not asserted at this size: with packed rows (issue #29) both students see
     ~1.5x the documents per step and the quick demo's weak teacher (perplexity ~235) holds the
     distilled one back: 371.1 +- 21.5 against 354.7 +- 9.4 for CE only over seeds 1234, 1, 2 (one
-    record per row: 414.6 +- 35.8 against 432.5 +- 11.3). README "What the demo does" has the full
+    record per row: 414.6 +- 35.8 against 432.5 +- 11.3). docs/demo.md has the full
     demo's figures, where it wins."""
     out = tmp_path / "demo"
     result = vkd_cli(["demo", "--quick", "--out", str(out), "loss.seq=0.01"], timeout=900)
@@ -53,7 +53,7 @@ def test_quick_demo_with_sequence_kd_end_to_end(tmp_path):
     ce_header = (out / "run_ce_only" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "loss/seq" not in ce_header and "loss/soft" not in ce_header  # the baseline stays CE only
 
-    # SPEC §7: the distillation reruns on the demo's assets with `vkd-ds train`.
+    # As the README's demo says: the distillation reruns on the demo's assets with `vkd-ds train`.
     rerun = out / "rerun"
     result = vkd_cli(
         [

@@ -1,4 +1,4 @@
-"""The mercy gate and the non-finite guard, with 2 real processes on ZeRO-3 (SPEC §4)."""
+"""The mercy gate and the non-finite guard, with 2 real processes on ZeRO-3 (docs/gate.md)."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Chunked CE and soft KD against the dense SPEC formulas: values and gradients."""
+"""Chunked CE and soft KD against the dense formulas of docs/objective.md: values and gradients."""
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ from vkd_ds.losses import (
 
 
 def dense_soft_kd(student, teacher, mask, temperature, vocab):
-    """SPEC §2: per token KL(softmax(z_T/T) || softmax(z_S/T))·T², averaged over a sequence's valid tokens."""
+    """docs/objective.md: per token KL(softmax(z_T/T) || softmax(z_S/T))·T², averaged over a sequence's valid tokens."""
     return dense_token_divergence(student, teacher, mask, "forward_kl", temperature, vocab)
 
 

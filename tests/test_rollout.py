@@ -137,7 +137,7 @@ def test_reinforce_estimators_on_an_enumerated_toy_policy(reward):
     """A toy student (a logit table per position) with every sample y enumerated with its exact
     probability: the expected gradient of sequence_kd's surrogate, Σ_y p_S(y)·∇surrogate(y), against
     the exact gradient of the expected objective.
-    - teacher_logprob (the SPEC's estimator, summed log-probability): exactly ∇E[L_seq]; the
+    - teacher_logprob (the estimator of docs/objective.md, summed log-probability): exactly ∇E[L_seq]; the
       length-normalized estimator is not.
     - per_token (A_t = r_t, zero discount): the exact gradient of the samples' reverse KL
       E[Σ_t −r_t] credits token t with its reward-to-go Σ_{u≥t} r_u; with those weights the

@@ -46,7 +46,7 @@ def test_a_training_step_reads_the_device_once(layout, tiny_assets, tmp_path):
 # ---- the layout ---------------------------------------------------------------------------------
 
 GIB = 2**30
-DEMO_STUDENT, DEMO_TEACHER = 700_000, 2_700_000  # about the demo's models (README "The demo")
+DEMO_STUDENT, DEMO_TEACHER = 700_000, 2_700_000  # about the demo's models (README "What the demo does")
 
 
 def planned(overrides: list[str], world: int, free_gib: float, bf16: bool = False, student=DEMO_STUDENT, **kw):

@@ -1,5 +1,5 @@
 """Every checkpoint transformers' own `from_pretrained` takes, loaded by vkd-ds's shard-by-shard teacher
-loader (vkd_ds/teacher_load.py) on 2 real ranks: MoE teachers whose files hold one tensor per expert
+loader (vkd_ds/teacher_load/) on 2 real ranks: MoE teachers whose files hold one tensor per expert
 (transformers fuses them on load), a GPT-NeoX teacher (its `embed_out` renamed to `lm_head`), an
 older Llama export with per-layer `rotary_emb.inv_freq` (keys transformers ignores), and a sharded
 `.bin` teacher (experts split across its shards, a tied embedding stored under both names). The

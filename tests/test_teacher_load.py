@@ -1,4 +1,4 @@
-"""The teacher's loading path (vkd_ds/teacher_load.py): each rank reads only its ZeRO-3 partition of a
+"""The teacher's loading path (vkd_ds/teacher_load/): each rank reads only its ZeRO-3 partition of a
 sharded safetensors checkpoint, so no rank ever holds the whole teacher, and the loaded teacher's
 logits equal transformers' own load of the same files. 2 real ranks, real DeepSpeed."""
 

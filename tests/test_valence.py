@@ -1,4 +1,4 @@
-"""Valence pure functions against direct, loop-by-loop readings of SPEC §2–3."""
+"""Valence pure functions against direct, loop-by-loop readings of docs/objective.md."""
 
 import math
 

@@ -266,7 +266,7 @@ def collate(examples: list[Example], pad_id: int, valence_k: int | None = None) 
 
 
 def future_trajectory(values: Sequence[float], k: int) -> torch.Tensor:
-    """[n, k]: row t holds values[t+1 .. t+k], the last value repeated past the end (SPEC §3)."""
+    """[n, k]: row t holds values[t+1 .. t+k], the last value repeated past the end (docs/objective.md, Valence)."""
     v = torch.tensor(values, dtype=torch.float32)
     n = v.numel()
     index = (torch.arange(n)[:, None] + 1 + torch.arange(k)[None, :]).clamp(max=n - 1)

@@ -76,7 +76,7 @@ def build_teacher_engine(path: str, ds_config: dict[str, Any], eager_attention: 
     """The teacher: a DeepSpeed inference engine, frozen, eval mode, never checkpointed; ZeRO-3 or
     whole on every rank (teacher.layout, `ds_config`'s stage 3 or 0). Its checkpoint (safetensors or
     `.bin`, one file or shards) is read file by file into each rank's partitions (or whole tensors),
-    its tensors renamed and converted as transformers does (vkd_ds/teacher_load.py), so under ZeRO-3
+    its tensors renamed and converted as transformers does (vkd_ds/teacher_load/), so under ZeRO-3
     no rank holds the whole teacher."""
     from vkd_ds import dist
     from vkd_ds.models import load_model_config

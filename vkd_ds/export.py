@@ -18,7 +18,7 @@ from vkd_ds.errors import VkdError
 from vkd_ds.models import StudentModule
 from vkd_ds.valence import ValenceHead, save_head
 
-# The student's valence head, beside the exported model (SPEC §1).
+# The student's valence head, beside the exported model (docs/objective.md, Valence heads).
 VALENCE_HEAD_FILE = "valence_head.safetensors"
 
 

@@ -1,4 +1,4 @@
-"""Layer-wise feature capture for L_feat, L_val and the saliency (SPEC §2, §3).
+"""Layer-wise feature capture for L_feat, L_val and the saliency (docs/objective.md).
 
 Forward hooks sit on the mapped decoder layers only (never on every layer),
 plus a pre-hook on the LM head whose input is the last hidden state after

@@ -1,4 +1,4 @@
-"""`vkd-ds fit-valence-head`: fit the teacher's valence head, teacher body frozen (SPEC §3).
+"""`vkd-ds fit-valence-head`: fit the teacher's valence head, teacher body frozen (docs/objective.md, Valence).
 
 Targets come from the data's `valence` labels (per token or per sequence) or,
 for raw text, from a lexicon scorer built on the VADER lexicon: each token

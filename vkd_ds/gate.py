@@ -1,4 +1,4 @@
-"""The mercy gate (SPEC §4): every rank agrees, before an optimizer step commits, whether to keep it.
+"""The mercy gate (docs/gate.md): every rank agrees, before an optimizer step commits, whether to keep it.
 
     reject if  projected_valence < ratio · teacher_baseline_valence
 

@@ -3,7 +3,7 @@
 Every step allocates and frees the same large tensors (activations, logits chunks, gradients).
 glibc serves each block above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap that
 is page-faulted on first touch and unmapped on free, and trims the heap top back to the kernel,
-to be faulted in again next step (README, "Against a hand-written PyTorch loop"). Fixing the
+to be faulted in again next step (bench/README.md, "plain_kd.py"). Fixing the
 threshold at 32 MiB and never trimming keeps freed memory in the heap for the next step; the
 resident set stays near the peak instead of falling between steps.
 """

@@ -1,4 +1,4 @@
-"""The full objective of SPEC §2 on one micro-batch: which terms run, what each needs, their values.
+"""The full objective (docs/objective.md) on one micro-batch: which terms run, what each needs, their values.
 
 Pure apart from the forward passes it is handed: the global parts (the
 weights' batch statistics, the weight sum) come from the trainer, which owns

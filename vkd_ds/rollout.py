@@ -1,6 +1,6 @@
 """Student rollouts: prompts from the data, sampling from the student, scoring by the teacher.
 
-Sequence-level KD (SPEC §2, L_seq) and the mercy gate's lookahead both need the student to
+Sequence-level KD (docs/objective.md, Sequence KD) and the mercy gate's lookahead both need the student to
 generate. Two ways to run the student's LM under ZeRO-3:
 
 - *gathered*: copy the full parameters into a plain (unsharded) model once per rollout,

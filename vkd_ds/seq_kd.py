@@ -1,10 +1,10 @@
-"""Sequence-level KD (SPEC §2, L_seq): rollouts from the batch's prompts, teacher rewards, the baseline.
+"""Sequence-level KD (docs/objective.md, Sequence KD): rollouts from the batch's prompts, teacher rewards, the baseline.
 
 Sequence i of the global batch gets one sample y_i of the student from its own prompt. Its
 L_seq term is the teacher's mean negative log-prob of y_i. Its gradient is REINFORCE's,
 Σ_t A_t·∇(−log p_S(y_t | y_<t, x)) (`losses.sequence_kd`), with advantages A_t that are
-- R_i − b for every token of y_i with a sequence reward R_i (teacher_logprob, reverse_kl): SPEC
-  §2's −(R − b)·∇ log p_S(y|x), an unbiased estimate of ∇E[L_seq] for R = −L_seq;
+- R_i − b for every token of y_i with a sequence reward R_i (teacher_logprob, reverse_kl):
+  docs/objective.md's −(R − b)·∇ log p_S(y|x), an unbiased estimate of ∇E[L_seq] for R = −L_seq;
 - r_t − b with the per-token reward r_t = log p_T(y_t) − log p_S(y_t) (per_token): each sampled
   token's reverse-KL signal, credited to that token alone (on-policy distillation's estimator);
 - divided by |y_i| with seq_kd.length_normalized=true (biased: long samples count less).

@@ -1,6 +1,6 @@
 """Which sequence each position of a batch belongs to, and the per-sequence reductions over it.
 
-Every term, the saliency and the valence weights are per sequence (SPEC §2-3). Unpacked, sequence b
+Every term, the saliency and the valence weights are per sequence (docs/objective.md). Unpacked, sequence b
 is row b of the batch; packed (`data.packing`), a row holds several documents one after another and
 each keeps its own sums and means: a reduction here never mixes two of them.
 """

@@ -6,8 +6,8 @@ train.py sees the DictConfig. The settings own their checks: each field declares
 `choice`, `flag`, ... in settings_fields.py), a section's `__post_init__` checks keys of that section
 against each other (settings_sections.py), and `Settings.__post_init__` the keys of different sections
 (here). The first bad key ends the conversion with one VkdError naming it, before anything is written.
-A new config key is a field of its section (with its check), its default in configs/, and a row in the
-README's config table. The settings and their enumerations are imported from here.
+A new config key is a field of its section (with its check), its default in configs/, and a row in
+docs/config.md. The settings and their enumerations are imported from here.
 """
 
 from __future__ import annotations

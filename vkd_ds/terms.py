@@ -1,4 +1,4 @@
-"""Every loss term of the objective (SPEC §2), declared once: its name, what it needs, its function.
+"""Every loss term of the objective (docs/objective.md), declared once: its name, what it needs, its function.
 
 A term's name is its config key (`loss.<name>`, its λ) and its metrics column (`loss/<name>`).
 Config validation, the objective, the demo's CE-only baseline, the benches and the tests all

@@ -1,4 +1,4 @@
-"""Valence heads, saliency and per-sequence weights of SPEC §3, as pure functions of tensors.
+"""Valence heads, saliency and per-sequence weights (docs/objective.md, Valence), as pure functions of tensors.
 
 Shapes: B sequences, S positions, k trajectory steps, V vocabulary.
 `mask[b, t]` marks the valid positions. Nothing here talks to other ranks:

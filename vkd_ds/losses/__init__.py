@@ -1,4 +1,4 @@
-"""Loss terms of SPEC §2 as pure functions of tensors (no collectives, no config).
+"""Loss terms (docs/objective.md) as pure functions of tensors (no collectives, no config).
 
 Shapes: B sequences, S positions, V vocabulary. `mask[b, t]` marks the
 positions whose prediction (of token t+1) counts. Every public term returns a

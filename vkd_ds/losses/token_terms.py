@@ -120,6 +120,6 @@ def sequence_kd(weighted_nll: torch.Tensor, teacher_logprob: torch.Tensor) -> to
     that of the REINFORCE surrogate Σ_t A_t·(−log p_S(y_t | y_<t, x)).
 
     weighted_nll [B]: that surrogate, differentiable (`token_ce` with the advantages A_t as token
-    weights: A_t = R − b for a sequence reward, which gives SPEC §2's −(R − b)·∇ log p_S(y|x));
+    weights: A_t = R − b for a sequence reward, which gives docs/objective.md's −(R − b)·∇ log p_S(y|x));
     teacher_logprob [B]: mean log p_T of the sample's tokens, a constant."""
     return (-teacher_logprob).detach().to(weighted_nll.dtype) + weighted_nll - weighted_nll.detach()
