@@ -8,9 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +25,12 @@ from vkd_ds.memory import GIB, peak_rss_bytes, rss_bytes
 from vkd_ds.metrics import MetricsSinks, get_logger
 from vkd_ds.objective import Objective, Teacher
 from vkd_ds.packing import PackedRows
+from vkd_ds.phase_clock import PhaseClock
 from vkd_ds.rollout import Samples
 from vkd_ds.seq_kd import SequenceKD, is_on_policy_step
 from vkd_ds.sequences import Sequences, model_inputs, on_device, to_device
 from vkd_ds.settings import Settings
-from vkd_ds.step_guard import StepGuard, _as_float
+from vkd_ds.step_guard import StepGuard
 from vkd_ds.terms import SampleScores
 from vkd_ds.token_store import TokenRows
 from vkd_ds.valence import effective_sample_size, masked_mean_std, valence_weights
@@ -592,43 +591,6 @@ class Trainer:
             )
 
 
-class PhaseClock:
-    """Seconds of each phase of a step (`trainer.time_phases`), and `time/other`: what is left of the
-    step (batching, the metric reductions, Python between phases). On GPUs every phase boundary
-    synchronizes so that kernels count in the phase that launched them, which costs some speed;
-    off by default."""
-
-    def __init__(self, enabled: bool, synchronize: bool):
-        self.enabled = enabled
-        self.synchronize = synchronize and torch.cuda.is_available()
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def reset(self) -> None:
-        self.seconds.clear()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if not self.enabled:
-            yield
-            return
-        if self.synchronize:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.synchronize:
-                torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - started
-
-    def metrics(self, step_seconds: float) -> dict[str, float]:
-        if not self.enabled:
-            return {}
-        result = {f"time/{phase}": seconds for phase, seconds in sorted(self.seconds.items())}
-        result["time/other"] = step_seconds - sum(self.seconds.values())
-        return result
-
-
 class Preemption:
     """Records the first of `names` (e.g. SIGUSR1, SIGTERM) this process receives; the loop checkpoints
     and stops at the end of the step. SLURM sends SIGUSR1 ahead of the time limit with
@@ -690,7 +652,7 @@ def _faults(variable: str) -> set[tuple[int, int]]:
 
 def host_row(metrics: dict) -> dict[str, float]:
     """A metrics row with its device tensors (DeepSpeed's gradient norm) read into the host."""
-    return {k: _as_float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+    return {k: float(v.item()) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
