@@ -1,17 +1,19 @@
 """vkd-ds's collectives and global-batch bookkeeping on real gloo groups of 1-3 ranks (in-process
 helper: no launcher, no DeepSpeed engine), against what one rank holding the whole batch computes."""
 
+import numpy as np
 import pytest
 import torch
 
 from tests.multirank import run_ranks
 from vkd_ds import dist
-from vkd_ds.data import GlobalBatchSampler, global_batch_order, rank_rows
+from vkd_ds.batch_weights import global_batch_weights
+from vkd_ds.data import GlobalBatchSampler
 from vkd_ds.evaluation import DeviceSums
-from vkd_ds.trainer import StepSums
-from vkd_ds.valence import valence_weights
+from vkd_ds.step_read import StepSums
 
 MICRO, ACCUM, ROWS = 2, 2, 50
+WEIGHTING = {"lam": 6.0, "z_max": 3.0, "normalize": True, "eps": 1e-6}  # valence_weights' defaults, λ = 6
 
 
 def global_saliency() -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,15 +27,17 @@ def global_saliency() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weights_on_this_rank(step: int, micro: int) -> dict:
-    """What Trainer._weights does: gather this rank's rows, weigh the global batch, keep its own."""
+    """The trainer's weights (`global_batch_weights`) of this rank's micro-batches of the step."""
     world, rank = dist.world_size(), dist.rank()
     sampler = GlobalBatchSampler(ROWS, micro, ACCUM, world, seed=5)
     saliency, valid = global_saliency()
     mine = [sampler.indices(step, a, rank) for a in range(ACCUM)]
-    local = torch.stack([torch.stack([saliency[ix], valid[ix].float()], dim=-1) for ix in mine])  # [accum, micro, 2]
-    rows = global_batch_order(dist.all_gather(local))
-    w = valence_weights(rows[:, 0], lam=6.0, valid=rows[:, 1] > 0)
-    return {"indices": mine, "weights": rank_rows(w, ACCUM, world, rank).tolist(), "sum": float(w.sum())}
+    counts = np.full((ACCUM, world), micro, dtype=np.int64)
+    w, total, stats = global_batch_weights(
+        [saliency[ix] for ix in mine], [valid[ix] for ix in mine], counts, **WEIGHTING
+    )
+    stats = {name: float(v) for name, v in stats.items()}
+    return {"indices": mine, "weights": [ws.tolist() for ws in w], "sum": float(total), "stats": stats}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -41,7 +45,8 @@ def test_every_world_size_weighs_each_example_as_one_rank_does(world):
     step = 4
     one = run_ranks(weights_on_this_rank, 1, step, MICRO * world)[0]  # the concatenated batch
     ranks = run_ranks(weights_on_this_rank, world, step, MICRO)
-    # The same examples, and each gets the weight one rank gives it; Σw (L's denominator) agrees.
+    # The same examples, and each gets the weight one rank gives it; Σw (L's denominator) and the
+    # batch's statistics agree.
     by_example = {}
     for r in ranks:
         for ix, ws in zip(r["indices"], r["weights"], strict=True):
@@ -53,8 +58,36 @@ def test_every_world_size_weighs_each_example_as_one_rank_does(world):
     for i, w in by_example.items():
         assert w == pytest.approx(one_rank[i], rel=1e-6), i
     assert all(r["sum"] == pytest.approx(one["sum"], rel=1e-6) for r in ranks)
+    assert all(r["stats"] == pytest.approx(one["stats"], rel=1e-6) for r in ranks)
     invalid = [i for i in by_example if i % 7 == 0]
     assert invalid and all(by_example[i] == 0 for i in invalid)  # left out of the statistics, weight 0
+
+
+def packed_weights_on_this_rank(counts: list[list[int]]) -> dict[int, float]:
+    """The weights of this rank's documents when its micro-batches hold different numbers of them
+    (packed rows): `counts` [accum, world], the global batch's documents 0, 1, ... in the order
+    (micro-step, rank)."""
+    counts = np.array(counts, dtype=np.int64)
+    world, rank = dist.world_size(), dist.rank()
+    saliency, valid = global_saliency()
+    flat = counts.ravel()
+    starts = np.cumsum(flat) - flat
+    mine = [
+        list(range(starts[a * world + rank], starts[a * world + rank] + counts[a, rank])) for a in range(len(counts))
+    ]
+    w, _, _ = global_batch_weights([saliency[ix] for ix in mine], [valid[ix] for ix in mine], counts, **WEIGHTING)
+    return {i: x for ix, ws in zip(mine, w, strict=True) for i, x in zip(ix, ws.tolist(), strict=True)}
+
+
+@pytest.mark.parametrize("counts", [[[2, 3], [1, 2]], [[2, 3, 1], [1, 2, 3]]])
+def test_packed_micro_batches_of_unequal_sizes_weigh_each_document_as_one_rank_does(counts):
+    ranks = run_ranks(packed_weights_on_this_rank, len(counts[0]), counts)
+    one = run_ranks(packed_weights_on_this_rank, 1, [[sum(row)] for row in counts])[0]  # micro-step a: every rank's
+    by_document = {i: w for r in ranks for i, w in r.items()}
+    assert sorted(by_document) == sorted(one) == list(range(sum(map(sum, counts))))
+    for i, w in by_document.items():
+        assert w == pytest.approx(one[i], rel=1e-6), i
+    assert by_document[0] == 0 and by_document[7] == 0  # no valid position
 
 
 def reductions() -> dict:

@@ -1,18 +1,17 @@
 """The commit of an optimizer step: taken, or taken and reverted, the same on every rank.
 
-`StepGuard.commit` is the one place a step is decided. It is skipped (taken and reverted exactly,
-its batch consumed) when the loss or the gradient is not finite on any rank, or DeepSpeed itself
-discarded it; with the mercy gate on (gate.py) it is rejected when the projected valence falls below
-`gate.ratio` × the teacher's baseline: in proxy mode before the step, in lookahead mode after it.
+A step is decided in host values (`decide`, then `settle` once the step is taken) and the `Decision`
+carried out by `StepGuard.apply`. It is skipped (taken and reverted exactly, its batch consumed) when
+the loss or the gradient is not finite on any rank, or DeepSpeed itself discarded it; with the mercy
+gate on (gate.py) it is rejected when the projected valence falls below `gate.ratio` × the teacher's
+baseline: in proxy mode before the step, in lookahead mode after it.
 `gate.max_consecutive_rejections` skipped or rejected steps in a row end the run, gate on or off.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-from collections import defaultdict
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,67 @@ import torch
 from vkd_ds import dist
 from vkd_ds.errors import VkdError
 from vkd_ds.gate import BLOCKED_MESSAGE, DISARM_FACTOR, GateState, MercyGate
+from vkd_ds.step_snapshot import StepSnapshot
+
+
+class Decision(enum.Enum):
+    """What becomes of an optimizer step. `decide` gives one before the step; `settle` the final one
+    once the step is taken, when the lookahead gate's score and whether DeepSpeed applied the update
+    are known."""
+
+    COMMIT = "commit"  # the step stands
+    LOOKAHEAD = "lookahead"  # before the step only: taken, the updated student scored, then COMMIT or REJECT
+    REJECT = "reject"  # the mercy gate rejected it: reverted from the snapshot
+    REVERT_NONFINITE = "revert_nonfinite"  # a non-finite loss or gradient on some rank: reverted
+    # Non-finite without a snapshot (optimizer state on NVMe, swapped out between steps): left to
+    # DeepSpeed, which discards it under ZeRO 1-3; `StepGuard.commit` refuses the run if it did not.
+    LEFT_TO_DEEPSPEED = "left_to_deepspeed"
+    # Finite as far as the step's read saw, but DeepSpeed discarded the update (its global gradient
+    # norm was not finite): nothing to revert, counted as non-finite.
+    ENGINE_SKIPPED = "engine_skipped"
+
+    @property
+    def snapshot(self) -> bool:
+        """Whether a snapshot is taken before the step: it may be reverted."""
+        return self in (Decision.LOOKAHEAD, Decision.REJECT, Decision.REVERT_NONFINITE)
+
+    @property
+    def reverts(self) -> bool:
+        return self in (Decision.REJECT, Decision.REVERT_NONFINITE)
+
+    @property
+    def nonfinite(self) -> bool:
+        """Skipped for a non-finite loss or gradient (the `gate/nonfinite` count)."""
+        return self in (Decision.REVERT_NONFINITE, Decision.LEFT_TO_DEEPSPEED, Decision.ENGINE_SKIPPED)
+
+
+def decide(
+    nonfinite: bool, can_revert: bool, armed: bool = False, mode: str = "proxy", rejects: bool = False
+) -> Decision:
+    """The decision before the step, from values every rank agrees on. `nonfinite`: some rank saw a
+    non-finite loss or gradient norm; `can_revert`: a snapshot can be taken (not with the optimizer
+    state on NVMe); `armed`: the gate is on and armed for this step; `mode`: its mode; `rejects`: the
+    proxy gate's verdict on the projected valence (lookahead's comes after the step, in `settle`).
+    A non-finite step is skipped whatever the gate would say."""
+    if nonfinite:
+        return Decision.REVERT_NONFINITE if can_revert else Decision.LEFT_TO_DEEPSPEED
+    if not armed:
+        return Decision.COMMIT
+    if mode == "lookahead":
+        return Decision.LOOKAHEAD
+    return Decision.REJECT if rejects else Decision.COMMIT
+
+
+def settle(decision: Decision, step_applied: bool, lookahead_rejects: bool = False) -> Decision:
+    """The final decision once the step is taken. `step_applied`: DeepSpeed applied the update (under
+    ZeRO 1-3 and bf16 it discards one whose global gradient norm, reduced over ranks, is not finite;
+    deepspeed >= 0.19.8, which pyproject.toml requires). `lookahead_rejects`: the lookahead gate's
+    verdict on the updated student, scored only when the update was applied."""
+    if decision in (Decision.COMMIT, Decision.LOOKAHEAD) and not step_applied:
+        return Decision.ENGINE_SKIPPED
+    if decision is Decision.LOOKAHEAD:
+        return Decision.REJECT if lookahead_rejects else Decision.COMMIT
+    return decision
 
 
 @dataclass
@@ -31,185 +91,15 @@ class GuardCounts:
     consecutive: int = 0  # rejected or skipped in a row, up to now
     consecutive_rejected: int = 0  # of which the gate rejected (the rest were non-finite)
 
-
-class StepSnapshot:
-    """This rank's share of everything an optimizer step changes, copied aside before the step and
-    written back to revert it: its parameters (under ZeRO-3 its partitions), the fp32 master
-    partition, the optimizer state (Adam's exp_avg, exp_avg_sq, step), the hyperparameters of every
-    parameter group (the LR the scheduler wrote), the LR scheduler's state, the loss scaler and
-    DeepSpeed's step counters. A reverted step leaves all of it as if the step never happened.
-
-    Under ZeRO-3 a rank's live parameters are more than its partitions: DeepSpeed's step frees the
-    parameters and re-gathers the small persistent ones (norms, biases, every tensor under
-    stage3_param_persistence_threshold) into new buffers, and ZeRO++'s secondary partitions copy the
-    primary ones. So the revert is bracketed the way DeepSpeed brackets a checkpoint load: every
-    gathered copy released, the partitions written, the persistent parameters gathered again from
-    them (a collective: every rank reverts the same step).
-
-    The copies go to host buffers allocated at the first snapshot and reused, one per dtype (pinned
-    when the state is on a GPU; PyTorch's pinned allocator may round each up to a power of two): for
-    fp32 Adam about 16 bytes per parameter (parameters 4, master 4 when separate, moments 8), the
-    moments and master divided by the world size under ZeRO 1-3, the parameters too under ZeRO-3,
-    held from the first step that may be reverted on."""
-
-    MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
-    COUNTERS = ("global_steps", "global_samples", "skipped_steps")
-
-    def __init__(self, engine):
-        self.engine = engine
-        self._buffers: dict[tuple, torch.Tensor] = {}
-        self._layout: list | None = None
-        self._saved = None
-
-    def _base(self):
-        optimizer = self.engine.optimizer
-        return optimizer, getattr(optimizer, "optimizer", optimizer)  # ZeRO wrappers hold the torch optimizer
-
-    def _live(self, state_params: list) -> dict[tuple, torch.Tensor]:
-        """The live tensors a step changes, by a key that names each one's role (the optimizer state by
-        its place in `state_params`). Looked up afresh at every snapshot and every revert: a step may
-        move ZeRO-3's parameters to new buffers, and loading a checkpoint replaces the optimizer's
-        parameter groups and state."""
-        optimizer, base = self._base()
-        live: dict[tuple, torch.Tensor] = {}
-        for name, param in self.engine.module.named_parameters():
-            partition = getattr(param, "ds_tensor", None)
-            # ZeRO-3: the partition is the parameter; its gathered copies are rebuilt from it.
-            live[("param", name)] = param.data if partition is None else partition.data
-        for attr in self.MASTER_ATTRS:
-            for i, t in enumerate(getattr(optimizer, attr, None) or []):
-                live[(attr, i)] = t
-        for g, group in enumerate(base.param_groups):  # ZeRO-3 fills these only during its step
-            for i, param in enumerate(group["params"]):
-                live[("group", g, i)] = param.data
-        for n, param in enumerate(state_params):
-            for k, v in base.state[param].items():
-                if isinstance(v, torch.Tensor):
-                    live[("state", n, k)] = v
-        return {key: t for key, t in live.items() if t.numel() > 0}
-
-    def _slots(self, unique: dict[tuple, torch.Tensor]) -> dict[tuple, torch.Tensor]:
-        """Host buffers for these tensors, as views into one flat buffer per dtype, allocated when the
-        layout first appears (or changes: a checkpoint loaded) and reused by every later snapshot.
-        One allocation per dtype, not one per tensor: PyTorch's pinned allocator rounds each request
-        up to a power of two."""
-        layout = [(key, tuple(t.shape), t.dtype) for key, t in unique.items()]
-        if layout != self._layout:
-            pinned = any(t.is_cuda for t in unique.values())
-            totals: dict[torch.dtype, int] = defaultdict(int)
-            for _, shape, dtype in layout:
-                totals[dtype] += math.prod(shape)
-            flats = {dtype: torch.empty(n, dtype=dtype, pin_memory=pinned) for dtype, n in totals.items()}
-            offsets: dict[torch.dtype, int] = defaultdict(int)
-            self._buffers = {}
-            for key, shape, dtype in layout:
-                n = math.prod(shape)
-                self._buffers[key] = flats[dtype][offsets[dtype] : offsets[dtype] + n].view(shape)
-                offsets[dtype] += n
-            self._layout = layout
-        return self._buffers
-
-    @torch.no_grad()
-    def take(self) -> None:
-        optimizer, base = self._base()
-        state_params = list(base.state)  # ZeRO keys Adam's state by its flat master partitions
-        live = self._live(state_params)
-        first_of: dict[tuple, tuple] = {}  # one copy of a tensor that several keys name (aliases)
-        alias: dict[tuple, tuple] = {}
-        for key, t in live.items():
-            identity = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-            alias[key] = first_of.setdefault(identity, key)
-        unique = {key: t for key, t in live.items() if alias[key] == key}
-        buffers = self._slots(unique)
-        for key, t in unique.items():
-            buffers[key].copy_(t, non_blocking=True)
-        stored = {key: buffers[first] for key, first in alias.items()}
-        if any(t.is_cuda for t in live.values()):
-            torch.cuda.synchronize()  # the step must not change a tensor before its copy is done
-        # The optimizer state's non-tensor entries (e.g. a step count kept as a number).
-        plain = [
-            {k: copy.deepcopy(v) for k, v in base.state[p].items() if not isinstance(v, torch.Tensor)}
-            for p in state_params
-        ]
-        scaler = self._loss_scaler()
-        scale_config = getattr(optimizer, "loss_scale_config", None)
-        self._saved = {
-            "stored": stored,
-            "state_params": state_params,
-            "plain_state": plain,
-            "groups": [[{k: _clone(v) for k, v in g.items() if k != "params"} for g in gs] for gs in self._groups()],
-            "scheduler": _clone(self.engine.lr_scheduler.state_dict()) if self.engine.lr_scheduler else None,
-            "counters": {name: getattr(self.engine, name) for name in self.COUNTERS},
-            "loss_scaler": copy.deepcopy(vars(scaler)) if scaler is not None else None,
-            "loss_scale_config": copy.deepcopy(vars(scale_config)) if scale_config is not None else None,
-        }
-
-    def _groups(self) -> list[list[dict]]:
-        optimizer, base = self._base()
-        return [optimizer.param_groups] + ([base.param_groups] if base is not optimizer else [])
-
-    def _loss_scaler(self):
-        """DeepSpeed's loss scaler, where the optimizer has one (static at 1 in fp32 and bf16; vkd-ds
-        never enables fp16, whose dynamic scaler a reverted step must not advance either)."""
-        return getattr(self.engine.optimizer, "loss_scaler", None)
-
-    def discard(self) -> None:
-        self._saved = None
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        saved, self._saved = self._saved, None
-        optimizer, base = self._base()
-        zero3 = hasattr(optimizer, "checkpoint_event_prologue")
-        if zero3:
-            optimizer.checkpoint_event_prologue()  # releases every gathered parameter
-        had_state = {id(p) for p in saved["state_params"]}
-        created = [p for p in base.state if id(p) not in had_state]
-        for param in created:
-            del base.state[param]  # state the reverted step created (Adam's first step)
-        if created and getattr(optimizer, "_hp_optimizer_states_linked", False):
-            # ZeRO-1/2 and the bf16 optimizer linked each parameter's optimizer-state fragments into the
-            # state just deleted: relinked at the next step, and the old tensors freed.
-            optimizer._hp_optimizer_states_linked = False
-        for param, plain in zip(saved["state_params"], saved["plain_state"], strict=True):
-            base.state[param].update(copy.deepcopy(plain))
-        live = self._live(saved["state_params"])
-        for key, value in saved["stored"].items():
-            if key in live:
-                live[key].copy_(value, non_blocking=True)
-        if any(t.is_cuda for t in live.values()):
-            torch.cuda.synchronize()
-        if zero3:
-            optimizer.checkpoint_event_epilogue()  # the persistent parameters, gathered from the partitions
-        for gs, values in zip(self._groups(), saved["groups"], strict=True):
-            for group, hyper in zip(gs, values, strict=True):
-                group.update(hyper)
-        if saved["scheduler"] is not None:
-            self.engine.lr_scheduler.load_state_dict(saved["scheduler"])
-        if saved["loss_scaler"] is not None:
-            vars(self._loss_scaler()).update(copy.deepcopy(saved["loss_scaler"]))
-        if saved["loss_scale_config"] is not None:  # ZeRO-0's unfused bf16/fp16 optimizer counts steps here
-            vars(optimizer.loss_scale_config).update(copy.deepcopy(saved["loss_scale_config"]))
-        # DeepSpeed's counters as before the step: the reverted step is counted by vkd-ds (the gate's
-        # `rejected` and `nonfinite`, in metrics.csv and the checkpoint), not as a step DeepSpeed took.
-        for name, value in saved["counters"].items():
-            setattr(self.engine, name, value)
-
-
-def _clone(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True) if value.device.type != "cpu" else value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone(v) for v in value)
-    return value
-
-
-def _as_float(value) -> float:
-    if value is None:
-        return float("nan")
-    return float(value.item() if hasattr(value, "item") else value)
+    def record(self, decision: Decision) -> None:
+        rejected, nonfinite = decision is Decision.REJECT, decision.nonfinite
+        self.rejected += int(rejected)
+        self.nonfinite += int(nonfinite)
+        self.consecutive = self.consecutive + 1 if (rejected or nonfinite) else 0
+        if rejected:
+            self.consecutive_rejected += 1
+        elif not nonfinite:
+            self.consecutive_rejected = 0
 
 
 class StepGuard:
@@ -266,44 +156,64 @@ class StepGuard:
         `valence_sum`, `teacher_valence`, `valence_count`: the sums over the valid positions of the
         student's and the teacher's valence (proxy gate). Nothing here reads the device (but
         lookahead's rollouts, and a snapshot when a step may be reverted). Returns the `gate/*` metrics."""
-        gate, clock = self.gate, self.clock
-        skip = nonfinite
-        projected, rejected, decides = None, False, False
-        if gate is not None:
-            with clock("gate"):
-                mse = None
-                if self.wants_student_valence:
-                    projected, mse = gate.proxy_values(valence_sum, teacher_valence, valence_count)
-                was_armed = gate.state.armed
-                decides = gate.observe(step, None if skip else mse) and not skip
-                if decides and gate.settings.mode == "proxy":
-                    rejected = gate.rejects(projected)
-            self._log_arming(step, was_armed)
-        lookahead = decides and gate.settings.mode == "lookahead"
-        revert_skip = skip and self.can_revert
-        if revert_skip or rejected or lookahead:
-            with clock("gate"):
+        decision, projected = self.consult(step, nonfinite, valence_sum, teacher_valence, valence_count)
+        if decision.snapshot:
+            with self.clock("gate"):
                 self.snapshot.take()
-        with clock("optimizer"):
+        with self.clock("optimizer"):
             self.engine.step()
-        if skip and not self.can_revert:
-            self._check_discarded(step)
-        engine_skipped = not (skip or rejected) and self._engine_skipped_step()
-        if lookahead and not engine_skipped:
-            with clock("gate"):
-                projected = gate.projected_lookahead()
-                rejected = gate.rejects(projected)
-        if revert_skip or rejected:
-            with clock("gate"):
+        applied = self.engine.was_step_applied()  # a host flag: no read
+        if decision is Decision.LEFT_TO_DEEPSPEED and applied:
+            raise VkdError(
+                f"step {step + 1}: DeepSpeed applied a step with a non-finite loss or gradient, and with "
+                "deepspeed.offload_optimizer=nvme vkd-ds keeps no snapshot to revert it"
+            )
+        lookahead_rejects = False
+        if decision is Decision.LOOKAHEAD and applied:
+            with self.clock("gate"):
+                projected = self.gate.projected_lookahead()
+                lookahead_rejects = self.gate.rejects(projected)
+        return self.apply(step, settle(decision, applied, lookahead_rejects), projected)
+
+    def consult(
+        self, step: int, nonfinite: bool, valence_sum: float, teacher_valence: float, valence_count: float
+    ) -> tuple[Decision, float | None]:
+        """The decision before step `step` (0-based), and the proxy gate's projected valence (None
+        without it). With the gate on, the step is observed first (its arming, logged on a change):
+        a non-finite step's valence error does not count towards it."""
+        gate = self.gate
+        if gate is None:
+            return decide(nonfinite, self.can_revert), None
+        with self.clock("gate"):
+            projected = mse = None
+            if self.wants_student_valence:
+                projected, mse = gate.proxy_values(valence_sum, teacher_valence, valence_count)
+            was_armed = gate.state.armed
+            armed = gate.observe(step, None if nonfinite else mse)
+            rejects = armed and projected is not None and gate.rejects(projected)
+            decision = decide(nonfinite, self.can_revert, armed, gate.settings.mode, rejects)
+        self._log_arming(step, was_armed)
+        return decision, projected
+
+    def apply(self, step: int, decision: Decision, projected: float | None = None) -> dict:
+        """Carries out the settled decision of step `step` (0-based): the snapshot written back
+        (collective) or dropped, then `account`."""
+        if decision.reverts:
+            with self.clock("gate"):
                 self.snapshot.restore()
         else:
             self.snapshot.discard()
-        skip = skip or engine_skipped
-        if skip and dist.is_main():
+        return self.account(step, decision, projected)
+
+    def account(self, step: int, decision: Decision, projected: float | None = None) -> dict:
+        """A carried-out decision's warning, its count (GuardStop after `gate.max_consecutive_rejections`
+        steps in a row rejected or skipped) and the `gate/*` metrics."""
+        gate = self.gate
+        if decision.nonfinite and dist.is_main():
             self.log.warning(
                 "step %d: non-finite loss or gradients on at least one rank; step skipped on every rank", step + 1
             )
-        if rejected and dist.is_main():
+        if decision is Decision.REJECT and dist.is_main():
             self.log.warning(
                 "%s (step %d: projected %.6f < %.2f x teacher baseline %.6f)",
                 BLOCKED_MESSAGE,
@@ -312,9 +222,12 @@ class StepGuard:
                 gate.settings.ratio,
                 gate.state.baseline,
             )
-        self._record(step + 1, rejected, skip)
-        metrics = {"gate/rejected": self.counts.rejected, "gate/nonfinite": self.counts.nonfinite}
-        metrics["gate/step_kept"] = int(not (skip or rejected))
+        c = self.counts
+        c.record(decision)
+        if self.max_consecutive > 0 and c.consecutive >= self.max_consecutive:
+            raise GuardStop(step + 1, c.consecutive, c.consecutive_rejected, self)
+        metrics = {"gate/rejected": c.rejected, "gate/nonfinite": c.nonfinite}
+        metrics["gate/step_kept"] = int(decision is Decision.COMMIT)
         if gate is not None:
             state = gate.state
             metrics["gate/armed"] = int(state.armed)
@@ -355,34 +268,6 @@ class StepGuard:
                 state.valence_mse if state.valence_mse is not None else float("nan"),
                 s.arm_mse,
             )
-
-    def _check_discarded(self, step: int) -> None:
-        """Without a snapshot (optimizer state on NVMe), a non-finite step is left to DeepSpeed,
-        which discards it under ZeRO 1-3 (deepspeed >= 0.19.8, checked in `_engine_skipped_step`)."""
-        if self.engine.was_step_applied():
-            raise VkdError(
-                f"step {step + 1}: DeepSpeed applied a step with a non-finite loss or gradient, and with "
-                "deepspeed.offload_optimizer=nvme vkd-ds keeps no snapshot to revert it"
-            )
-
-    def _engine_skipped_step(self) -> bool:
-        """Whether DeepSpeed discarded the step it was just asked for. Under ZeRO 1-3 and bf16 it checks
-        the global gradient norm (reduced over ranks, so every rank decides alike) and skips the update
-        when it is not finite (deepspeed >= 0.19.8, which pyproject.toml requires). A host flag: no read."""
-        return not self.engine.was_step_applied()
-
-    def _record(self, step: int, rejected: bool, nonfinite: bool) -> None:
-        c = self.counts
-        c.rejected += int(rejected)
-        c.nonfinite += int(nonfinite)
-        c.consecutive = c.consecutive + 1 if (rejected or nonfinite) else 0
-        if rejected:
-            c.consecutive_rejected += 1
-        elif not nonfinite:
-            c.consecutive_rejected = 0
-        limit = self.max_consecutive
-        if limit > 0 and c.consecutive >= limit:
-            raise GuardStop(step, c.consecutive, c.consecutive_rejected, self)
 
     # The checkpoint's "gate" entry: the counts and, with the gate on, its baseline.
     def state_dict(self) -> dict:

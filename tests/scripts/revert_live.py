@@ -13,8 +13,9 @@ from vkd_ds import dist
 from vkd_ds.data import collate
 from vkd_ds.gate import MercyGate
 from vkd_ds.launch import leave, strip_local_rank
-from vkd_ds.step_guard import StepGuard, StepSnapshot
-from vkd_ds.trainer import PhaseClock
+from vkd_ds.phase_clock import PhaseClock
+from vkd_ds.step_guard import StepGuard
+from vkd_ds.step_snapshot import StepSnapshot
 
 sys.argv[1:] = strip_local_rank(sys.argv[1:])  # the launcher's --local_rank comes first
 REJECT = int(sys.argv.pop(1))
