@@ -10,9 +10,10 @@ pytestmark = pytest.mark.distributed
 
 
 def test_quick_demo_with_sequence_kd_end_to_end(tmp_path):
-    """The demo with every term on: sequence KD is off in its config (docs/demo.md) and turned on here, at
-    λ = 0.01: its gradient sums the log-probability over a sample's 32 tokens (docs/objective.md, Sequence KD), so 0.01 is
-    about the push 0.3 gave when it averaged them (at 0.3 the distilled student lost: docs/demo.md).
+    """The demo with every term on: sequence KD is off in its config (docs/demo.md) and turned on here,
+    at λ = 0.01: its gradient sums the log-probability over a sample's 32 tokens (docs/objective.md,
+    Sequence KD), so 0.01 is about the push 0.3 gave when it averaged them (at 0.3 the distilled
+    student lost: docs/demo.md).
 
     Which student wins is not asserted at this size: with packed rows (issue #29) both students see
     ~1.5x the documents per step and the quick demo's weak teacher (perplexity ~235) holds the
