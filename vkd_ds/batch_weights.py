@@ -1,4 +1,4 @@
-"""The valence weights w_i of a global batch's documents (SPEC §3), computed alike on every world size."""
+"""The valence weights w_i of a global batch's documents (docs/objective.md, Weights), computed alike on every world size."""
 
 from __future__ import annotations
 
