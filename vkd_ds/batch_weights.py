@@ -1,4 +1,5 @@
-"""The valence weights w_i of a global batch's documents (docs/objective.md, Weights), computed alike on every world size."""
+"""The valence weights w_i of a global batch's documents (docs/objective.md, Weights), computed alike on
+every world size."""
 
 from __future__ import annotations
 
