@@ -169,8 +169,11 @@ def test_a_signalled_job_checkpoints_requeues_and_resumes_exactly(slurm, straigh
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)
     log = run_dir / "train.log"
     wait_for(lambda: log.is_file() and "requeueing SLURM job" in log.read_text(), 120, "the requeue")
-    # A requeued job waits about 2 minutes before it may start again; let it start now.
+    # A requeued job waits about 2 minutes before it may start again; let it start now. Not within the
+    # second of the requeue: slurmd revoked the first run's credential then, and (timestamps in whole
+    # seconds) refuses a new one from that second too ("Job credential revoked": the job FAILS).
     wait_for(lambda: job_state(slurm, job).get("JobState") == "PENDING", 120, "the job back in the queue")
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
     wait_for(lambda: finished(slurm, job), 300, f"job {job} to complete after its requeue")
     text = log.read_text()
