@@ -127,3 +127,13 @@ def test_train_is_a_short_sequence_of_builders():
     source = (PACKAGE / "train.py").read_text()
     train = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "train")
     assert train.end_lineno - train.lineno + 1 < MAX_TRAIN_LINES
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name one module leaves private (`_x`) is not another's to use: what a sibling needs is public."""
+    borrowed = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vkd_ds"):
+                borrowed += [f"{path.relative_to(PACKAGE)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not borrowed, borrowed

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from vkd_ds.losses.chunks import chunk_rows
 from vkd_ds.losses.divergences import DIVERGENCES, Divergence
-from vkd_ds.losses.sparse import SparseTeacher, _sparse_chunk
+from vkd_ds.losses.sparse import SparseTeacher, sparse_chunk
 
 RowsLoss = Callable[[torch.Tensor, slice, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
+def cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
     log_p = F.log_softmax(student, dim=-1)
     loss = -log_p.gather(-1, targets[:, None]).squeeze(-1)
     grad = log_p.exp_()
@@ -24,16 +24,16 @@ def _cross_entropy_chunk(student: torch.Tensor, targets: torch.Tensor):
     return loss, grad
 
 
-def _ce_rows(targets: torch.Tensor) -> RowsLoss:
+def ce_rows(targets: torch.Tensor) -> RowsLoss:
     """CE of a chunk against the target ids, `targets` indexed by flat position."""
-    return lambda student, rows, sel: _cross_entropy_chunk(student, targets[sel])
+    return lambda student, rows, sel: cross_entropy_chunk(student, targets[sel])
 
 
-def _teacher_rows(teacher, divergence: Divergence, vocab_size: int, by_position: bool) -> RowsLoss:
+def divergence_rows(teacher, divergence: Divergence, vocab_size: int, by_position: bool) -> RowsLoss:
     """The divergence of a chunk to the teacher: `teacher` a SparseTeacher (rows in selected order), or
     logits indexed by flat position (`by_position`) or already selected ([N, Vt], rows in order)."""
     if isinstance(teacher, SparseTeacher):
-        return lambda student, rows, sel: _sparse_chunk(student, teacher, rows, divergence)
+        return lambda student, rows, sel: sparse_chunk(student, teacher, rows, divergence)
 
     def rows_loss(student, rows, sel):
         # A divergence overwrites its inputs: the teacher's rows are a copy (they serve backward too).
@@ -43,7 +43,7 @@ def _teacher_rows(teacher, divergence: Divergence, vocab_size: int, by_position:
     return rows_loss
 
 
-class _ChunkedTokenLoss(torch.autograd.Function):
+class ChunkedTokenLoss(torch.autograd.Function):
     """Per-token loss over selected positions, computed chunk by chunk.
 
     Forward stores only d(loss)/d(logits), in the logits' dtype and already laid out as the logits'
@@ -56,7 +56,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def forward(ctx, logits, flat_index, rows_loss, vocab_size, chunk_tokens, into=None):
         """`rows_loss(student, rows, sel)`: (per-token loss, d loss/d student) of one chunk: `student` the
         fp32 logits of the flat positions `sel` (an overwritable copy), `rows` the chunk's slice of
-        the selected positions (`_ce_rows`, `_teacher_rows`). `into`: a [positions, width] tensor of
+        the selected positions (`ce_rows`, `divergence_rows`). `into`: a [positions, width] tensor of
         the logits' dtype the gradient may be stored in (the teacher's logits, which `rows_loss` has
         read at a chunk's positions before its gradient is written there); None: a new one."""
         flat_logits = logits.flatten(0, 1)

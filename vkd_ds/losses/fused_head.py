@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from vkd_ds.losses.chunked import _cross_entropy_chunk, _teacher_rows
+from vkd_ds.losses.chunked import cross_entropy_chunk, divergence_rows
 from vkd_ds.losses.chunks import chunk_rows
 from vkd_ds.losses.divergences import FORWARD_KL_T1, Divergence
 from vkd_ds.losses.sparse import SparseTeacher
-from vkd_ds.losses.token_terms import _reduce_per_sequence
+from vkd_ds.losses.token_terms import reduce_per_sequence
 from vkd_ds.sequences import Sequences, selected
 
 
@@ -24,14 +24,14 @@ class _FusedHeadLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, soft_rows, vocab_size, chunk_tokens):
-        """`soft_rows`: the divergence of a chunk's rows to the teacher (`_teacher_rows`), or None."""
+        """`soft_rows`: the divergence of a chunk's rows to the teacher (`divergence_rows`), or None."""
         num_tokens = hidden.shape[0]
         ce = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         soft = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
         for start, logits in _head_chunks(hidden, weight, bias, vocab_size, chunk_tokens):
             rows = slice(start, start + logits.shape[0])
             if targets is not None:
-                ce[rows] = _cross_entropy_chunk(logits, targets[rows])[0]
+                ce[rows] = cross_entropy_chunk(logits, targets[rows])[0]
             if soft_rows is not None:
                 # A divergence overwrites its inputs: after CE, the chunk's logits are spent.
                 soft[rows] = soft_rows(logits, rows, None)[0]
@@ -52,7 +52,7 @@ class _FusedHeadLosses(torch.autograd.Function):
             rows = slice(start, start + logits.shape[0])
             grad_logits = torch.zeros_like(logits)
             if targets is not None:
-                grad_logits += _cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
+                grad_logits += cross_entropy_chunk(logits, targets[rows])[1] * grad_ce[rows, None]
             if ctx.soft_rows is not None:
                 grad_logits += ctx.soft_rows(logits, rows, None)[1] * grad_soft[rows, None]
             # The gradient's GEMMs in the weight's dtype (bf16: the logits' gradient rounded to bf16, as
@@ -133,10 +133,10 @@ def fused_head_losses(
     sel_targets = targets.flatten()[index] if targets is not None else None
     soft_rows = None
     if isinstance(teacher_logits, SparseTeacher):
-        soft_rows = _teacher_rows(teacher_logits, divergence, vocab, by_position=False)
+        soft_rows = divergence_rows(teacher_logits, divergence, vocab, by_position=False)
     elif teacher_logits is not None:
         selected_teacher = teacher_logits.detach().flatten(0, 1)[index]
-        soft_rows = _teacher_rows(selected_teacher, divergence, vocab, by_position=False)
+        soft_rows = divergence_rows(selected_teacher, divergence, vocab, by_position=False)
     ce, soft = _FusedHeadLosses.apply(
         hidden.flatten(0, 1)[index],
         weight,
@@ -146,6 +146,6 @@ def fused_head_losses(
         vocab,
         chunk_tokens,
     )
-    ce = _reduce_per_sequence(ce, index, seqs, token_weights) if targets is not None else None
+    ce = reduce_per_sequence(ce, index, seqs, token_weights) if targets is not None else None
     soft = seqs.mean_selected(soft, index) if teacher_logits is not None else None
     return ce, soft

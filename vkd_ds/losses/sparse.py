@@ -32,7 +32,7 @@ class SparseTeacher:
         return self.ids.shape[0]
 
 
-def _sparse_chunk(student: torch.Tensor, teacher: SparseTeacher, rows: slice, d: Divergence):
+def sparse_chunk(student: torch.Tensor, teacher: SparseTeacher, rows: slice, d: Divergence):
     """T²·D between the bucketed distributions — the teacher's top-k tokens one bucket each, every
     other token in one tail bucket — and its gradient to the student's logits (fp32 [chunk, V], an
     overwritable copy). D is any of DIVERGENCES, applied to the k+1 buckets at T = 1 (their log-
@@ -59,7 +59,7 @@ class _SparseParts:
 
 
 def _sparse_parts(z: torch.Tensor, teacher: SparseTeacher, rows: slice, d: Divergence, shifted: bool) -> _SparseParts:
-    """The sparse divergence of a chunk, in parts that `_sparse_chunk` and `_CachedTokenLosses` assemble
+    """The sparse divergence of a chunk, in parts that `sparse_chunk` and `_CachedTokenLosses` assemble
     into a gradient. `z`: fp32 [chunk, V] logits, overwritten in place (every [chunk, V] step is in
     place: memory-bound passes, no second buffer); `shifted`: z already has its row maximum at 0."""
     t = d.temperature

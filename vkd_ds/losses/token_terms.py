@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from vkd_ds.losses.chunked import _ce_rows, _ChunkedTokenLoss, _teacher_rows
+from vkd_ds.losses.chunked import ChunkedTokenLoss, ce_rows, divergence_rows
 from vkd_ds.losses.divergences import Divergence
 from vkd_ds.losses.sparse import SparseTeacher
 from vkd_ds.sequences import HOST_SHIFTED, Sequences, next_token, selected
@@ -56,15 +56,15 @@ def divergence_per_sequence(
         vocab = vocab_size or student_logits.shape[-1]
         if len(teacher) != flat_index.numel():
             raise ValueError(f"the sparse teacher has {len(teacher)} rows for {flat_index.numel()} valid positions")
-        rows_loss = _teacher_rows(teacher, divergence, vocab, by_position=False)
+        rows_loss = divergence_rows(teacher, divergence, vocab, by_position=False)
     else:
         vocab = vocab_size or min(student_logits.shape[-1], teacher.shape[-1])
         flat_teacher = teacher.detach().flatten(0, 1)
-        rows_loss = _teacher_rows(flat_teacher, divergence, vocab, by_position=True)
+        rows_loss = divergence_rows(flat_teacher, divergence, vocab, by_position=True)
         into = flat_teacher if overwrite_teacher and teacher.is_contiguous() else None
-        per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens, into)
+        per_token = ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens, into)
         return seqs.mean_selected(per_token, flat_index)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens)
+    per_token = ChunkedTokenLoss.apply(student_logits, flat_index, rows_loss, vocab, chunk_tokens)
     return seqs.mean_selected(per_token, flat_index)
 
 
@@ -84,11 +84,11 @@ def token_ce(
     """
     vocab = vocab_size or student_logits.shape[-1]
     flat_index = selected(mask)
-    per_token = _ChunkedTokenLoss.apply(student_logits, flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
-    return _reduce_per_sequence(per_token, flat_index, Sequences.of(mask, sequences), token_weights)
+    per_token = ChunkedTokenLoss.apply(student_logits, flat_index, ce_rows(targets.flatten()), vocab, chunk_tokens)
+    return reduce_per_sequence(per_token, flat_index, Sequences.of(mask, sequences), token_weights)
 
 
-def _reduce_per_sequence(per_token, flat_index, seqs: Sequences, token_weights=None):
+def reduce_per_sequence(per_token, flat_index, seqs: Sequences, token_weights=None):
     if token_weights is None:
         return seqs.mean_selected(per_token, flat_index)
     weighted = per_token * token_weights.detach().flatten()[flat_index].to(per_token.dtype)
@@ -102,7 +102,7 @@ def token_logprobs(
     """log p(targets[b,t]) at every valid position, 0 elsewhere: [B,S] fp32 (no gradient)."""
     vocab = vocab_size or logits.shape[-1]
     flat_index = selected(mask)
-    nll = _ChunkedTokenLoss.apply(logits.detach(), flat_index, _ce_rows(targets.flatten()), vocab, chunk_tokens)
+    nll = ChunkedTokenLoss.apply(logits.detach(), flat_index, ce_rows(targets.flatten()), vocab, chunk_tokens)
     out = torch.zeros(mask.numel(), dtype=torch.float32, device=logits.device)
     out[flat_index] = -nll
     return out.view(mask.shape)

@@ -8,7 +8,7 @@ from pathlib import Path
 from vkd_ds.errors import VkdError
 from vkd_ds.teacher_cache.fingerprints import file_sha256, teacher_fingerprint
 from vkd_ds.teacher_cache.manifest import read_manifest
-from vkd_ds.teacher_cache.shards import _check_shard
+from vkd_ds.teacher_cache.shards import check_shard
 from vkd_ds.token_store import tokenizer_fingerprint
 
 
@@ -68,5 +68,5 @@ def check_for_training(settings, tokenizer, files: dict[str, tuple[str, list]], 
             raise VkdError(f"{where} was made with another teacher valence head than valence.teacher_head ({head})")
     for split in files:
         for shard in m["splits"][split]["shards"]:
-            _check_shard(directory / split / shard["name"], shard, m)
+            check_shard(directory / split / shard["name"], shard, m)
     return m

@@ -13,7 +13,7 @@ import torch
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import SparseTeacher, shift_for_next_token
 from vkd_ds.sequences import Sequences, selected
-from vkd_ds.teacher_cache.shards import _npy_header, _shard_shapes
+from vkd_ds.teacher_cache.shards import npy_header, shard_shapes
 from vkd_ds.token_store import VALID_KEY_BASE
 
 MAX_OPEN_SHARDS = 32  # mapped at once by a training process (about 6 file descriptors each)
@@ -26,7 +26,7 @@ class _Mapped:
     of earlier batches, and an empty range costs the release next to nothing."""
 
     def __init__(self, path: Path):
-        shape, self.dtype, self.offset = _npy_header(path)
+        shape, self.dtype, self.offset = npy_header(path)
         self.shape = shape
         with open(path, "rb") as handle:
             self.map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -86,7 +86,7 @@ class CachedTeacher:
             for mapped in self.open_shards.popitem(last=False)[1].values():
                 mapped.close()
         folder, shard = self.folders[number]
-        names = [name for name in _shard_shapes(shard, self.manifest) if name != "offsets"]
+        names = [name for name in shard_shapes(shard, self.manifest) if name != "offsets"]
         self.open_shards[number] = {name: _Mapped(folder / f"{name}.npy") for name in names}
         return self.open_shards[number]
 

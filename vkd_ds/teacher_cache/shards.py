@@ -12,7 +12,7 @@ import numpy as np
 from vkd_ds.errors import VkdError
 
 
-def _shard_shapes(shard: dict, m: dict) -> dict[str, tuple[int, ...]]:
+def shard_shapes(shard: dict, m: dict) -> dict[str, tuple[int, ...]]:
     n, k = shard["positions"], m["top_k"]
     records = shard["records"][1] - shard["records"][0]
     shapes = {"ids": (n, k), "logp": (n, k), "tail": (n,), "entropy": (n,), "target_logp": (n,)}
@@ -22,20 +22,20 @@ def _shard_shapes(shard: dict, m: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _dtypes(m: dict) -> dict[str, np.dtype]:
+def shard_dtypes(m: dict) -> dict[str, np.dtype]:
     return {**{k: np.dtype(v) for k, v in m["dtypes"].items()}, "offsets": np.dtype(np.int64)}
 
 
-def _check_shard(path: Path, shard: dict, m: dict) -> None:
+def check_shard(path: Path, shard: dict, m: dict) -> None:
     if not path.is_dir():
         raise VkdError(f"teacher.cache: shard {path} is missing: rerun vkd-ds cache-teacher with the cache's settings")
-    dtypes = _dtypes(m)
-    for name, shape in _shard_shapes(shard, m).items():
+    dtypes = shard_dtypes(m)
+    for name, shape in shard_shapes(shard, m).items():
         file = path / f"{name}.npy"
         if not file.is_file():
             raise VkdError(f"teacher.cache: {file} is missing (a damaged shard: delete {path} and rerun cache-teacher)")
         try:
-            got_shape, dtype, offset = _npy_header(file)
+            got_shape, dtype, offset = npy_header(file)
         except (ValueError, OSError) as err:
             raise VkdError(f"teacher.cache: {file} is damaged ({str(err).splitlines()[0]})") from None
         if got_shape != shape or dtype != dtypes[name]:
@@ -50,7 +50,7 @@ def _check_shard(path: Path, shard: dict, m: dict) -> None:
             )
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         if version == (1, 0):
@@ -62,13 +62,13 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return tuple(shape), np.dtype(dtype), handle.tell()
 
 
-def _write_shard(path: Path, parts: list[dict], manifest: dict) -> None:
+def write_shard(path: Path, parts: list[dict], manifest: dict) -> None:
     """A shard's arrays into PATH.partial, published with one rename."""
     staging = path.with_name(path.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)  # left by a killed run
     staging.mkdir(parents=True)
-    dtypes = _dtypes(manifest)
+    dtypes = shard_dtypes(manifest)
     counts = np.concatenate([p["counts"] for p in parts])
     arrays = {"offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)}
     for name in dtypes:

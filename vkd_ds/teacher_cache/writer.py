@@ -12,7 +12,7 @@ import torch
 from vkd_ds.losses import shift_for_next_token
 from vkd_ds.teacher_cache.manifest import MANIFEST, read_manifest, write_json_atomic
 from vkd_ds.teacher_cache.prepare import prepare_cache
-from vkd_ds.teacher_cache.shards import _check_shard, _dtypes, _write_shard
+from vkd_ds.teacher_cache.shards import check_shard, shard_dtypes, write_shard
 from vkd_ds.teacher_cache.values import teacher_rows
 
 
@@ -77,7 +77,7 @@ def write_cache(cfg) -> dict:
     written = torch.zeros(2, world, dtype=torch.int64)  # records and shards this rank wrote, in its column
     started = time.perf_counter()
     written_positions = 0
-    dtypes = _dtypes(manifest)
+    dtypes = shard_dtypes(manifest)
     vocab = manifest["vocab_size"]
     pending: dict[str, list] = {}
     dummy = collate([files["train"][1][0]], tokenizer.pad_token_id)
@@ -103,7 +103,7 @@ def write_cache(cfg) -> dict:
         pending.setdefault(shard["name"] + split, []).append(rows)
         written_positions += int(mask.sum())
         if first + micro >= shard["records"][1]:
-            _write_shard(directory / split / shard["name"], pending.pop(shard["name"] + split), manifest)
+            write_shard(directory / split / shard["name"], pending.pop(shard["name"] + split), manifest)
             log.info("cache-teacher: rank %d wrote %s/%s", rank, split, shard["name"])
             written[:, rank] += torch.tensor([shard["records"][1] - shard["records"][0], 1])
     dist.barrier()
@@ -117,7 +117,7 @@ def write_cache(cfg) -> dict:
     if dist.is_main():
         for split, entry in manifest["splits"].items():
             for shard in entry["shards"]:
-                _check_shard(directory / split / shard["name"], shard, manifest)
+                check_shard(directory / split / shard["name"], shard, manifest)
         disk = sum(f.stat().st_size for f in directory.rglob("*.npy"))
         all_positions = sum(e["positions"] for e in manifest["splits"].values())
         final = read_manifest(directory, "cache.dir")  # a rerun keeps the first write's throughput

@@ -14,14 +14,14 @@ import torch
 from vkd_ds.errors import VkdError, library_reason
 from vkd_ds.teacher_load.files import checkpoint_files
 from vkd_ds.teacher_load.plan import (
-    _checkpoint_names,
-    _convert,
-    _converter_targets,
-    _model_shape,
-    _Plan,
-    _plan,
-    _Target,
-    _transformers_keeps,
+    LoadPlan,
+    Target,
+    checkpoint_names,
+    convert_tensors,
+    converter_targets,
+    model_shape,
+    plan_load,
+    transformers_keeps,
 )
 
 
@@ -43,18 +43,18 @@ def check_checkpoint(config, directory: str | Path) -> TeacherShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()
-    params, _, _ = _checkpoint_names(model)
+    params, _, _ = checkpoint_names(model)
     files = checkpoint_files(directory)
     if files:
-        _verify(model, _plan(model, files), directory)
+        _verify(model, plan_load(model, files), directory)
     return TeacherShape(sum(p.numel() for p in params.values()), max(p.numel() for p in params.values()))
 
 
-def _verify(model: torch.nn.Module, plan: _Plan, directory) -> set[str]:
+def _verify(model: torch.nn.Module, plan: LoadPlan, directory) -> set[str]:
     """Refuse what transformers would not load into `model` (a meta model) or would report: a tensor
     it has no place for, one of another shape, a missing parameter. The missing parameters
     transformers' rules ignore are returned (they are initialized as transformers does)."""
-    params, aliases, _ = _checkpoint_names(model)
+    params, aliases, _ = checkpoint_names(model)
     if plan.unexpected:
         name, (key, file) = next(iter(plan.unexpected.items()))
         also = f" ({len(plan.unexpected) - 1} more such tensor(s))" if len(plan.unexpected) > 1 else ""
@@ -72,7 +72,7 @@ def _verify(model: torch.nn.Module, plan: _Plan, directory) -> set[str]:
     for target in plan.targets.values():
         if target.converter is None:
             _, key, file = target.sources[0]
-            shape, expected = plan.shapes[key][0], _model_shape(model.get_parameter_or_buffer(target.name))
+            shape, expected = plan.shapes[key][0], model_shape(model.get_parameter_or_buffer(target.name))
             if shape != expected:
                 loaded_as = f" (transformers loads it as {target.name!r})" if target.name != key else ""
                 raise VkdError(
@@ -81,38 +81,38 @@ def _verify(model: torch.nn.Module, plan: _Plan, directory) -> set[str]:
             covered.add(target.name)
             continue
         try:
-            outputs = _convert(model, target, _meta(plan))
+            outputs = convert_tensors(model, target, _meta(plan))
         except Exception as err:
             if "meta" in str(err):  # an op that needs real data: its shapes are checked as it loads
-                covered.update(_converter_targets(target))
+                covered.update(converter_targets(target))
                 continue
-            raise _conversion_problem(model, plan, target, directory, f"an error: {library_reason(err)}") from None
+            raise conversion_problem(model, plan, target, directory, f"an error: {library_reason(err)}") from None
         for name, tensor in outputs.items():
             try:
-                expected = _model_shape(model.get_parameter_or_buffer(name))
+                expected = model_shape(model.get_parameter_or_buffer(name))
             except AttributeError:
-                raise _conversion_problem(model, plan, target, directory, f"{name!r}, which the model lacks") from None
+                raise conversion_problem(model, plan, target, directory, f"{name!r}, which the model lacks") from None
             if list(tensor.shape) != expected:
                 what = f"shape {list(tensor.shape)} for {name!r}, the model's is {expected}"
-                raise _conversion_problem(model, plan, target, directory, what)
+                raise conversion_problem(model, plan, target, directory, what)
             covered.add(name)
     found = {aliases.get(name, name) for name in covered}
     missing = {name for name in params if name not in found}
-    refused = _transformers_keeps(model, missing=missing) if missing else set()
+    refused = transformers_keeps(model, missing=missing) if missing else set()
     if refused:
         raise VkdError(f"teacher.path: the checkpoint in {directory} lacks {_names(sorted(refused))}")
     return missing
 
 
-def _missing_sources(model: torch.nn.Module, plan: _Plan, target: _Target) -> list[str]:
+def _missing_sources(model: torch.nn.Module, plan: LoadPlan, target: Target) -> list[str]:
     """The checkpoint keys transformers would save for `target`'s parameters (its conversions reversed)
     that the files lack; [] where the files name them otherwise (a legacy naming) or it cannot tell."""
     from transformers.core_model_loading import dot_natural_key, revert_weight_conversion
 
     state = {}
-    for name in _converter_targets(target):
+    for name in converter_targets(target):
         try:
-            state[name] = torch.empty(_model_shape(model.get_parameter(name)), device="meta")
+            state[name] = torch.empty(model_shape(model.get_parameter(name)), device="meta")
         except AttributeError:
             continue
     try:
@@ -123,7 +123,7 @@ def _missing_sources(model: torch.nn.Module, plan: _Plan, target: _Target) -> li
     return sorted(missing, key=dot_natural_key) if len(missing) < len(expected) else []
 
 
-def _conversion_problem(model, plan: _Plan, target: _Target, directory, what: str) -> VkdError:
+def conversion_problem(model, plan: LoadPlan, target: Target, directory, what: str) -> VkdError:
     missing = _missing_sources(model, plan, target)
     found = len(target.sources)
     if missing:
@@ -153,7 +153,7 @@ def _conversion_problem(model, plan: _Plan, target: _Target, directory, what: st
     )
 
 
-def _meta(plan: _Plan):
+def _meta(plan: LoadPlan):
     def fetch(key: str, file: Path) -> torch.Tensor:
         shape, dtype = plan.shapes[key]
         return torch.empty(shape, dtype=dtype or torch.float32, device="meta")

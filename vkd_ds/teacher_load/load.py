@@ -17,16 +17,16 @@ from typing import Any
 import torch
 
 from vkd_ds.errors import VkdError, library_reason
-from vkd_ds.teacher_load.check import _conversion_problem
+from vkd_ds.teacher_load.check import conversion_problem
 from vkd_ds.teacher_load.files import NO_WEIGHTS, checkpoint_files
 from vkd_ds.teacher_load.plan import (
-    _checkpoint_names,
-    _convert,
-    _converter_targets,
-    _model_shape,
-    _Plan,
-    _plan,
-    _Target,
+    LoadPlan,
+    Target,
+    checkpoint_names,
+    convert_tensors,
+    converter_targets,
+    model_shape,
+    plan_load,
 )
 from vkd_ds.teacher_load.readers import open_checkpoint
 
@@ -63,9 +63,9 @@ def load_partitioned(model: torch.nn.Module, directory: str | Path, rank: int) -
     partitioned), reading only this rank's partitions (and, for a parameter transformers converts,
     its sources, one parameter at a time). `check_checkpoint` has matched the files' names and shapes
     to the model beforehand (build_teacher_engine)."""
-    params, aliases, _ = _checkpoint_names(model)
+    params, aliases, _ = checkpoint_names(model)
     files = checkpoint_files(directory)
-    plan = _plan(model, files)
+    plan = plan_load(model, files)
     loaded: set[str] = set()
 
     def place(name: str, read) -> None:
@@ -82,8 +82,8 @@ def load_partitioned(model: torch.nn.Module, directory: str | Path, rank: int) -
 
     # A plain tensor is read from its file; a converted one once the last file it reads from is open.
     order = {file: i for i, file in enumerate(files)}
-    plain: dict[Path, list[_Target]] = defaultdict(list)
-    merged: dict[Path, list[_Target]] = defaultdict(list)
+    plain: dict[Path, list[Target]] = defaultdict(list)
+    merged: dict[Path, list[Target]] = defaultdict(list)
     for target in plan.targets.values():
         if target.converter is None:
             plain[target.sources[0][2]].append(target)
@@ -101,11 +101,11 @@ def load_partitioned(model: torch.nn.Module, directory: str | Path, rank: int) -
         _initialize(model, params, missing)
 
 
-def _convert_whole(model, plan: _Plan, target: _Target, file: Path, reader, directory) -> dict[str, torch.Tensor]:
+def _convert_whole(model, plan: LoadPlan, target: Target, file: Path, reader, directory) -> dict[str, torch.Tensor]:
     """`target`'s parameter(s), built whole from its sources with transformers' converter ops; each
     source cast to the parameter's dtype first, as transformers casts it. Sources in other files
     (experts split across shards) are read from them, each opened for this one conversion."""
-    first = _converter_targets(target)[0]
+    first = converter_targets(target)[0]
     dtype = model.get_parameter_or_buffer(first).dtype
     others: dict[Path, Any] = {}
 
@@ -118,19 +118,19 @@ def _convert_whole(model, plan: _Plan, target: _Target, file: Path, reader, dire
         return tensor.to(dtype) if tensor.is_floating_point() and dtype.is_floating_point else tensor
 
     try:
-        outputs = _convert(model, target, fetch)
+        outputs = convert_tensors(model, target, fetch)
     except VkdError:
         raise
     except Exception as err:
-        raise _conversion_problem(model, plan, target, directory, f"an error: {library_reason(err)}") from None
+        raise conversion_problem(model, plan, target, directory, f"an error: {library_reason(err)}") from None
     finally:
         for other in others.values():
             other.close()
     for name, tensor in outputs.items():
-        expected = _model_shape(model.get_parameter_or_buffer(name))
+        expected = model_shape(model.get_parameter_or_buffer(name))
         if list(tensor.shape) != expected:
             what = f"shape {list(tensor.shape)} for {name!r}, the model's is {expected}"
-            raise _conversion_problem(model, plan, target, directory, what)
+            raise conversion_problem(model, plan, target, directory, what)
     return outputs
 
 

@@ -23,7 +23,7 @@ import torch
 from vkd_ds.teacher_load.readers import open_checkpoint
 
 
-def _checkpoint_names(model: torch.nn.Module) -> tuple[dict, dict, dict]:
+def checkpoint_names(model: torch.nn.Module) -> tuple[dict, dict, dict]:
     """(parameters by name, each name a checkpoint may use -> the parameter's first name, buffers):
     a tied weight is one parameter with two names, stored under either or both."""
     params = dict(model.named_parameters())
@@ -43,12 +43,12 @@ def _state_names(model: torch.nn.Module) -> dict[str, bool]:
     return names
 
 
-def _model_shape(tensor: torch.Tensor) -> list[int]:
+def model_shape(tensor: torch.Tensor) -> list[int]:
     return list(getattr(tensor, "ds_shape", tensor.shape))  # a ZeRO-3 parameter's own shape is its partition's
 
 
 @dataclass
-class _Target:
+class Target:
     """What transformers collects under one model key: its source tensors, and the converter that
     builds the model's tensor(s) from them (None: a plain copy of the one source, maybe renamed)."""
 
@@ -58,14 +58,14 @@ class _Target:
 
 
 @dataclass
-class _Plan:
-    targets: dict[str, _Target]
+class LoadPlan:
+    targets: dict[str, Target]
     unexpected: dict[str, tuple[str, Path]]  # model-side name -> (checkpoint key, file), transformers' ignores left out
     shapes: dict[str, tuple[list[int], torch.dtype | None]]  # checkpoint key -> its stored shape and dtype
     unreadable: dict[str, str] = field(default_factory=dict)  # checkpoint key -> a stored dtype vkd-ds cannot read
 
 
-def _plan(model: torch.nn.Module, files: list[Path]) -> _Plan:
+def plan_load(model: torch.nn.Module, files: list[Path]) -> LoadPlan:
     """Every checkpoint key's place in `model`, decided as transformers' `convert_and_load_state_dict_in_model`
     decides it (same renamings and converters, same key order), from the files' headers."""
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -87,14 +87,14 @@ def _plan(model: torch.nn.Module, files: list[Path]) -> _Plan:
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     names = _state_names(model)
     prefix = model.base_model_prefix
-    targets: dict[str, _Target] = {}
+    targets: dict[str, Target] = {}
     unexpected: dict[str, tuple[str, Path]] = {}
     for key in sorted(where, key=dot_natural_key):  # the order a converter stacks its sources in (experts 0, 1, ...)
         name, pattern = rename_source_key(key, renamings, converters, prefix, names)
         if name not in names and key in names:  # as transformers: the key was right as it was
             name, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=names)
         if name in names:
-            target = targets.setdefault(name, _Target(name, by_pattern[pattern] if pattern is not None else None))
+            target = targets.setdefault(name, Target(name, by_pattern[pattern] if pattern is not None else None))
             target.sources.append((key if pattern is None else pattern, key, where[key]))
         elif pattern is not None:
             patterns = by_pattern[pattern].target_patterns
@@ -104,11 +104,11 @@ def _plan(model: torch.nn.Module, files: list[Path]) -> _Plan:
             unexpected.setdefault(name, (key, where[key]))
     computed = {name for name, _ in model.named_buffers()}  # non-persistent: the model computes them itself
     unexpected = {name: source for name, source in unexpected.items() if name not in computed}
-    kept = _transformers_keeps(model, unexpected=set(unexpected))
-    return _Plan(targets, {name: unexpected[name] for name in sorted(kept)}, shapes, unreadable)
+    kept = transformers_keeps(model, unexpected=set(unexpected))
+    return LoadPlan(targets, {name: unexpected[name] for name in sorted(kept)}, shapes, unreadable)
 
 
-def _transformers_keeps(model, missing: set[str] = frozenset(), unexpected: set[str] = frozenset()) -> set[str]:
+def transformers_keeps(model, missing: set[str] = frozenset(), unexpected: set[str] = frozenset()) -> set[str]:
     """Of these missing or unexpected keys, those transformers reports: it drops the ones its rules
     ignore (`_keys_to_ignore_on_load_missing`/`_unexpected`, older exports' per-layer inv_freq, ...)."""
     info = SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
@@ -116,7 +116,7 @@ def _transformers_keeps(model, missing: set[str] = frozenset(), unexpected: set[
     return info.missing_keys if missing else info.unexpected_keys
 
 
-def _convert(model: torch.nn.Module, target: _Target, fetch) -> dict[str, torch.Tensor]:
+def convert_tensors(model: torch.nn.Module, target: Target, fetch) -> dict[str, torch.Tensor]:
     """The model's tensor(s) that transformers' converter builds from `target`'s sources, each fetched
     whole by `fetch(key, file)`: {model name: tensor}."""
     converter = copy.deepcopy(target.converter)
@@ -126,7 +126,7 @@ def _convert(model: torch.nn.Module, target: _Target, fetch) -> dict[str, torch.
     return {name: value[0] if isinstance(value, list) else value for name, value in outputs.items()}
 
 
-def _converter_targets(target: _Target) -> list[str]:
+def converter_targets(target: Target) -> list[str]:
     """The model names a converter target is expected to fill (as transformers expands them)."""
     patterns = target.converter.target_patterns
     return [target.name.replace(patterns[0], other) for other in patterns]
