@@ -19,7 +19,7 @@ from vkd_ds.builders.inputs import Prepared, prepare
 from vkd_ds.builders.sampling import build_sampling
 from vkd_ds.builders.start import plan_start
 from vkd_ds.builders.student import build_student_engine, log_student
-from vkd_ds.builders.teacher import build_teacher
+from vkd_ds.builders.teacher import build_teacher, return_memory_until_the_teacher_is_loaded
 from vkd_ds.builders.trainer import build_trainer
 from vkd_ds.config import to_yaml
 from vkd_ds.errors import VkdError
@@ -33,9 +33,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Runs the job on the process group the launcher started (or a group of one)."""
     prepared = prepare(cfg)
     dist.init()
+    tune_allocator = return_memory_until_the_teacher_is_loaded(prepared.settings)
     start = plan_start(prepared)
     s, run_dir = start.settings, start.run_dir
-    teacher = build_teacher(start)
+    teacher = build_teacher(start, tune_allocator)
     engine = build_student_engine(start, teacher.live)
     sampling = build_sampling(start, engine, teacher.teacher)
     # The checkpoint is read before anything is written: a damaged one leaves the run directory as it was.

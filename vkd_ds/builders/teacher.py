@@ -13,6 +13,7 @@ from vkd_ds.builders.start import Start
 from vkd_ds.malloc import keep_freed_memory, return_freed_memory
 from vkd_ds.memory import GIB, peak_rss_bytes, reset_peak_rss, rss_bytes
 from vkd_ds.objective import Teacher
+from vkd_ds.settings import Settings
 from vkd_ds.teacher_cache import CachedTeacher
 from vkd_ds.valence import load_head
 
@@ -91,12 +92,19 @@ class TeacherPart:
             log.info("host allocator: glibc mmap threshold 32 MiB, no trim (trainer.keep_freed_memory)")
 
 
-def build_teacher(start: Start) -> TeacherPart:
-    """Collective when the live teacher is loaded (ZeRO-3 builds its shards on every rank)."""
-    s, prepared, objective = start.settings, start.prepared, start.objective
+def return_memory_until_the_teacher_is_loaded(s: Settings) -> bool:
+    """From the process group's start (trainer.keep_freed_memory, CPU only): glibc returns freed memory
+    until the teacher is loaded, then keeps it (vkd_ds/malloc.py). Whether it does."""
     tune_allocator = s.trainer.keep_freed_memory and not dist.on_gpu()
     if tune_allocator:
-        return_freed_memory()  # until the teacher is loaded (vkd_ds/malloc.py)
+        return_freed_memory()
+    return tune_allocator
+
+
+def build_teacher(start: Start, tune_allocator: bool) -> TeacherPart:
+    """Collective when the live teacher is loaded (ZeRO-3 builds its shards on every rank).
+    `tune_allocator`: `return_memory_until_the_teacher_is_loaded`'s answer."""
+    s, prepared, objective = start.settings, start.prepared, start.objective
     teacher = clock = None
     if s.teacher.cache:  # the settings refused every term that would need the live teacher
         teacher = CachedTeacher(s.teacher.cache, prepared.cache_manifest, prepared.data_splits, dist.device())
