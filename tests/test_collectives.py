@@ -177,13 +177,13 @@ def advantages_on_this_rank(settings, steps: int, micro: int) -> list[dict]:
 def test_every_reward_gives_each_sample_the_advantage_one_rank_gives_it(reward):
     """L_seq's advantages (and the baseline, a global-batch statistic) on 2 ranks equal those of one
     rank holding the concatenated batch, for each reward and both baselines (the moving one over two
-    rollout steps), length-normalized or not."""
+    rollout steps), length-normalized or not, and divided by the batch's spread (seq_kd.normalize_advantages)."""
     from vkd_ds.rollout import SamplingSettings
     from vkd_ds.seq_kd import SeqKDSettings
 
     settings = [
-        SeqKDSettings(1, reward, baseline, 0.9, normalized, SamplingSettings(n_gen=4), seed=0)
-        for baseline, normalized in (("batch", False), ("ema", True))
+        SeqKDSettings(1, reward, baseline, 0.9, by_length, by_spread, SamplingSettings(n_gen=4), seed=0)
+        for baseline, by_length, by_spread in (("batch", False, False), ("ema", True, False), ("batch", False, True))
     ]
     ones = run_ranks(advantages_on_this_rank, 1, settings, 2, MICRO * 2)[0]
     twos = run_ranks(advantages_on_this_rank, 2, settings, 2, MICRO)
@@ -198,3 +198,47 @@ def test_every_reward_gives_each_sample_the_advantage_one_rank_gives_it(reward):
             for r in two:
                 assert r[step]["baseline"] == pytest.approx(one[step]["baseline"], rel=1e-9)
         assert any(abs(a) > 1e-3 for adv in one[1]["rows"].values() for a in adv)
+
+
+@pytest.mark.parametrize("reward", ["teacher_logprob", "reverse_kl", "per_token"])
+def test_normalized_advantages_are_the_plain_ones_over_the_global_batchs_reward_spread(reward):
+    """seq_kd.normalize_advantages: each advantage divided by the population standard deviation of the
+    reward over the global batch (per_token: of r_t over every sampled token); with the batch baseline
+    they then have mean 0 and standard deviation 1. A batch of equal rewards keeps advantages of 0."""
+    from vkd_ds.rollout import SamplingSettings
+    from vkd_ds.seq_kd import Advantages, SeqKDSettings
+
+    def settings(normalize: bool) -> SeqKDSettings:
+        return SeqKDSettings(1, reward, "batch", 0.9, False, normalize, SamplingSettings(n_gen=4), seed=0)
+
+    rollouts = [synthetic_rollout(row) for row in range(12)]
+    plain, _ = Advantages(settings(False))(rollouts)
+    normalized, _ = Advantages(settings(True))(rollouts)
+    if reward == "per_token":
+        values = torch.cat([r.rewards(reward)[r.mask] for r in rollouts]).double()
+    else:
+        values = torch.cat([r.rewards(reward) for r in rollouts]).double()
+    spread = float(values.std(unbiased=False))
+    assert spread > 0.1
+    for p, n in zip(plain, normalized, strict=True):
+        torch.testing.assert_close(n, p / spread, rtol=1e-6, atol=1e-7)
+    seen = torch.cat(
+        [n[r.mask] if reward == "per_token" else n[:, 1] for n, r in zip(normalized, rollouts, strict=True)]
+    )
+    assert float(seen.double().std(unbiased=False)) == pytest.approx(1.0, rel=1e-5)
+    assert float(seen.double().mean()) == pytest.approx(0.0, abs=1e-6)
+
+    same = [synthetic_rollout(0) for _ in range(3)]  # equal rewards: no spread
+    for advantage in Advantages(settings(True))(same)[0]:
+        assert torch.isfinite(advantage).all() and float(advantage.abs().max()) == 0.0
+
+
+def test_the_config_key_reaches_sequence_kd():
+    from vkd_ds.config import compose
+    from vkd_ds.seq_kd import SeqKDSettings
+    from vkd_ds.settings import Settings
+
+    required = ["teacher.path=/t", "data.train_path=/d.jsonl", "loss.val=0", "weighting.lam=0", "gate.enabled=false"]
+    for value in (False, True):
+        s = Settings.from_config(compose([*required, f"seq_kd.normalize_advantages={str(value).lower()}"]))
+        assert SeqKDSettings.from_settings(s).normalize_advantages is value

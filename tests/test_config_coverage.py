@@ -331,6 +331,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     "seq_kd.baseline_decay": Run("seq", ("seq_kd.baseline_decay=0.5",), lambda job, jobs: ema_at_half(job)),
     # The surrogate's gradient is divided by each sample's length (its logged value is not).
     "seq_kd.length_normalized": Run("seq_ln", ("seq_kd.length_normalized=true",), differs("grad_norm", vs="seq_base")),
+    "seq_kd.normalize_advantages": Elsewhere(
+        "tests/test_collectives.py::test_normalized_advantages_are_the_plain_ones_over_the_global_batchs_reward_spread",
+        "advantages over the global batch's reward spread, equal on 1 and 2 ranks; the key reaches SeqKDSettings",
+    ),
     "onpolicy.fraction": Run(
         "misc", ("onpolicy.fraction=1.0",), lambda job, jobs: [r["onpolicy"] for r in job.rows] == ["1"] * 3
     ),

@@ -7,7 +7,9 @@ L_seq term is the teacher's mean negative log-prob of y_i. Its gradient is REINF
   docs/objective.md's −(R − b)·∇ log p_S(y|x), an unbiased estimate of ∇E[L_seq] for R = −L_seq;
 - r_t − b with the per-token reward r_t = log p_T(y_t) − log p_S(y_t) (per_token): each sampled
   token's reverse-KL signal, credited to that token alone (on-policy distillation's estimator);
-- divided by |y_i| with seq_kd.length_normalized=true (biased: long samples count less).
+- divided by |y_i| with seq_kd.length_normalized=true (biased: long samples count less);
+- divided by the global batch's standard deviation of the reward with seq_kd.normalize_advantages=true
+  (a scale common to the batch: the gradient's direction within a step is kept).
 L_seq joins L_base with λ = `loss.seq` and the sequence's weight w_i like every other term.
 """
 
@@ -25,6 +27,8 @@ from vkd_ds.rollout import Samples, SamplingSettings, StudentSampler, prompt_of,
 from vkd_ds.settings import BASELINES as BASELINES  # declared beside the settings field seq_kd.baseline
 from vkd_ds.settings import REWARDS as REWARDS  # declared beside the settings field seq_kd.reward
 from vkd_ds.settings import Settings
+
+ADVANTAGE_EPS = 1e-8  # seq_kd.normalize_advantages: a batch whose rewards are all equal keeps 0 advantages
 
 
 def is_on_policy_step(seed: int, step: int, fraction: float) -> bool:
@@ -44,6 +48,7 @@ class SeqKDSettings:
     baseline: str  # batch: mean R (per_token: mean r_t) of the global batch; ema: moving average over rollout steps
     baseline_decay: float
     length_normalized: bool  # advantages divided by the sample's length (biased; the estimator before issue #10)
+    normalize_advantages: bool  # advantages divided by the global batch's standard deviation of the reward
     sampling: SamplingSettings
     seed: int
 
@@ -63,6 +68,7 @@ class SeqKDSettings:
             str(s.baseline),
             float(s.baseline_decay),
             bool(s.length_normalized),
+            bool(s.normalize_advantages),
             sampling,
             int(cfg.trainer.seed),
         )
@@ -108,7 +114,7 @@ class Advantages:
         whole global batch (one all-reduce), and the step's rollout metrics."""
         s = self.settings
         per_token = s.reward == "per_token"
-        local = torch.zeros(6, dtype=torch.float64)
+        local = torch.zeros(7, dtype=torch.float64)
         rewards = [r.rewards(s.reward) for r in rollouts]
         for r, reward in zip(rollouts, rewards, strict=True):
             local[0] += reward.double().sum()
@@ -117,11 +123,15 @@ class Advantages:
             local[3] += r.student_logprob.double().sum()
             local[4] += sum(r.lengths)
             local[5] += len(r.lengths)
+            local[6] += reward.double().square().sum()  # per_token: 0 off the samples
         seconds = sum(r.seconds for r in rollouts)
         total = dist.all_reduce_sum(local)
         longest = dist.all_reduce_max(torch.tensor([float(max(max(r.lengths) for r in rollouts)), seconds]))
         sequences = float(total[5])
         batch_mean = float(total[0]) / max(float(total[1]), 1.0)
+        # The reward's spread over the global batch, from global sums: the same on every rank.
+        batch_std = max(float(total[6]) / max(float(total[1]), 1.0) - batch_mean**2, 0.0) ** 0.5
+        scale = 1.0 / (batch_std + ADVANTAGE_EPS) if s.normalize_advantages else 1.0
         if s.baseline == "batch":
             baseline = batch_mean
         else:
@@ -132,6 +142,8 @@ class Advantages:
         for r, reward in zip(rollouts, rewards, strict=True):
             advantage = (reward if per_token else reward[:, None]) - baseline
             advantage = advantage * r.mask
+            if s.normalize_advantages:
+                advantage = advantage * scale
             if s.length_normalized:
                 advantage = advantage / r.mask.sum(1, keepdim=True).clamp(min=1)
             advantages.append(advantage)

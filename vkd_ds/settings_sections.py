@@ -175,6 +175,7 @@ class SeqKDConfig:
     baseline: str = checked(choice(BASELINES))
     baseline_decay: float = checked(number(low=0.0, high=1.0))
     length_normalized: bool = checked(flag)
+    normalize_advantages: bool = checked(flag)
 
 
 @dataclass(frozen=True)
