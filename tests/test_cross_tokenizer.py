@@ -1,0 +1,147 @@
+"""Alignment of two tokenizations on byte offsets, and the cross-tokenizer divergences (issue #34), on
+two real byte-level BPE tokenizers of different sizes trained here (one splits digits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vkd_ds.cross_tokenizer import (
+    align,
+    aligned_hybrid,
+    byte_ends,
+    byte_lengths,
+    positional_uld,
+    shared_vocabulary,
+    sorted_l1,
+)
+from vkd_ds.losses import DIVERGENCES, Divergence
+
+TEXTS = {
+    "ascii": "Hello, world. The quick brown fox: jumps (over) the lazy dog!",
+    "emoji": "I \u2764\ufe0f \U0001f40d and \U0001f469\u200d\U0001f469\u200d\U0001f467 too \U0001f600\U0001f600",
+    "cjk": "深度学习模型的蒸馏 and 知識蒸留 mixed with text",
+    "digits": "in 2026 there were 1234567 tokens, 3.14159 and 0x1F",
+    "whitespace": "a    b\t\t\nc  \n\n  d   \n",
+    "empty-ish": " ",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    """Two byte-level BPE tokenizers: 300 tokens, and 600 tokens splitting digits one by one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vkd_ds.assets import pydoc_records
+
+    texts = pydoc_records(200)
+    made = []
+    for size, split_digits in ((300, False), (600, True)):
+        tok = Tokenizer(models.BPE())
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = (
+            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+            if split_digits
+            else byte_level
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        made.append(PreTrainedTokenizerFast(tokenizer_object=tok))
+    return made
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes-to-unicode table, inverted (written here, apart from the module's)."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + n): b for n, b in enumerate(moved)}
+
+
+def _tokens(tokenizer, text: str):
+    """(ids, byte ends, each token's own bytes)."""
+    encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids, decoder = encoded["input_ids"], _byte_decoder()
+    pieces = [bytes(decoder[c] for c in token) for token in tokenizer.convert_ids_to_tokens(ids)]
+    return ids, byte_ends(text, encoded["offset_mapping"], byte_lengths(tokenizer, ids)), pieces
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_groups_partition_both_tokenizations_and_their_bytes_concatenate_to_the_text(tokenizers, name):
+    text = TEXTS[name]
+    student, teacher = (_tokens(tok, text) for tok in tokenizers)
+    if name == "digits":  # the digit-splitting tokenizer really tokenizes differently
+        assert student[1] != teacher[1]
+    alignment = align(student[1], teacher[1])
+    for starts, (ids, _, _) in ((alignment.student_starts, student), (alignment.teacher_starts, teacher)):
+        assert starts[0] == 0 and starts[-1] == len(ids)
+        assert all(a < b for a, b in zip(starts, starts[1:], strict=False)), "every group holds a token of each"
+    text_bytes, previous = text.encode("utf-8"), 0
+    for g in range(alignment.groups):
+        span = text_bytes[previous : alignment.byte_ends[g]]
+        s = b"".join(student[2][alignment.student_starts[g] : alignment.student_starts[g + 1]])
+        t = b"".join(teacher[2][alignment.teacher_starts[g] : alignment.teacher_starts[g + 1]])
+        assert s == t == span, (name, g, s, t, span)
+        previous = alignment.byte_ends[g]
+    assert previous == len(text_bytes)
+    assert alignment.groups >= min(len(student[0]), len(teacher[0])) // 4  # aligned often, not once at the end
+
+
+def test_zero_width_tokens_pair_in_order_and_an_eos_only_one_side_has_joins_the_last_group():
+    # BOS (end 0), "ab" | "a","b", EOS on the student's side only.
+    alignment = align([0, 2, 2], [0, 1, 2])
+    assert alignment.byte_ends == (0, 2)
+    assert alignment.student_starts == (0, 1, 3) and alignment.teacher_starts == (0, 1, 3)
+    assert alignment.student_last() == [0, 2] and alignment.teacher_last() == [0, 2]
+    with pytest.raises(ValueError, match="different texts"):
+        align([1, 3], [1, 4])
+
+
+@pytest.mark.parametrize("kind", list(DIVERGENCES))
+def test_identical_tokenizers_give_exactly_the_same_tokenizer_divergence(tokenizers, kind):
+    text = TEXTS["digits"] + " " + TEXTS["cjk"]
+    ids, ends, _ = _tokens(tokenizers[0], text)
+    alignment = align(ends, ends)
+    assert alignment.student_starts == tuple(range(len(ids) + 1))  # one token per group
+    vocab = len(tokenizers[0])
+    student_ids, teacher_ids = shared_vocabulary(*[tokenizers[0].convert_ids_to_tokens(list(range(vocab)))] * 2)
+    assert torch.equal(student_ids, torch.arange(vocab))
+    torch.manual_seed(0)
+    teacher, student = torch.randn(len(ids), vocab) * 3, torch.randn(len(ids), vocab, requires_grad=True)
+    d = Divergence(kind=kind, temperature=2.0)
+    value = aligned_hybrid(teacher, student, student_ids, teacher_ids, d)
+    expected, expected_grad = DIVERGENCES[kind](student.detach().clone(), teacher.clone(), d)
+    assert torch.equal(value.detach(), expected)
+    value.sum().backward()
+    torch.testing.assert_close(student.grad, expected_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_sorted_l1_and_positional_uld_ignore_token_identity_and_train_the_student():
+    torch.manual_seed(1)
+    teacher = torch.randn(5, 40)
+    student = teacher[:, torch.randperm(40)].clone()  # the same distributions, other token ids
+    assert positional_uld(teacher, student).abs().max() < 1e-6
+    wider = torch.cat([student, torch.full((5, 10), -1e4)], dim=1)  # padded columns: zero probability
+    assert positional_uld(teacher, wider).abs().max() < 1e-6
+    assert positional_uld(teacher[:3], student).shape == (3,)  # paired by index, the shorter decides
+    other = torch.randn(5, 30, requires_grad=True)
+    loss = aligned_hybrid(teacher, other, torch.tensor([0, 1]), torch.tensor([2, 3]), Divergence())
+    loss.sum().backward()
+    assert torch.isfinite(other.grad).all() and other.grad.abs().sum() > 0
+    p, q = teacher.softmax(-1), other.detach().softmax(-1)
+    assert (sorted_l1(p, q) <= 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", ["ascii", "digits", "whitespace", "cjk"])
+def test_character_offsets_give_the_same_ends_where_no_character_is_split(tokenizers, name):
+    """Tokenizers that are not byte-level fall back on character offsets: on text whose characters
+    are never split across tokens the ends are the same as from the exact byte lengths."""
+    text = TEXTS[name]
+    for tokenizer in tokenizers:
+        encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        exact = byte_ends(text, encoded["offset_mapping"], byte_lengths(tokenizer, encoded["input_ids"]))
+        if len(set(encoded["offset_mapping"])) == len(encoded["offset_mapping"]):
+            assert byte_ends(text, encoded["offset_mapping"]) == exact

@@ -1,0 +1,196 @@
+"""Distillation across tokenizers (issue #34, in progress): the alignment of two tokenizations of one text
+on UTF-8 byte offsets, and the divergences that compare a teacher's and a student's next-token
+distributions over different vocabularies.
+
+Alignment. Each token is given the byte offset where it ends (from the tokenizer's character offsets;
+a token's bytes are those from the previous token's end to its own, so the tokens of one tokenizer
+cover the text's bytes exactly once, whatever its offsets leave out). A *group* ends at every byte
+offset where a token of each tokenizer ends: groups partition both token sequences into contiguous
+runs, every group holds at least one token of each, and their bytes concatenate to the text. Tokens
+without text (BOS, EOS, and all but the last piece of a character split into several tokens) are
+zero bytes wide: the j-th of them at a byte offset pairs with the other side's j-th there, if any,
+else joins the group its end falls in.
+
+At the last token of group g both models predict what follows the same byte: the teacher over its
+vocabulary, the student over its own. The divergences compare those two distributions:
+- `aligned_hybrid` (TRL GOLD's hybrid): token ids whose strings are identical in both vocabularies are
+  compared by the configured divergence D on their probabilities; the rest of each distribution by the
+  L1 distance of their sorted probabilities (ULD). With identical tokenizers every token matches,
+  groups are single tokens, and it is exactly D.
+- `positional_uld` (ULD, Boizard et al. 2024, the baseline): the i-th positions of both sequences are
+  paired by index, whatever their text, and compared by the L1 distance of their sorted probabilities.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vkd_ds.losses import DIVERGENCES, Divergence
+
+
+def byte_ends(text: str, offsets: Sequence[tuple[int, int]], lengths: Sequence[int] | None = None) -> list[int]:
+    """Each token's end as a byte offset into `text`'s UTF-8, never decreasing; the last token ends at
+    the text's end (bytes no token claims, such as trimmed trailing spaces, join it). `lengths`: each
+    token's exact byte length (`byte_lengths`), used when they add up to the text's bytes: the pieces of
+    a character split into several tokens then end where their bytes do, where character offsets
+    would give them all the character's end."""
+    size = len(text.encode("utf-8"))
+    if lengths is not None and sum(lengths) == size:
+        return list(itertools.accumulate(lengths))
+    char_to_byte = [0, *itertools.accumulate(len(char.encode("utf-8")) for char in text)]
+    ends, last = [], 0
+    for _, end in offsets:
+        last = max(last, char_to_byte[end])
+        ends.append(last)
+    if ends:
+        ends[-1] = size
+    return ends
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's bytes-to-unicode table), inverted: character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    alphabet, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            alphabet[chr(256 + extra)] = b
+            extra += 1
+    return alphabet
+
+
+def byte_lengths(tokenizer, ids: Sequence[int]) -> list[int] | None:
+    """Each token's exact byte length for a byte-level BPE tokenizer (special tokens: 0), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or "ByteLevel" not in str(backend.decoder):
+        return None
+    alphabet, special = _byte_alphabet(), set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    if any(i not in special and any(c not in alphabet for c in t) for i, t in zip(ids, tokens, strict=True)):
+        return None
+    return [0 if i in special else len(t) for i, t in zip(ids, tokens, strict=True)]
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Groups of two tokenizations of one text. Group g holds student tokens
+    [student_starts[g], student_starts[g+1]) and teacher tokens likewise, and bytes
+    [byte_ends[g-1], byte_ends[g]) of the text (byte_ends[-1] is the text's length)."""
+
+    byte_ends: tuple[int, ...]
+    student_starts: tuple[int, ...]  # len(groups) + 1 entries; the last is the student's token count
+    teacher_starts: tuple[int, ...]
+
+    @property
+    def groups(self) -> int:
+        return len(self.byte_ends)
+
+    def student_last(self) -> list[int]:
+        """The student's last token of each group: where it predicts what follows the group."""
+        return [end - 1 for end in self.student_starts[1:]]
+
+    def teacher_last(self) -> list[int]:
+        return [end - 1 for end in self.teacher_starts[1:]]
+
+
+def _keys(ends: list[int]) -> list[tuple[int, int]]:
+    """(byte end, how many earlier tokens end there too) per token: strictly increasing, so the j-th
+    zero-width token at a byte pairs with the other tokenization's j-th there (BOS with BOS, and every
+    token with itself when both tokenizations are the same)."""
+    keys, previous, count = [], None, 0
+    for end in ends:
+        count = count + 1 if end == previous else 0
+        keys.append((end, count))
+        previous = end
+    return keys
+
+
+def _starts(keys: list[tuple[int, int]], boundaries: list[tuple[int, int]]) -> tuple[int, ...]:
+    """Where each group's tokens start: a token is in the first group whose boundary is at or after its
+    key; tokens after the last shared boundary (an EOS only one side has) join the last group."""
+    last = len(boundaries) - 1
+    group_of = [min(bisect.bisect_left(boundaries, key), last) for key in keys]
+    return (0, *(bisect.bisect_left(group_of, group) for group in range(1, len(boundaries))), len(keys))
+
+
+def align(student_ends: list[int], teacher_ends: list[int]) -> Alignment:
+    """The groups of two tokenizations of one text, from each token's byte end (`byte_ends`)."""
+    if not student_ends or not teacher_ends:
+        raise ValueError("cannot align an empty tokenization")
+    if student_ends[-1] != teacher_ends[-1]:
+        raise ValueError(f"the tokenizations cover different texts ({student_ends[-1]} and {teacher_ends[-1]} bytes)")
+    student_keys, teacher_keys = _keys(student_ends), _keys(teacher_ends)
+    # (text's end, 0) is always shared: each side's first token to reach the end closes the last group.
+    shared = sorted(set(student_keys) & set(teacher_keys))
+    return Alignment(tuple(end for end, _ in shared), _starts(student_keys, shared), _starts(teacher_keys, shared))
+
+
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ |sort(p) − sort(q)| per row, both sorted descending, the shorter padded with zeros: [N]."""
+    width = max(p.shape[-1], q.shape[-1])
+    p_sorted = torch.nn.functional.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
+    q_sorted = torch.nn.functional.pad(q.sort(-1, descending=True).values, (0, width - q.shape[-1]))
+    return (p_sorted - q_sorted).abs().sum(-1)
+
+
+def shared_vocabulary(
+    student_tokens: Sequence[str], teacher_tokens: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student ids, teacher ids) of the tokens whose strings are identical in both vocabularies
+    (strings as each tokenizer's `convert_ids_to_tokens` writes them), in teacher-id order."""
+    student_id = {token: i for i, token in enumerate(student_tokens)}
+    pairs = [(student_id[token], t) for t, token in enumerate(teacher_tokens) if token in student_id]
+    if not pairs:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    student_ids, teacher_ids = zip(*pairs, strict=True)
+    return torch.tensor(student_ids), torch.tensor(teacher_ids)
+
+
+def _complement(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The ids of [0, vocab) not in `ids`."""
+    keep = torch.ones(vocab, dtype=torch.bool)
+    keep[ids.cpu()] = False
+    return keep.nonzero().squeeze(-1)
+
+
+def aligned_hybrid(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    student_ids: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    divergence: Divergence,
+) -> torch.Tensor:
+    """Per aligned position [N]: the configured divergence (T²·D, `loss.divergence`) between the teacher's
+    and the student's distributions over the shared tokens, plus the sorted L1 of their probabilities at
+    T over the tokens that are not shared. teacher_logits [N, V_T] and student_logits [N, V_S] at the
+    groups' last tokens. Differentiable in the student's logits: the shared part carries the divergence's
+    own analytic gradient (losses.DIVERGENCES), the rest autograd's."""
+    t = divergence.temperature
+    student = student_logits.float()
+    teacher = teacher_logits.detach().float()
+    shared_student = student[:, student_ids]
+    value, grad = DIVERGENCES[divergence.kind](
+        shared_student.detach().clone(), teacher[:, teacher_ids].clone(), divergence
+    )
+    surrogate = (grad * shared_student).sum(-1)
+    shared = value + (surrogate - surrogate.detach())  # the value, with d/dz_S = grad
+    rest_teacher = _complement(teacher_ids, teacher.shape[-1])
+    rest_student = _complement(student_ids, student.shape[-1])
+    if rest_teacher.numel() == 0 and rest_student.numel() == 0:
+        return shared
+    p = (teacher / t).softmax(-1)[:, rest_teacher.to(teacher.device)]
+    q = (student / t).softmax(-1)[:, rest_student.to(student.device)]
+    return shared + sorted_l1(p, q)
+
+
+def positional_uld(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """ULD per position [min(T_T, T_S)]: the i-th teacher and student positions, sorted L1 of their
+    probabilities."""
+    n = min(teacher_logits.shape[0], student_logits.shape[0])
+    return sorted_l1(teacher_logits[:n].float().softmax(-1), student_logits[:n].float().softmax(-1))
