@@ -87,3 +87,21 @@ def judge(student_dir: Path, assets: Path, splits: dict[str, Path], probes: int 
         }
         result.update({f"{split}/{key}": value for key, value in measured.items()})
     return result
+
+
+@torch.no_grad()
+def teacher_ppl(assets: Path, splits: dict[str, Path]) -> dict[str, float]:
+    """The teacher's own perplexity on each split: the floor the students are measured against."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vkd_ds.corpus import load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "tokenizer")
+    teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+    vocab = len(tokenizer)
+    return {
+        f"{split}/ppl": _on_text(
+            teacher, teacher, load_examples(path, tokenizer, MAX_SEQ_LEN), tokenizer.pad_token_id, vocab
+        )["ppl"]
+        for split, path in splits.items()
+    }

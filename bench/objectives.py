@@ -42,6 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_env, describe, train, work_dir  # noqa: E402
+from judge import teacher_ppl  # noqa: E402
 
 from vkd_ds.losses import DIVERGENCES  # noqa: E402
 from vkd_ds.settings_sections import REWARDS  # noqa: E402
@@ -164,6 +165,11 @@ def run_one(job: dict) -> dict:
     return result
 
 
+def _stdout_to_stderr() -> None:
+    """A worker's prints (DeepSpeed's import warnings, progress bars) stay off the JSON on standard output."""
+    sys.stdout = sys.stderr
+
+
 class Runner:
     """Runs jobs `jobs` at a time; every run lives in out/<protocol>/<arm>/<setting>/seed<N>."""
 
@@ -171,7 +177,8 @@ class Runner:
         self.args, self.assets, self.out = args, assets, out
         self.env = bench_env(args.procs)
         self.env["OMP_NUM_THREADS"] = str(max(1, int(self.env["OMP_NUM_THREADS"]) // args.jobs))
-        self.pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        spawn = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=_stdout_to_stderr)
         self.extra = lambda arm, seed: {}  # what a protocol adds to an arm's jobs: its steps, its start
 
     def job(self, path: str, name: str, seed: int, lr: float, overrides: list[str], **extra) -> dict:
@@ -250,9 +257,13 @@ def sweep_and_choose(runner: Runner, protocol: str, grids: dict, lr: float | Non
             if arm not in chosen or score < chosen[arm]["tune"]:
                 chosen[arm] = {"setting": setting, "point": point, "lr": point_lr, "overrides": swept, "tune": score}
         wider = {arm: (o, _widened(grid, chosen[arm]["point"])) for arm, (o, grid) in grids.items()}
+        # The dimensions along which a best point lies on its grid's edge (after the last widening too).
+        edges = {arm: [dim for dim in grid if wider[arm][1][dim] != grid[dim]] for arm, (_, grid) in grids.items()}
         if wider == grids:
             break
         grids = wider
+    for arm, best in chosen.items():
+        best["on_edge"] = edges[arm]
     return sweep, chosen
 
 
@@ -303,7 +314,7 @@ def pretraining(runner: Runner) -> dict:
         per_token = 6 * n_student + (2 * n_teacher if uses_teacher else 0)
         steps = arm_runs[0]["steps"]
         table[arm] = {
-            "chosen": {"lr": chosen[arm]["lr"], "setting": chosen[arm]["setting"]},
+            "chosen": {key: chosen[arm][key] for key in ("lr", "setting", "on_edge") if key in chosen[arm]},
             "train_flops": per_token * steps * ROWS_PER_STEP * ROW_TOKENS,
             **summarize(arm_runs),
         }
@@ -381,6 +392,8 @@ def main() -> int:
         runner.pool.shutdown()
     env = runner.env
     header = {**describe(env, args.procs), "jobs": args.jobs, "quick": args.quick, "steps": args.steps}
+    split = runner.assets
+    header["teacher"] = teacher_ppl(split, {"tune": split / "tune.jsonl", "test": split / "test.jsonl"})
     print(json.dumps({**header, "seeds": args.seeds, "tune_records": TUNE_RECORDS, **report}, indent=2))
     return 0
 
