@@ -14,6 +14,7 @@ from vkd_ds.cross_tokenizer import (
     positional_uld,
     shared_vocabulary,
     sorted_l1,
+    teacher_rows,
 )
 from vkd_ds.losses import DIVERGENCES, Divergence
 
@@ -33,7 +34,7 @@ def tokenizers():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from vkd_ds.assets import pydoc_records
+    from vkd_ds.assets import SPECIAL_TOKENS, pydoc_records
 
     texts = pydoc_records(200)
     made = []
@@ -47,10 +48,13 @@ def tokenizers():
         )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+            vocab_size=size,
+            special_tokens=list(SPECIAL_TOKENS.values()),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)
-        made.append(PreTrainedTokenizerFast(tokenizer_object=tok))
+        made.append(PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS))
     return made
 
 
@@ -145,3 +149,45 @@ def test_character_offsets_give_the_same_ends_where_no_character_is_split(tokeni
         exact = byte_ends(text, encoded["offset_mapping"], byte_lengths(tokenizer, encoded["input_ids"]))
         if len(set(encoded["offset_mapping"])) == len(encoded["offset_mapping"]):
             assert byte_ends(text, encoded["offset_mapping"]) == exact
+
+
+def _student_rows(tokenizer, texts: list[str]):
+    """Rows as the token store writes them: BOS + the text's tokens + EOS, every token a target."""
+    rows = [
+        [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        for t in texts
+    ]
+    mask = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
+    for r, ids in enumerate(rows):
+        mask[r, 1 : len(ids)] = True
+    return rows, mask
+
+
+def test_teacher_rows_of_the_same_tokenizer_are_the_student_rows_paired_position_by_position(tokenizers):
+    tokenizer = tokenizers[0]
+    rows, mask = _student_rows(tokenizer, [TEXTS["ascii"], TEXTS["emoji"], TEXTS["digits"]])
+    for pairing in ("aligned", "positional"):
+        teacher = teacher_rows(rows, mask, tokenizer, tokenizer, pairing)
+        for r, ids in enumerate(rows):
+            assert teacher.input_ids[r, : len(ids)].tolist() == ids
+        valid = mask[:, 1:].nonzero()  # (row, t): position t predicts the target t + 1
+        assert torch.equal(teacher.student, valid) and torch.equal(teacher.teacher, valid), pairing
+        assert teacher.unaligned_rows == 0
+
+
+def test_teacher_rows_of_another_tokenizer_pair_positions_that_have_read_the_same_bytes(tokenizers):
+    student_tok, teacher_tok = tokenizers
+    texts = list(TEXTS.values())
+    rows, mask = _student_rows(student_tok, texts)
+    teacher = teacher_rows(rows, mask, student_tok, teacher_tok)
+    decoder = _byte_decoder()
+
+    def prefix(tokenizer, ids):
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        return b"".join(bytes(decoder[c] for c in t) for t in tokens if t not in tokenizer.all_special_tokens)
+
+    assert len(teacher.student) > sum(len(r) for r in rows) // 3
+    for (row, s), (row_t, t) in zip(teacher.student.tolist(), teacher.teacher.tolist(), strict=True):
+        assert row == row_t and mask[row, s + 1]
+        assert prefix(student_tok, rows[row][: s + 1]) == prefix(teacher_tok, teacher.input_ids[row, : t + 1].tolist())
+    assert teacher.input_ids[0, 0] == teacher_tok.bos_token_id

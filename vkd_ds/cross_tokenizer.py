@@ -194,3 +194,90 @@ def positional_uld(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
     probabilities."""
     n = min(teacher_logits.shape[0], student_logits.shape[0])
     return sorted_l1(teacher_logits[:n].float().softmax(-1), student_logits[:n].float().softmax(-1))
+
+
+def text_bytes(tokenizer, ids: Sequence[int]) -> bytes | None:
+    """The exact bytes a byte-level BPE tokenizer's `ids` stand for (special tokens: none); None for a
+    tokenizer that is not byte-level."""
+    lengths = byte_lengths(tokenizer, ids)
+    if lengths is None:
+        return None
+    alphabet, special = _byte_alphabet(), set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(ids))
+    return b"".join(bytes(alphabet[c] for c in t) for i, t in zip(ids, tokens, strict=True) if i not in special)
+
+
+@dataclass(frozen=True)
+class TeacherRows:
+    """A student batch's rows in the teacher's tokens, and the positions the divergence compares: pair k
+    is the student's position student[k] = (row, t) and the teacher's teacher[k] = (row, t'), both
+    predicting what follows the same byte (or the same index, for positional ULD), at a student position
+    whose next token is a training target."""
+
+    input_ids: torch.Tensor  # [B, S_T], right-padded
+    attention_mask: torch.Tensor  # [B, S_T]
+    student: torch.Tensor  # [N, 2] (row, position)
+    teacher: torch.Tensor  # [N, 2]
+    unaligned_rows: int  # rows whose bytes are not text (a window that splits a character): not distilled
+
+
+def teacher_rows(
+    student_ids: Sequence[Sequence[int]],
+    loss_mask: torch.Tensor,
+    student_tokenizer,
+    teacher_tokenizer,
+    pairing: str = "aligned",
+) -> TeacherRows:
+    """Each row's text (the student's tokens decoded exactly) tokenized by the teacher, with the teacher's
+    special tokens, and the pairs of positions to compare: `aligned` at the groups' last tokens
+    (`align`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
+    rows, student_pairs, teacher_pairs, unaligned = [], [], [], 0
+    for row, ids in enumerate(student_ids):
+        data = text_bytes(student_tokenizer, ids)
+        text = data.decode("utf-8", errors="ignore") if data is not None else None
+        if text is None or text.encode("utf-8") != data:
+            rows.append([teacher_tokenizer.pad_token_id])
+            unaligned += 1
+            continue
+        teacher_ids, teacher_ends = _framed(teacher_tokenizer, text, student_tokenizer, ids)
+        if not teacher_ids:  # an empty text and a teacher without BOS: nothing to run it on
+            rows.append([teacher_tokenizer.pad_token_id])
+            unaligned += 1
+            continue
+        rows.append(teacher_ids)
+        targets = loss_mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()  # position t predicts t + 1
+        if pairing == "positional":
+            pairs = [(t, t) for t in targets if t < len(teacher_ids) - 1]
+        else:
+            alignment = align(list(itertools.accumulate(byte_lengths(student_tokenizer, ids))), teacher_ends)
+            wanted = set(targets)
+            last_pairs = zip(alignment.student_last()[:-1], alignment.teacher_last()[:-1], strict=True)
+            pairs = [(s, t) for s, t in last_pairs if s in wanted]
+        student_pairs += [(row, s) for s, _ in pairs]
+        teacher_pairs += [(row, t) for _, t in pairs]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), teacher_tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return TeacherRows(input_ids, attention_mask, _pairs(student_pairs), _pairs(teacher_pairs), unaligned)
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.tensor(pairs, dtype=torch.long).view(-1, 2)
+
+
+def _framed(teacher_tokenizer, text: str, student_tokenizer, student_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The teacher's ids of `text` and their byte ends, framed as the student's row is: the teacher's
+    BOS where the row starts with the student's, its EOS where the row ends with the student's (the
+    tokenizers' special tokens differ; the text between them is what is compared)."""
+    encoded = teacher_tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = list(encoded["input_ids"])
+    ends = byte_ends(text, encoded["offset_mapping"], byte_lengths(teacher_tokenizer, ids))
+    bos, eos = teacher_tokenizer.bos_token_id, teacher_tokenizer.eos_token_id
+    if bos is not None and student_ids[0] == student_tokenizer.bos_token_id:
+        ids, ends = [bos, *ids], [0, *ends]
+    if eos is not None and student_ids[-1] == student_tokenizer.eos_token_id:
+        ids, ends = [*ids, eos], [*ends, len(text.encode("utf-8"))]
+    return ids, ends
