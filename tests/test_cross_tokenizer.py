@@ -11,6 +11,7 @@ from vkd_ds.cross_tokenizer import (
     aligned_hybrid,
     byte_ends,
     byte_lengths,
+    cross_divergence,
     positional_uld,
     shared_vocabulary,
     sorted_l1,
@@ -191,3 +192,28 @@ def test_teacher_rows_of_another_tokenizer_pair_positions_that_have_read_the_sam
         assert row == row_t and mask[row, s + 1]
         assert prefix(student_tok, rows[row][: s + 1]) == prefix(teacher_tok, teacher.input_ids[row, : t + 1].tolist())
     assert teacher.input_ids[0, 0] == teacher_tok.bos_token_id
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_the_term_across_identical_tokenizers_is_the_same_tokenizer_soft_term(tokenizers, kind):
+    """Per row, value and gradient: cross_divergence over the aligned pairs (chunked, recomputed in
+    backward) against the trainer's own soft term on the same logits."""
+    from vkd_ds.losses import divergence_per_sequence
+
+    tokenizer = tokenizers[0]
+    rows, mask = _student_rows(tokenizer, [TEXTS["ascii"], TEXTS["cjk"], TEXTS["whitespace"]])
+    teacher = teacher_rows(rows, mask, tokenizer, tokenizer)
+    vocab = len(tokenizer)
+    shared = shared_vocabulary(*[tokenizer.convert_ids_to_tokens(list(range(vocab)))] * 2)
+    torch.manual_seed(2)
+    student_logits = torch.randn(len(rows), mask.shape[1], vocab + 8, requires_grad=True)  # padded head
+    teacher_logits = torch.randn(len(rows), teacher.input_ids.shape[1], vocab + 3) * 2
+    d = Divergence(kind=kind, temperature=2.0)
+    value = cross_divergence(student_logits, teacher_logits, teacher, d, shared, (vocab, vocab), chunk_tokens=7)
+    (grad,) = torch.autograd.grad(value.sum(), student_logits)
+    positions = torch.zeros_like(mask)
+    positions[:, :-1] = mask[:, 1:]  # position t predicts the target t + 1
+    reference = divergence_per_sequence(student_logits, teacher_logits[..., :vocab], positions, d, vocab, 16)
+    (reference_grad,) = torch.autograd.grad(reference.sum(), student_logits)
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-7)

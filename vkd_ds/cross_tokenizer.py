@@ -281,3 +281,45 @@ def _framed(teacher_tokenizer, text: str, student_tokenizer, student_ids: Sequen
     if eos is not None and student_ids[-1] == student_tokenizer.eos_token_id:
         ids, ends = [*ids, eos], [*ends, len(text.encode("utf-8"))]
     return ids, ends
+
+
+def cross_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    rows: TeacherRows,
+    divergence: Divergence,
+    shared: tuple[torch.Tensor, torch.Tensor] | None,
+    vocab_sizes: tuple[int, int],
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """The soft term across tokenizers per student row [B]: the mean over the row's position pairs of
+    `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of `shared_vocabulary`) or, without
+    it, positional ULD; 0 for a row without pairs. student_logits [B, S, ≥V_S], teacher_logits
+    [B, S_T, ≥V_T]; only the tokenizers' `vocab_sizes` (V_S, V_T) columns count (padded LM-head columns
+    do not). The pairs run `chunk_tokens` at a time and each chunk is recomputed in backward, so no
+    [pairs, vocab] buffer outlives its chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    student_vocab, teacher_vocab = vocab_sizes
+    batch = student_logits.shape[0]
+    total = student_logits.new_zeros(batch, dtype=torch.float32)
+    counts = torch.zeros(batch, dtype=torch.float32, device=student_logits.device)
+    student_at, teacher_at = rows.student.to(student_logits.device), rows.teacher.to(teacher_logits.device)
+
+    def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if shared is None:
+            return positional_uld(teacher, student)
+        return aligned_hybrid(teacher, student, shared[0], shared[1], divergence)
+
+    for start in range(0, len(student_at), chunk_tokens):
+        s, t = student_at[start : start + chunk_tokens], teacher_at[start : start + chunk_tokens]
+        student = student_logits[s[:, 0], s[:, 1], :student_vocab]
+        teacher = teacher_logits[t[:, 0], t[:, 1], :teacher_vocab].detach()
+        value = (
+            checkpoint(chunk_value, student, teacher, use_reentrant=False)
+            if student.requires_grad
+            else chunk_value(student, teacher)
+        )
+        total = total.index_add(0, s[:, 0], value)
+        counts.index_add_(0, s[:, 0], torch.ones_like(value, dtype=torch.float32))
+    return total / counts.clamp(min=1.0)
