@@ -208,6 +208,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
         "tests/test_teacher_cache.py::test_at_k_equal_to_the_vocabulary_a_cached_run_has_the_live_runs_losses",
         "a run on teacher.cache loads no teacher and has the live run's losses at k = V",
     ),
+    "teacher.tokenizer_path": Elsewhere(
+        "tests/test_cross_tokenizer_training.py::test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resumes_exactly",
+        "teacher.tokenizer_path=<another tokenizer> runs the teacher on its own tokens and logs it",
+    ),
     "teacher.nvme_path": NotHere(
         "only with teacher.offload_param=nvme: DeepSpeed's NVMe offload needs its async_io op (libaio), "
         "which this project neither builds nor tests yet (issue #18)"
@@ -270,6 +274,10 @@ COVERAGE: dict[str, Run | Elsewhere | Refused | NotHere] = {
     # Chunking changes memory, not values: CE in 7-token chunks equals the default's.
     "loss.chunk_tokens": Run(
         "lambdas", ("loss.chunk_tokens=7",), both(logged("7 tokens per chunk"), same("loss/ce", rtol=1e-5))
+    ),
+    "loss.cross_tokenizer": Elsewhere(
+        "tests/test_cross_tokenizer_training.py::test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resumes_exactly",
+        "loss.cross_tokenizer=positional_uld gives another soft term than the aligned default from the same step",
     ),
     "loss.fused_head": Run(
         "jsd", ("loss.fused_head=true",), both(logged("from the fused LM head"), same("loss/ce", rtol=1e-5))

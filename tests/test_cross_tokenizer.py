@@ -209,7 +209,8 @@ def test_the_term_across_identical_tokenizers_is_the_same_tokenizer_soft_term(to
     student_logits = torch.randn(len(rows), mask.shape[1], vocab + 8, requires_grad=True)  # padded head
     teacher_logits = torch.randn(len(rows), teacher.input_ids.shape[1], vocab + 3) * 2
     d = Divergence(kind=kind, temperature=2.0)
-    value = cross_divergence(student_logits, teacher_logits, teacher, d, shared, (vocab, vocab), chunk_tokens=7)
+    pairs = (teacher.student, teacher.teacher)
+    value = cross_divergence(student_logits, teacher_logits, pairs, d, shared, (vocab, vocab), chunk_tokens=7)
     (grad,) = torch.autograd.grad(value.sum(), student_logits)
     positions = torch.zeros_like(mask)
     positions[:, :-1] = mask[:, 1:]  # position t predicts the target t + 1

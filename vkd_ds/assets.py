@@ -50,13 +50,16 @@ def split_records(records: list[str], valid_every: int = 20) -> tuple[list[str],
     return train, valid
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    """Byte-level BPE trained with `tokenizers`, saved as a transformers fast tokenizer."""
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, split_digits: bool = False):
+    """Byte-level BPE trained with `tokenizers`, saved as a transformers fast tokenizer; `split_digits`:
+    every digit its own token (as Llama's and Qwen's tokenizers do), so two tokenizers differ on numbers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level]) if digits else byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

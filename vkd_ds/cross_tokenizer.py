@@ -286,13 +286,14 @@ def _framed(teacher_tokenizer, text: str, student_tokenizer, student_ids: Sequen
 def cross_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    rows: TeacherRows,
+    pairs: tuple[torch.Tensor, torch.Tensor],
     divergence: Divergence,
     shared: tuple[torch.Tensor, torch.Tensor] | None,
     vocab_sizes: tuple[int, int],
     chunk_tokens: int = 1024,
 ) -> torch.Tensor:
-    """The soft term across tokenizers per student row [B]: the mean over the row's position pairs of
+    """The soft term across tokenizers per student row [B]: the mean over the row's position pairs
+    (`pairs`: TeacherRows.student and .teacher) of
     `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of `shared_vocabulary`) or, without
     it, positional ULD; 0 for a row without pairs. student_logits [B, S, ≥V_S], teacher_logits
     [B, S_T, ≥V_T]; only the tokenizers' `vocab_sizes` (V_S, V_T) columns count (padded LM-head columns
@@ -304,7 +305,7 @@ def cross_divergence(
     batch = student_logits.shape[0]
     total = student_logits.new_zeros(batch, dtype=torch.float32)
     counts = torch.zeros(batch, dtype=torch.float32, device=student_logits.device)
-    student_at, teacher_at = rows.student.to(student_logits.device), rows.teacher.to(teacher_logits.device)
+    student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(teacher_logits.device)
 
     def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if shared is None:
@@ -323,3 +324,39 @@ def cross_divergence(
         total = total.index_add(0, s[:, 0], value)
         counts.index_add_(0, s[:, 0], torch.ones_like(value, dtype=torch.float32))
     return total / counts.clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class CrossVocab:
+    """What distilling across tokenizers needs at every step: both tokenizers, the pairing
+    (loss.cross_tokenizer), the shared tokens and the teacher tokenizer's vocabulary size."""
+
+    student_tokenizer: object
+    teacher_tokenizer: object
+    pairing: str  # aligned | positional_uld
+    student_ids: torch.Tensor  # shared_vocabulary's
+    teacher_ids: torch.Tensor
+    teacher_vocab: int
+
+    @classmethod
+    def of(cls, student_tokenizer, teacher_tokenizer, pairing: str) -> CrossVocab:
+        names = [t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tokenizer, teacher_tokenizer)]
+        student_ids, teacher_ids = shared_vocabulary(*names)
+        return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, len(teacher_tokenizer))
+
+    def batch_fields(self, examples_ids: Sequence[Sequence[int]], loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A host batch's teacher rows and position pairs (TeacherRows), as batch entries."""
+        pairing = "positional" if self.pairing == "positional_uld" else "aligned"
+        rows = teacher_rows(examples_ids, loss_mask, self.student_tokenizer, self.teacher_tokenizer, pairing)
+        return {
+            "teacher_input_ids": rows.input_ids,
+            "teacher_attention_mask": rows.attention_mask,
+            "pairs_student": rows.student,
+            "pairs_teacher": rows.teacher,
+        }
+
+    def soft(self, student_logits, teacher_logits, batch_pairs, divergence: Divergence, vocab: int, chunk: int):
+        shared = None if self.pairing == "positional_uld" else (self.student_ids, self.teacher_ids)
+        return cross_divergence(
+            student_logits, teacher_logits, batch_pairs, divergence, shared, (vocab, self.teacher_vocab), chunk
+        )

@@ -69,6 +69,8 @@ def evaluate(
     one all-reduce at the end. {} without held-out data."""
     if not valid_data:
         return {}
+    if objective.cross is not None:  # no teacher position matches a student position across tokenizers
+        teacher = None
     device, vocab, chunk = dist.device(), objective.vocab_size, objective.chunk_tokens
     kl_measured = False
     was_training = engine.training

@@ -18,14 +18,14 @@ from vkd_ds.losses import fused_head_losses
 from vkd_ds.valence import ValenceHead
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     from transformers import AutoTokenizer
 
-    _require_dir(path, "data.tokenizer_path")
+    _require_dir(path, key)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise VkdError(f"no usable tokenizer in {path} (data.tokenizer_path): {str(err).splitlines()[0]}") from None
+        raise VkdError(f"no usable tokenizer in {path} ({key}): {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss; any id will do, EOS is the convention.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)

@@ -133,7 +133,10 @@ class Objective(TermParams):
         rollouts: rollout_terms), and the valid-position mask [B,S]. `on_policy`: the batch is the
         student's own samples."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        inputs = TermInputs(self, student_out, teacher_out, targets, mask, sequences=Sequences.of_batch(batch))
+        pairs = (batch["pairs_student"], batch["pairs_teacher"]) if "pairs_student" in batch else None
+        inputs = TermInputs(
+            self, student_out, teacher_out, targets, mask, sequences=Sequences.of_batch(batch), pairs=pairs
+        )
         names = self.active_at(rollout_step=False, on_policy=on_policy)
         return {name: TERMS[name].compute(inputs) for name in names}, mask
 
@@ -158,7 +161,10 @@ class Teacher:
         )
 
     def on_batch(self, batch: dict) -> dict:
-        """The teacher's outputs on a collated batch (what a teacher.cache's CachedTeacher also gives)."""
+        """The teacher's outputs on a collated batch (what a teacher.cache's CachedTeacher also gives); on
+        the batch's rows in the teacher's tokens when it has them (across tokenizers)."""
+        if "teacher_input_ids" in batch:
+            return self(batch["teacher_input_ids"], batch["teacher_attention_mask"])
         return self(**model_inputs(batch))
 
     @torch.no_grad()

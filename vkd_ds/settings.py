@@ -13,6 +13,7 @@ docs/config.md. The settings and their enumerations are imported from here.
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -144,6 +145,8 @@ class Settings:
         self._check_term_needs()
         if self.teacher.cache:
             self._check_cached_teacher()
+        if self.cross_tokenizer:
+            self._check_cross_tokenizer()
         if not self.data.tokenizer_path:
             raise VkdError("config key `data.tokenizer_path` is required (set it with data.tokenizer_path=...)")
         if self.needs_teacher_valence and not self.valence.teacher_head and not self.teacher.cache:
@@ -224,6 +227,36 @@ class Settings:
                 "teacher.cache serves CE, token KD (loss.soft), L_val, L_reg and the valence weights; "
                 f"{', '.join(live)} need(s) the live teacher: set them to 0 (false), or train with teacher.path "
                 "and teacher.cache=null"
+            )
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """The teacher reads its own tokenizer (teacher.tokenizer_path, another than data.tokenizer_path)."""
+        path = self.teacher.tokenizer_path
+        return path is not None and os.path.realpath(path) != os.path.realpath(self.data.tokenizer_path or "")
+
+    def _check_cross_tokenizer(self) -> None:
+        """Across tokenizers the teacher runs on its own tokens: CE, the soft term (loss.cross_tokenizer)
+        and L_reg work; what compares the two models position by position or needs the teacher's valence,
+        features or samples does not yet."""
+        unsupported = [f"loss.{name}=0" for name in ("feat", "seq", "val") if self.loss.weights[name] > 0]
+        unsupported += [
+            setting
+            for setting, on in (
+                ("weighting.lam=0", self.weighting.lam != 0),
+                ("reg.contrastive=0", self.reg.contrastive > 0 and self.loss.weights["reg"] > 0),
+                ("onpolicy.fraction=0", self.onpolicy.fraction > 0),
+                ("gate.enabled=false", self.gate.enabled),
+                ("teacher.cache=null", bool(self.teacher.cache)),
+                ("loss.fused_head=false", self.loss.fused_head),
+                ("data.packing=false", self.data.packing is True),
+            )
+            if on
+        ]
+        if unsupported:
+            raise VkdError(
+                "teacher.tokenizer_path differs from data.tokenizer_path (distillation across tokenizers), which "
+                f"trains CE, loss.soft and loss.reg only so far: set {' '.join(unsupported)}"
             )
 
     @property

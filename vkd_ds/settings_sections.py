@@ -36,6 +36,9 @@ from vkd_ds.settings_fields import (
 from vkd_ds.terms import TERMS
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+# The soft term across tokenizers (vkd_ds/cross_tokenizer.py): byte-aligned positions, shared tokens by
+# loss.divergence and the rest by sorted L1 | ULD's positions paired by index.
+CROSS_TOKENIZER_PAIRINGS = ("aligned", "positional_uld")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class TeacherSettings:
     offload_param: str = checked(choice(("auto", *OFFLOAD_DEVICES)))  # a ZeRO-3 teacher's shards
     nvme_path: str | None = checked(anything)
     cache: str | None = checked(anything)  # a `vkd-ds cache-teacher` directory, read in place of the teacher
+    tokenizer_path: str | None = checked(anything)  # the teacher's own tokenizer (null: data.tokenizer_path)
 
     def __post_init__(self):
         if not self.path and not self.cache:
@@ -104,6 +108,7 @@ class LossSettings:
     temperature: float = checked(number(low=1e-3))
     chunk_tokens: int | str = checked(auto_or(number(low=1, integer=True)))  # auto: planned at start
     fused_head: bool = checked(flag)
+    cross_tokenizer: str = checked(choice(CROSS_TOKENIZER_PAIRINGS))  # with teacher.tokenizer_path
 
     @classmethod
     def from_node(cls, node: ConfigNode, prefix: str) -> LossSettings:

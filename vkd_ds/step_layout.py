@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from vkd_ds import dist
+from vkd_ds.cross_tokenizer import CrossVocab
 from vkd_ds.data import Example, GlobalBatchSampler, collate, collate_packed
 from vkd_ds.packing import PackedRows
 from vkd_ds.sequences import on_device
@@ -23,10 +24,12 @@ class StepLayout:
         seed: int,
         pad_id: int,
         device: torch.device,
+        cross: CrossVocab | None = None,
     ):
         """`packs`: the training rows packed (data.packing), which the sampler then draws instead of
-        single rows. `micro`, `accum`, `seed`: trainer.micro_batch_size, grad_accum and seed."""
-        self.train_data, self.packs = train_data, packs
+        single rows. `micro`, `accum`, `seed`: trainer.micro_batch_size, grad_accum and seed. `cross`:
+        the teacher's tokenizer, when it differs (each batch then carries its rows in the teacher's tokens)."""
+        self.train_data, self.packs, self.cross = train_data, packs, cross
         self.micro, self.accum = micro, accum
         self.pad_id, self.device = pad_id, device
         self.world, self.rank = dist.world_size(), dist.rank()
@@ -62,4 +65,6 @@ class StepLayout:
 
     def batch(self, examples: list[Example], rows: list[int] | None) -> dict[str, torch.Tensor]:
         batch = collate(examples, self.pad_id) if rows is None else collate_packed(examples, self.pad_id, rows)
+        if self.cross is not None:
+            batch |= self.cross.batch_fields([ex.input_ids for ex in examples], batch["loss_mask"])
         return on_device(batch, self.device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vkd_ds.cross_tokenizer import CrossVocab
 from vkd_ds.losses import (
     Divergence,
     SparseTeacher,
@@ -72,6 +73,7 @@ class TermParams:
     contrastive: float = 0.0  # weight of the InfoNCE part of L_reg
     contrastive_temperature: float = 0.1
     fused_head: bool = False  # CE and soft KD from the student's last hidden state and LM head, no logits
+    cross: CrossVocab | None = None  # the teacher reads its own tokenizer (teacher.tokenizer_path)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class TermInputs:
     rollout: SampleScores | None = None
     sequences: Sequences | None = None  # which sequence each position is in (None: one per row)
     shared: dict = field(default_factory=dict)  # values two terms compute together (_one_pass)
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # across tokenizers: (student, teacher) positions
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,10 @@ def _soft(x: TermInputs) -> torch.Tensor:
     if (pair := _one_pass(x)) is not None:
         return pair[1]
     obj = x.objective
+    if obj.cross is not None:
+        return obj.cross.soft(
+            x.student["logits"], x.teacher["logits"], x.pairs, obj.divergence, obj.vocab_size, obj.chunk_tokens or 1024
+        )
     # Nothing reads the teacher's logits after this term: they may hold its stored gradient.
     return divergence_per_sequence(
         x.student["logits"],

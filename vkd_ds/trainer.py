@@ -75,7 +75,9 @@ class Trainer:
         self.rank = dist.rank()
         self.device = dist.device()
         self.on_gpu = dist.on_gpu()
-        self.layout = StepLayout(train_data, packs, t.micro_batch_size, t.grad_accum, t.seed, self.pad_id, self.device)
+        self.layout = StepLayout(
+            train_data, packs, t.micro_batch_size, t.grad_accum, t.seed, self.pad_id, self.device, objective.cross
+        )
         self.step = 0
         self.log = get_logger()
         self.faults = Faults()

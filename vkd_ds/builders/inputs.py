@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vkd_ds.builders.objective import build_objective
+from vkd_ds.cross_tokenizer import CrossVocab, byte_lengths
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.models import (
@@ -57,7 +58,9 @@ def prepare(cfg) -> Prepared:
         teacher_config = model_config_from_dict(read_manifest(s.teacher.cache)["teacher"]["config"], "teacher.cache")
     tokenizer = load_tokenizer(s.data.tokenizer_path)
     vocab = len(tokenizer)
-    check_vocab(vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
+    cross = _cross_vocab(s, tokenizer)
+    teacher_vocab = cross.teacher_vocab if cross is not None else vocab
+    check_vocab(teacher_vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
     if s.student.path is not None:
         student_config = load_model_config(s.student.path, "student.path")
         check_same_tokenizer(tokenizer, s.student.path, "student")
@@ -77,7 +80,7 @@ def prepare(cfg) -> Prepared:
     valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
-    objective = build_objective(s, layer_map, vocab)
+    objective = replace(build_objective(s, layer_map, vocab), cross=cross)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
     if objective.layer_map and teacher_width != student_width and not s.feat.projectors:
         raise VkdError(
@@ -99,7 +102,9 @@ def prepare(cfg) -> Prepared:
 
         manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss)
     notes = [note for _, rows in splits.values() for note in rows.notes()]
-    packs = packed_rows(s.data.packing, train_data, int(s.data.max_seq_len), s.data.pack_length)
+    # Across tokenizers each row is re-tokenized for the teacher: one document per row (settings refuse true).
+    packing = False if cross is not None else s.data.packing
+    packs = packed_rows(packing, train_data, int(s.data.max_seq_len), s.data.pack_length)
     return Prepared(
         tokenizer,
         student_config,
@@ -114,6 +119,24 @@ def prepare(cfg) -> Prepared:
         teacher_parameters,
         packs,
     )
+
+
+def _cross_vocab(s: Settings, tokenizer) -> CrossVocab | None:
+    """Across tokenizers (teacher.tokenizer_path): both tokenizers must give each token's exact bytes
+    (byte-level BPE), which the alignment on the text's bytes reads."""
+    if not s.cross_tokenizer:
+        return None
+    teacher_tokenizer = load_tokenizer(s.teacher.tokenizer_path, "teacher.tokenizer_path")
+    for who, key, tok in (
+        ("student", "data.tokenizer_path", tokenizer),
+        ("teacher", "teacher.tokenizer_path", teacher_tokenizer),
+    ):
+        if byte_lengths(tok, []) is None:
+            raise VkdError(
+                f"{key}: the {who}'s tokenizer is not a byte-level BPE tokenizer, and distilling across "
+                "tokenizers aligns the texts on each token's exact bytes, which only those give so far"
+            )
+    return CrossVocab.of(tokenizer, teacher_tokenizer, s.loss.cross_tokenizer)
 
 
 def _check_prompts(s: Settings, train_data: TokenRows) -> None:

@@ -88,6 +88,16 @@ class TeacherPart:
                 world - 1,
                 max(r["weights_gb"] for r in figures["ranks"]),
             )
+        cross = start.prepared.objective.cross
+        if cross is not None:
+            log.info(
+                "teacher tokenizer: %s (%d tokens, %d shared with the student's %d); soft term across tokenizers: %s",
+                s.teacher.tokenizer_path,
+                cross.teacher_vocab,
+                len(cross.teacher_ids),
+                start.prepared.objective.vocab_size,
+                s.loss.cross_tokenizer,
+            )
         if self.allocator_tuned:
             log.info("host allocator: glibc mmap threshold 32 MiB, no trim (trainer.keep_freed_memory)")
 
