@@ -1,0 +1,211 @@
+"""Distillation across tokenizers (issue #34): how much of same-tokenizer KD's gain the byte-aligned soft
+term recovers when the student's tokenizer is not the teacher's, measured in held-out bits per byte
+(comparable across tokenizers), 3 seeds.
+
+    python bench/cross_tokenizer.py [--quick] [--seeds 1234 1 2] [--jobs 2] [--out DIR]
+
+The demo's assets (--quick: the --quick demo's): its teacher and its 2,048-token byte-level BPE
+tokenizer ("A"). A second byte-level BPE tokenizer ("B": 1,024 tokens, every digit its own token) is
+trained here on the same training text. Arms, each a 2-layer x 128 student trained for the demo's
+steps on 16 unpacked rows of at most 128 tokens per step, CE plus what it names, no other term:
+- `ce_only_A`, `ce_only_B`: CE on tokenizer A or B (LR 2e-3, CE only's LR in bench/objectives.py);
+- `same_tokenizer_kd_A`: the reference, tokenizer A, soft KD with forward KL (λ 20, LR 4e-3, T = 1:
+  what bench/objectives.py's pretraining sweep chose for CE + forward KL);
+- `positional_uld_B`, `aligned_B`: tokenizer B, the teacher on A, loss.cross_tokenizer = positional_uld
+  or aligned, the same λ, LR and T (not swept).
+Judged on the held-out text (valid.jsonl): bits per byte = Σ −log₂ p_S(target) / Σ bytes of the
+targets, over every target token that is not a special token. Share of the gain recovered:
+(bpb(ce_only_B) − bpb(aligned_B)) / (bpb(ce_only_A) − bpb(same_tokenizer_kd_A)). 1 process per run with
+1 thread, --jobs runs at once; `GLIBC_TUNABLES` unset unless set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_env, describe, train, work_dir  # noqa: E402
+
+from vkd_ds.terms import loss_overrides  # noqa: E402
+
+B_VOCAB, ROWS_PER_STEP = 1024, 16
+KD = ["loss.soft=20", "loss.temperature=1.0", "trainer.lr=4e-3"]
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "ce_only_A": ("A", ["trainer.lr=2e-3"]),
+    "ce_only_B": ("B", ["trainer.lr=2e-3"]),
+    "same_tokenizer_kd_A": ("A", KD),
+    "positional_uld_B": ("B", [*KD, "loss.cross_tokenizer=positional_uld"]),
+    "aligned_B": ("B", [*KD, "loss.cross_tokenizer=aligned"]),
+    # λ 20 was chosen for same-tokenizer forward KL; the cross-tokenizer terms at smaller λ (not swept on a
+    # validation split: every value is reported).
+    **{
+        f"{pairing}_B_soft{weight:g}": ("B", [*KD, f"loss.soft={weight}", f"loss.cross_tokenizer={pairing}"])
+        for pairing in ("aligned", "positional_uld")
+        for weight in (1.0, 4.0)
+    },
+}
+
+
+def tokenizer_b(assets: Path, out: Path) -> Path:
+    from vkd_ds.assets import train_tokenizer
+
+    folder = out / f"tokenizer_b{B_VOCAB}"
+    if not (folder / "tokenizer.json").is_file():
+        texts = [json.loads(line)["text"] for line in (assets / "train.jsonl").read_text().splitlines()]
+        train_tokenizer(texts, B_VOCAB, folder, split_digits=True)
+    return folder
+
+
+def bits_per_byte(student_dir: Path, tokenizer_dir: Path, valid: Path) -> float:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vkd_ds.corpus import load_examples
+    from vkd_ds.cross_tokenizer import byte_lengths
+    from vkd_ds.data import collate
+    from vkd_ds.losses import shift_for_next_token
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    examples, vocab = load_examples(valid, tokenizer, 128), len(tokenizer)
+    nats = size = 0.0
+    lengths = torch.tensor(byte_lengths(tokenizer, list(range(vocab))))
+    with torch.no_grad():
+        for start in range(0, len(examples), 16):
+            batch = collate(examples[start : start + 16], tokenizer.pad_token_id)
+            targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
+            mask &= lengths[targets.clamp(max=vocab - 1)] > 0  # special tokens stand for no bytes
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logp = F.log_softmax(logits[..., :vocab].float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+            nats -= float(logp[mask].sum())
+            size += float(lengths[targets][mask].sum())
+    return nats / math.log(2) / size
+
+
+def run_one(job: dict) -> dict:
+    from vkd_ds.export import export
+
+    run_dir = Path(job["dir"])
+    if (run_dir / "result.json").is_file():
+        return json.loads((run_dir / "result.json").read_text())
+    assets, tokenizer = Path(job["assets"]), Path(job["tokenizer"])
+    teacher_tokenizer = [f"teacher.tokenizer_path={assets / 'tokenizer'}"] if job["side"] == "B" else []
+    soft = any(o.startswith("loss.soft=") for o in job["overrides"])
+    overrides = [
+        "experiment=demo",
+        f"assets_dir={assets}",
+        f"data.tokenizer_path={tokenizer}",
+        *teacher_tokenizer,
+        *loss_overrides(ce=1.0, soft=1.0 if soft else 0.0),
+        "weighting.lam=0",
+        "gate.enabled=false",
+        "data.packing=false",
+        "trainer.micro_batch_size=8",
+        f"trainer.grad_accum={ROWS_PER_STEP // 8}",
+        f"trainer.max_steps={job['steps']}",
+        f"trainer.seed={job['seed']}",
+        "trainer.eval_every=0",
+        "trainer.eval_max_batches=1",
+        f"trainer.save_every={job['steps']}",
+        "trainer.progress_bar=false",
+        "resume=never",
+        *job["overrides"],
+    ]
+    rows = train(1, overrides, run_dir, job["env"])
+    export(run_dir, run_dir / "exported")
+    result = {
+        "arm": job["arm"],
+        "seed": job["seed"],
+        "bpb": bits_per_byte(run_dir / "exported", tokenizer, assets / "valid.jsonl"),
+        "step_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _stdout_to_stderr() -> None:
+    sys.stdout = sys.stderr
+
+
+def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--assets", default=None, help="demo assets (default: built under --out)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from vkd_ds.demo import FULL, QUICK, build_assets
+
+    demo = QUICK if args.quick else FULL
+    out = work_dir(args.out, "cross_tokenizer")
+    assets = Path(args.assets) if args.assets else out / "assets"
+    env = bench_env(1)
+    env["OMP_NUM_THREADS"] = str(max(1, int(env["OMP_NUM_THREADS"]) // args.jobs))
+    with contextlib.redirect_stdout(sys.stderr):
+        if not args.assets:
+            build_assets(assets, demo)
+        tokenizers = {"A": assets / "tokenizer", "B": tokenizer_b(assets, out)}
+        jobs = [
+            {
+                "dir": str(out / arm / f"seed{seed}"),
+                "arm": arm,
+                "side": side,
+                "seed": seed,
+                "overrides": overrides,
+                "assets": str(assets),
+                "tokenizer": str(tokenizers[side]),
+                "steps": demo.distill_steps,
+                "env": env,
+            }
+            for arm, (side, overrides) in ARMS.items()
+            for seed in args.seeds
+        ]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=_stdout_to_stderr) as pool:
+            runs = list(pool.map(run_one, jobs))
+    table = {}
+    for arm in ARMS:
+        values = [r["bpb"] for r in runs if r["arm"] == arm]
+        table[arm] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
+    same_gain = table["ce_only_A"]["mean"] - table["same_tokenizer_kd_A"]["mean"]
+    # Per cross-tokenizer arm: the share of the same-tokenizer gain it recovers, and whether its gain over
+    # CE only on tokenizer B exceeds the larger of the two arms' seed spreads.
+    ce_b = table["ce_only_B"]
+    recovered = {
+        arm: {
+            "share": round((ce_b["mean"] - table[arm]["mean"]) / same_gain, 3) if same_gain else None,
+            "gain_over_ce_only_B": round(ce_b["mean"] - table[arm]["mean"], 4),
+            "beats_ce_only_B_beyond_spread": ce_b["mean"] - table[arm]["mean"] > max(ce_b["std"], table[arm]["std"]),
+        }
+        for arm in ARMS
+        if arm.endswith(("_B",)) and arm != "ce_only_B" or "_B_soft" in arm
+    }
+    report = {
+        **describe(env, 1),
+        "jobs": args.jobs,
+        "quick": args.quick,
+        "steps": demo.distill_steps,
+        "seeds": args.seeds,
+        "tokenizers": {"A": str(tokenizers["A"]), "B": f"{B_VOCAB} tokens, digits split, trained here"},
+        "arms": {arm: {"tokenizer": side, "overrides": o} for arm, (side, o) in ARMS.items()},
+        "bits_per_byte": table,
+        "share_of_same_tokenizer_gain": recovered,
+        "runs": runs,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
