@@ -326,7 +326,7 @@ def cross_divergence(
     return total / counts.clamp(min=1.0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: it holds tokenizers and tensors
 class CrossVocab:
     """What distilling across tokenizers needs at every step: both tokenizers, the pairing
     (loss.cross_tokenizer), the shared tokens and the teacher tokenizer's vocabulary size."""
