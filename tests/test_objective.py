@@ -245,6 +245,7 @@ def test_every_loss_term_is_declared_once():
         "temperature",
         "chunk_tokens",
         "fused_head",
+        "cross_tokenizer",
     }  # how the token-level terms run
     assert set(loss_keys) - settings == set(TERM_NAMES)
     for term in TERMS.values():
