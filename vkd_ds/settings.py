@@ -62,7 +62,15 @@ from vkd_ds.settings_sections import (
     ValenceSettings,
     WeightingSettings,
 )
-from vkd_ds.terms import CACHED_TEACHER_SERVES, DENSE_TEACHER_LOGITS, ROLLOUTS, STUDENT_LOGITS, TERMS
+from vkd_ds.terms import (
+    CACHED_TEACHER_SERVES,
+    DENSE_TEACHER_LOGITS,
+    ROLLOUTS,
+    STUDENT_LOGITS,
+    TEACHER_HIDDENS,
+    TERMS,
+    VALENCE_HEADS,
+)
 
 __all__ = [
     "BASELINES",
@@ -239,7 +247,10 @@ class Settings:
         """Across tokenizers the teacher runs on its own tokens: CE, the soft term (loss.cross_tokenizer)
         and L_reg work; what compares the two models position by position or needs the teacher's valence,
         features or samples does not yet."""
-        unsupported = [f"loss.{name}=0" for name in ("feat", "seq", "val") if self.loss.weights[name] > 0]
+        # Terms on the teacher's hidden states, valence or samples: positions of one model, not the other's.
+        positional = {TEACHER_HIDDENS, VALENCE_HEADS, ROLLOUTS}
+        weighted = [name for name, term in TERMS.items() if self.loss.weights[name] > 0]
+        unsupported = [f"loss.{name}=0" for name in weighted if positional & set(TERMS[name].needs)]
         unsupported += [
             setting
             for setting, on in (
