@@ -30,33 +30,15 @@ TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def tokenizers():
+def tokenizers(tmp_path_factory):
     """Two byte-level BPE tokenizers: 300 tokens, and 600 tokens splitting digits one by one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from vkd_ds.assets import SPECIAL_TOKENS, pydoc_records
+    from vkd_ds.assets import pydoc_records, train_tokenizer
 
     texts = pydoc_records(200)
-    made = []
-    for size, split_digits in ((300, False), (600, True)):
-        tok = Tokenizer(models.BPE())
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.pre_tokenizer = (
-            pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-            if split_digits
-            else byte_level
-        )
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=size,
-            special_tokens=list(SPECIAL_TOKENS.values()),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer=trainer)
-        made.append(PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS))
-    return made
+    return [
+        train_tokenizer(texts, size, tmp_path_factory.mktemp("tokenizer"), split_digits=split_digits)
+        for size, split_digits in ((300, False), (600, True))
+    ]
 
 
 def _byte_decoder() -> dict[str, int]:
