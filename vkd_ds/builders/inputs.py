@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from vkd_ds.builders.objective import build_objective
 from vkd_ds.cross_tokenizer import CrossVocab, byte_lengths
@@ -80,7 +80,7 @@ def prepare(cfg) -> Prepared:
     valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)
     layer_map = resolve_layer_map(s.feat.layer_map, num_layers(student_config), num_layers(teacher_config))
-    objective = replace(build_objective(s, layer_map, vocab), cross=cross)
+    objective = build_objective(s, layer_map, vocab, cross)
     teacher_width, student_width = hidden_width(teacher_config), hidden_width(student_config)
     if objective.layer_map and teacher_width != student_width and not s.feat.projectors:
         raise VkdError(

@@ -3,14 +3,18 @@ and its terms need not know the settings."""
 
 from __future__ import annotations
 
+from vkd_ds.cross_tokenizer import CrossVocab
 from vkd_ds.losses import Divergence
 from vkd_ds.objective import Objective
 from vkd_ds.settings import Settings
 
 
-def build_objective(s: Settings, layer_map: list[tuple[int, int]], vocab_size: int) -> Objective:
+def build_objective(
+    s: Settings, layer_map: list[tuple[int, int]], vocab_size: int, cross: CrossVocab | None = None
+) -> Objective:
     """The objective of the settings `s`, capturing the (student, teacher) layer pairs `layer_map` where
-    a term needs hidden states, over a vocabulary of `vocab_size`."""
+    a term needs hidden states, over a vocabulary of `vocab_size`; `cross`: the teacher's own tokenizer
+    (teacher.tokenizer_path), when it differs."""
     lambdas = dict(s.loss.weights)
     contrastive = float(s.reg.contrastive) if lambdas["reg"] > 0 else 0.0
     captures = lambdas["feat"] > 0 or contrastive > 0
@@ -35,4 +39,5 @@ def build_objective(s: Settings, layer_map: list[tuple[int, int]], vocab_size: i
         alphas=tuple(float(a) for a in s.weighting.alphas),
         eps=float(s.weighting.eps),
         fused_head=bool(s.loss.fused_head),
+        cross=cross,
     )
