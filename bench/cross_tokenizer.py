@@ -1,22 +1,26 @@
-"""Distillation across tokenizers (issue #34): how much of same-tokenizer KD's gain the byte-aligned soft
+"""Distillation across tokenizers (issue #34): how much of same-tokenizer KD's gain each cross-tokenizer soft
 term recovers when the student's tokenizer is not the teacher's, measured in held-out bits per byte
-(comparable across tokenizers), 3 seeds.
+(comparable across tokenizers), 3 seeds, every λ chosen on a validation split.
 
     python bench/cross_tokenizer.py [--quick] [--seeds 1234 1 2] [--jobs 2] [--out DIR]
 
 The demo's assets (--quick: the --quick demo's): its teacher and its 2,048-token byte-level BPE
 tokenizer ("A"). A second byte-level BPE tokenizer ("B": 1,024 tokens, every digit its own token) is
-trained here on the same training text. Arms, each a 2-layer x 128 student trained for the demo's
-steps on 16 unpacked rows of at most 128 tokens per step, CE plus what it names, no other term:
+trained here on the same training text. The demo's train.jsonl is split as bench/objectives.py splits
+it: its last 64 records are the validation split ("tune") on which every λ is chosen; the rest is
+trained on; valid.jsonl stays held out ("test") and reports. Arms, each a 2-layer x 128 student trained
+for the demo's steps on 16 unpacked rows of at most 128 tokens per step, CE plus what it names:
 - `ce_only_A`, `ce_only_B`: CE on tokenizer A or B (LR 2e-3, CE only's LR in bench/objectives.py);
 - `same_tokenizer_kd_A`: the reference, tokenizer A, soft KD with forward KL (λ 20, LR 4e-3, T = 1:
-  what bench/objectives.py's pretraining sweep chose for CE + forward KL);
-- `positional_uld_B`, `aligned_B`: tokenizer B, the teacher on A, loss.cross_tokenizer = positional_uld
-  or aligned, the same λ, LR and T (not swept).
-Judged on the held-out text (valid.jsonl): bits per byte = Σ −log₂ p_S(target) / Σ bytes of the
-targets, over every target token that is not a special token. Share of the gain recovered:
-(bpb(ce_only_B) − bpb(aligned_B)) / (bpb(ce_only_A) − bpb(same_tokenizer_kd_A)). 1 process per run with
-1 thread, --jobs runs at once; `GLIBC_TUNABLES` unset unless set.
+  what bench/objectives.py's pretraining sweep chose for CE + forward KL on its validation split);
+- `projected_B`, `aligned_B`, `positional_uld_B`: tokenizer B, the teacher on A, loss.cross_tokenizer =
+  projected, aligned or positional_uld, at the reference's LR and T; each one's λ is picked by the
+  lowest validation bits per byte of the first seed over CROSS_LAMBDAS, widened one step where the best
+  lies on the grid's edge, at most twice; the chosen λ then runs every seed.
+Bits per byte = Σ −log₂ p_S(target) / Σ bytes of the targets, over every target token that is not a
+special token. Share of the gain recovered: (bpb(ce_only_B) − bpb(arm)) / (bpb(ce_only_A) −
+bpb(same_tokenizer_kd_A)), on the test split. 1 process per run with 1 thread, --jobs runs at once;
+`GLIBC_TUNABLES` unset unless set. A rerun reuses every run whose result.json exists.
 """
 
 from __future__ import annotations
@@ -32,25 +36,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_env, describe, train, work_dir  # noqa: E402
+from objectives import WIDENINGS, split_assets, widened  # noqa: E402
 
 from vkd_ds.terms import loss_overrides  # noqa: E402
 
 B_VOCAB, ROWS_PER_STEP = 1024, 16
-KD = ["loss.soft=20", "loss.temperature=1.0", "trainer.lr=4e-3"]
-ARMS: dict[str, tuple[str, list[str]]] = {
+KD = ["loss.temperature=1.0", "trainer.lr=4e-3"]
+FIXED_ARMS: dict[str, tuple[str, list[str]]] = {
     "ce_only_A": ("A", ["trainer.lr=2e-3"]),
     "ce_only_B": ("B", ["trainer.lr=2e-3"]),
-    "same_tokenizer_kd_A": ("A", KD),
-    "positional_uld_B": ("B", [*KD, "loss.cross_tokenizer=positional_uld"]),
-    "aligned_B": ("B", [*KD, "loss.cross_tokenizer=aligned"]),
-    # λ 20 was chosen for same-tokenizer forward KL; the cross-tokenizer terms at smaller λ (not swept on a
-    # validation split: every value is reported).
-    **{
-        f"{pairing}_B_soft{weight:g}": ("B", [*KD, f"loss.soft={weight}", f"loss.cross_tokenizer={pairing}"])
-        for pairing in ("aligned", "positional_uld")
-        for weight in (1.0, 4.0)
-    },
+    "same_tokenizer_kd_A": ("A", [*KD, "loss.soft=20"]),
 }
+SWEPT_ARMS: dict[str, list[str]] = {
+    f"{pairing}_B": [*KD, f"loss.cross_tokenizer={pairing}"] for pairing in ("projected", "aligned", "positional_uld")
+}
+CROSS_LAMBDAS = (1.0, 4.0, 20.0)
 
 
 def tokenizer_b(assets: Path, out: Path) -> Path:
@@ -102,6 +102,8 @@ def run_one(job: dict) -> dict:
     overrides = [
         "experiment=demo",
         f"assets_dir={assets}",
+        f"data.train_path={assets}/train.jsonl",
+        f"data.valid_path={assets}/tune.jsonl",
         f"data.tokenizer_path={tokenizer}",
         *teacher_tokenizer,
         *loss_overrides(ce=1.0, soft=1.0 if soft else 0.0),
@@ -124,7 +126,11 @@ def run_one(job: dict) -> dict:
     result = {
         "arm": job["arm"],
         "seed": job["seed"],
-        "bpb": bits_per_byte(run_dir / "exported", tokenizer, assets / "valid.jsonl"),
+        "overrides": job["overrides"],
+        **{
+            f"{split}/bpb": bits_per_byte(run_dir / "exported", tokenizer, assets / f"{split}.jsonl")
+            for split in ("tune", "test")
+        },
         "step_s": statistics.median(float(r["step_time_s"]) for r in rows[5:]),
     }
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -149,34 +155,43 @@ def main() -> int:
 
     demo = QUICK if args.quick else FULL
     out = work_dir(args.out, "cross_tokenizer")
-    assets = Path(args.assets) if args.assets else out / "assets"
     env = bench_env(1)
     env["OMP_NUM_THREADS"] = str(max(1, int(env["OMP_NUM_THREADS"]) // args.jobs))
     with contextlib.redirect_stdout(sys.stderr):
+        demo_assets = Path(args.assets) if args.assets else out / "assets"
         if not args.assets:
-            build_assets(assets, demo)
+            build_assets(demo_assets, demo)
+        assets = split_assets(demo_assets, out)
         tokenizers = {"A": assets / "tokenizer", "B": tokenizer_b(assets, out)}
-        jobs = [
-            {
-                "dir": str(out / arm / f"seed{seed}"),
-                "arm": arm,
-                "side": side,
-                "seed": seed,
-                "overrides": overrides,
-                "assets": str(assets),
-                "tokenizer": str(tokenizers[side]),
-                "steps": demo.distill_steps,
-                "env": env,
-            }
-            for arm, (side, overrides) in ARMS.items()
-            for seed in args.seeds
-        ]
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn, initializer=_stdout_to_stderr) as pool:
-            runs = list(pool.map(run_one, jobs))
+
+            def job(arm: str, setting: str, seed: int, side: str, overrides: list[str]) -> dict:
+                return {
+                    "dir": str(out / arm / setting / f"seed{seed}"),
+                    "arm": arm,
+                    "side": side,
+                    "seed": seed,
+                    "overrides": overrides,
+                    "assets": str(assets),
+                    "tokenizer": str(tokenizers[side]),
+                    "steps": demo.distill_steps,
+                    "env": env,
+                }
+
+            fixed = [job(arm, "fixed", seed, side, o) for arm, (side, o) in FIXED_ARMS.items() for seed in args.seeds]
+            pending = pool.map(run_one, fixed)  # alongside the sweeps
+            sweep, chosen = _sweep(pool, job, args.seeds[0])
+            rest = [
+                job(arm, best["setting"], seed, "B", best["overrides"])
+                for arm, best in chosen.items()
+                for seed in args.seeds[1:]
+            ]
+            runs = [*pending, *(best["result"] for best in chosen.values()), *pool.map(run_one, rest)]
+    arms = [*FIXED_ARMS, *SWEPT_ARMS]
     table = {}
-    for arm in ARMS:
-        values = [r["bpb"] for r in runs if r["arm"] == arm]
+    for arm in arms:
+        values = [r["test/bpb"] for r in runs if r["arm"] == arm]
         table[arm] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
     same_gain = table["ce_only_A"]["mean"] - table["same_tokenizer_kd_A"]["mean"]
     # Per cross-tokenizer arm: the share of the same-tokenizer gain it recovers, and whether its gain over
@@ -188,8 +203,7 @@ def main() -> int:
             "gain_over_ce_only_B": round(ce_b["mean"] - table[arm]["mean"], 4),
             "beats_ce_only_B_beyond_spread": ce_b["mean"] - table[arm]["mean"] > max(ce_b["std"], table[arm]["std"]),
         }
-        for arm in ARMS
-        if arm.endswith(("_B",)) and arm != "ce_only_B" or "_B_soft" in arm
+        for arm in SWEPT_ARMS
     }
     report = {
         **describe(env, 1),
@@ -197,14 +211,46 @@ def main() -> int:
         "quick": args.quick,
         "steps": demo.distill_steps,
         "seeds": args.seeds,
-        "tokenizers": {"A": str(tokenizers["A"]), "B": f"{B_VOCAB} tokens, digits split, trained here"},
-        "arms": {arm: {"tokenizer": side, "overrides": o} for arm, (side, o) in ARMS.items()},
-        "bits_per_byte": table,
+        "tokenizers": {"A": "the demo's (2,048 tokens)", "B": f"{B_VOCAB} tokens, digits split, trained here"},
+        "arms": {arm: {"tokenizer": side, "overrides": o} for arm, (side, o) in FIXED_ARMS.items()}
+        | {arm: {"tokenizer": "B", "overrides": o, "swept": "loss.soft"} for arm, o in SWEPT_ARMS.items()},
+        "tune_bpb_by_lambda": sweep,
+        "chosen": {arm: {"loss.soft": best["soft"], "on_edge": best["on_edge"]} for arm, best in chosen.items()},
+        "test_bits_per_byte": table,
         "share_of_same_tokenizer_gain": recovered,
         "runs": runs,
     }
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _sweep(pool, job, seed: int) -> tuple[dict, dict]:
+    """λ of every swept arm, at `seed`: the grid CROSS_LAMBDAS, widened where its best lies on an edge
+    (WIDENINGS times at most). ({arm: {λ: tune bpb}}, {arm: the chosen λ, its run and its overrides})."""
+    grids = {arm: {"soft": list(CROSS_LAMBDAS)} for arm in SWEPT_ARMS}
+    results: dict[str, dict[float, dict]] = {arm: {} for arm in SWEPT_ARMS}
+    for _ in range(WIDENINGS + 1):
+        todo = [(arm, w) for arm, grid in grids.items() for w in grid["soft"] if w not in results[arm]]
+        jobs = [job(arm, f"soft{w:g}", seed, "B", [*SWEPT_ARMS[arm], f"loss.soft={w}"]) for arm, w in todo]
+        for (arm, w), result in zip(todo, pool.map(run_one, jobs), strict=True):
+            results[arm][w] = result
+        best = {arm: min(grid["soft"], key=lambda w, a=arm: results[a][w]["tune/bpb"]) for arm, grid in grids.items()}
+        wider = {arm: widened(grid, {"soft": best[arm]}) for arm, grid in grids.items()}
+        if wider == grids:
+            break
+        grids = wider
+    chosen = {
+        arm: {
+            "soft": best[arm],
+            "setting": f"soft{best[arm]:g}",
+            "overrides": [*SWEPT_ARMS[arm], f"loss.soft={best[arm]}"],
+            "result": results[arm][best[arm]],
+            "on_edge": wider[arm] != grids[arm],
+        }
+        for arm in SWEPT_ARMS
+    }
+    sweep = {arm: {f"{w:g}": round(results[arm][w]["tune/bpb"], 4) for w in sorted(results[arm])} for arm in SWEPT_ARMS}
+    return sweep, chosen
 
 
 if __name__ == "__main__":

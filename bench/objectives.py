@@ -217,7 +217,7 @@ def _points(grid: dict[str, list[float]]) -> list[dict[str, float]]:
     return points
 
 
-def _widened(grid: dict[str, list[float]], best: dict[str, float]) -> dict[str, list[float]]:
+def widened(grid: dict[str, list[float]], best: dict[str, float]) -> dict[str, list[float]]:
     """The grid one step wider (the same ratio) along every dimension whose best value lies on its edge."""
     wider = {}
     for dim, values in grid.items():
@@ -256,7 +256,7 @@ def sweep_and_choose(runner: Runner, protocol: str, grids: dict, lr: float | Non
             sweep.setdefault(arm, {})[setting] = round(score, 4)
             if arm not in chosen or score < chosen[arm]["tune"]:
                 chosen[arm] = {"setting": setting, "point": point, "lr": point_lr, "overrides": swept, "tune": score}
-        wider = {arm: (o, _widened(grid, chosen[arm]["point"])) for arm, (o, grid) in grids.items()}
+        wider = {arm: (o, widened(grid, chosen[arm]["point"])) for arm, (o, grid) in grids.items()}
         # The dimensions along which a best point lies on its grid's edge (after the last widening too).
         edges = {arm: [dim for dim in grid if wider[arm][1][dim] != grid[dim]] for arm, (_, grid) in grids.items()}
         if wider == grids:

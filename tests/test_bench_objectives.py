@@ -19,12 +19,12 @@ def test_a_grid_widens_along_the_edge_its_best_point_lies_on_and_nowhere_else():
     grid = {"lr": [1e-3, 2e-3, 4e-3], "soft": [0.8, 4.0, 20.0]}
     assert len(objectives._points(grid)) == 9
     assert objectives._points({"seq": [0.1, 1.0]}) == [{"seq": 0.1}, {"seq": 1.0}]
-    assert objectives._widened(grid, {"lr": 2e-3, "soft": 4.0}) == grid  # interior: done
-    assert objectives._widened(grid, {"lr": 4e-3, "soft": 0.8}) == {
+    assert objectives.widened(grid, {"lr": 2e-3, "soft": 4.0}) == grid  # interior: done
+    assert objectives.widened(grid, {"lr": 4e-3, "soft": 0.8}) == {
         "lr": [1e-3, 2e-3, 4e-3, 8e-3],
         "soft": [0.16, 0.8, 4.0, 20.0],
     }
-    assert objectives._widened({"lr": [2e-3]}, {"lr": 2e-3}) == {"lr": [2e-3]}  # one value: not a sweep
+    assert objectives.widened({"lr": [2e-3]}, {"lr": 2e-3}) == {"lr": [2e-3]}  # one value: not a sweep
 
 
 def test_the_validation_split_is_carved_from_train_and_the_held_out_set_is_untouched(tiny_assets, tmp_path):

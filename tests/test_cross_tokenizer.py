@@ -15,6 +15,7 @@ from vkd_ds.cross_tokenizer import (
     positional_uld,
     shared_vocabulary,
     sorted_l1,
+    sparse_logits,
     teacher_rows,
 )
 from vkd_ds.losses import DIVERGENCES, Divergence
@@ -200,3 +201,46 @@ def test_the_term_across_identical_tokenizers_is_the_same_tokenizer_soft_term(to
     (reference_grad,) = torch.autograd.grad(reference.sum(), student_logits)
     torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-7)
+
+
+def _cached(teacher_logits: torch.Tensor, at: torch.Tensor, vocab: int, k: int, temperature: float):
+    """A teacher cache's rows (teacher_cache.teacher_rows: top-k, tail) of the logits at positions `at`."""
+    from vkd_ds.losses import SparseTeacher
+    from vkd_ds.teacher_cache import teacher_rows as cache_rows
+
+    picked = teacher_logits[at[:, 0], at[:, 1]][None]
+    mask = torch.ones(picked.shape[:2], dtype=torch.bool)
+    rows = cache_rows(picked, torch.zeros_like(mask, dtype=torch.long), mask, vocab, k, temperature)
+    return SparseTeacher(rows["ids"], rows["logp"], rows["tail"], temperature)
+
+
+@pytest.mark.parametrize("pairing", ["aligned", "positional"])
+def test_a_teacher_cache_at_k_equal_to_the_vocabulary_gives_the_live_teachers_term(tokenizers, pairing):
+    """The cache holds every teacher token; the pairs pick its rows. At k = V_T the term and its
+    gradient are the live teacher's (at T = 2, and positional ULD's T = 1); below V_T the top-k
+    probabilities come back exactly and the tail keeps its mass."""
+    student_tok, teacher_tok = tokenizers
+    rows, mask = _student_rows(student_tok, [TEXTS["ascii"], TEXTS["digits"], TEXTS["emoji"]])
+    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, pairing)
+    vs, vt = len(student_tok), len(teacher_tok)
+    shared = None
+    if pairing == "aligned":
+        shared = shared_vocabulary(*(t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tok, teacher_tok)))
+    torch.manual_seed(3)
+    student_logits = torch.randn(len(rows), mask.shape[1], vs, requires_grad=True)
+    teacher_logits = torch.randn(len(rows), teacher.input_ids.shape[1], vt + 5) * 3  # padded head
+    d = Divergence(kind="forward_kl", temperature=2.0)
+    pairs = (teacher.student, teacher.teacher)
+    live = cross_divergence(student_logits, teacher_logits, pairs, d, shared, (vs, vt), chunk_tokens=5)
+    cached = cross_divergence(
+        student_logits, _cached(teacher_logits, teacher.teacher, vt, vt, 2.0), pairs, d, shared, (vs, vt), 5
+    )
+    (live_grad,) = torch.autograd.grad(live.sum(), student_logits)
+    (cached_grad,) = torch.autograd.grad(cached.sum(), student_logits)
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached_grad, live_grad, rtol=1e-4, atol=1e-7)
+    top = _cached(teacher_logits, teacher.teacher, vt, 16, 2.0)
+    dense = (sparse_logits(top, slice(0, len(top)), vt) / 2.0).softmax(-1)
+    exact = (teacher_logits[teacher.teacher[:, 0], teacher.teacher[:, 1], :vt] / 2.0).softmax(-1)
+    torch.testing.assert_close(dense.gather(1, top.ids), exact.gather(1, top.ids), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(len(top)), rtol=1e-5, atol=1e-6)

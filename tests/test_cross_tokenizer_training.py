@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import base_overrides, save_tiny_model, train_job
+from tests.conftest import base_overrides, deepspeed_launch, save_tiny_model, train_job
 from tests.test_distributed import losses
 from vkd_ds.config import compose
 from vkd_ds.errors import VkdError
@@ -47,6 +47,7 @@ def _across(assets, run_dir, other_teacher, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.distributed
 def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resumes_exactly(
     tiny_assets, tmp_path, other_teacher
 ):
@@ -65,6 +66,40 @@ def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resume
     train_job(_across(tiny_assets, uld, other_teacher, "loss.cross_tokenizer=positional_uld", "trainer.max_steps=1"))
     first = read_metrics(uld / "metrics.csv")[0]
     assert first["loss/ce"] == rows[0]["loss/ce"] and first["loss/soft"] != rows[0]["loss/soft"]
+
+
+@pytest.mark.distributed
+def test_a_cache_of_the_teacher_on_its_own_tokens_gives_the_live_teachers_losses(tiny_assets, tmp_path, other_teacher):
+    """`vkd-ds cache-teacher` across tokenizers on 2 ranks stores every teacher token of each record;
+    a run on it (no teacher loaded) aligns them at training: at k = V_T, fp32, its losses are the live
+    teacher's within 1e-5. A cached run without the teacher's tokenizer is refused before it starts."""
+    from tests.test_teacher_cache import run_cache_teacher
+
+    cache_dir, steps = tmp_path / "cache", ["trainer.max_steps=3", "trainer.eval_every=3"]
+    written = run_cache_teacher(
+        [*_across(tiny_assets, tmp_path / "unused", other_teacher), f"cache.dir={cache_dir}", "cache.top_k=500"]
+        + ["cache.precision=fp32"]
+    )
+    assert written.returncode == 0, written.stderr[-4000:]
+    live = tmp_path / "live"
+    train_job(_across(tiny_assets, live, other_teacher, *steps))
+    on_cache = [f"teacher.cache={cache_dir}", "teacher.path=null", *steps]
+    cached = tmp_path / "cached"
+    train_job(_across(tiny_assets, cached, other_teacher, *on_cache))
+    assert "teacher: not loaded" in (cached / "train.log").read_text()
+    live_rows, cached_rows = read_metrics(live / "metrics.csv"), read_metrics(cached / "metrics.csv")
+    assert len(live_rows) == 3 and float(live_rows[0]["loss/soft"]) > 0
+    for live_row, cached_row in zip(live_rows, cached_rows, strict=True):
+        for column in ("loss", "loss/ce", "loss/soft", "loss/reg", "eval/ce"):
+            if column == "eval/ce" and live_row[column] == "":
+                continue
+            a, b = float(cached_row[column]), float(live_row[column])
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (live_row["step"], column, a, b)
+    same_tokenizer = [*_across(tiny_assets, tmp_path / "refused", other_teacher, *on_cache)]
+    same_tokenizer = [o for o in same_tokenizer if not o.startswith("teacher.tokenizer_path=")]
+    refused = deepspeed_launch(["launcher/train.py", *same_tokenizer], 1)
+    assert refused.returncode != 0 and "holds the teacher on its own tokens" in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "data.tokenizer_path=/s", "teacher.tokenizer_path=/t2"]

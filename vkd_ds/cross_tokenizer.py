@@ -26,12 +26,13 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vkd_ds.losses import DIVERGENCES, Divergence
+from vkd_ds.losses import DIVERGENCES, LOG_ZERO, Divergence, SparseTeacher
 
 
 def byte_ends(text: str, offsets: Sequence[tuple[int, int]], lengths: Sequence[int] | None = None) -> list[int]:
@@ -233,17 +234,12 @@ def teacher_rows(
     (`align`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
     rows, student_pairs, teacher_pairs, unaligned = [], [], [], 0
     for row, ids in enumerate(student_ids):
-        data = text_bytes(student_tokenizer, ids)
-        text = data.decode("utf-8", errors="ignore") if data is not None else None
-        if text is None or text.encode("utf-8") != data:
+        tokens = teacher_tokens(student_tokenizer, teacher_tokenizer, ids)
+        if tokens is None:
             rows.append([teacher_tokenizer.pad_token_id])
             unaligned += 1
             continue
-        teacher_ids, teacher_ends = _framed(teacher_tokenizer, text, student_tokenizer, ids)
-        if not teacher_ids:  # an empty text and a teacher without BOS: nothing to run it on
-            rows.append([teacher_tokenizer.pad_token_id])
-            unaligned += 1
-            continue
+        teacher_ids, teacher_ends = tokens
         rows.append(teacher_ids)
         targets = loss_mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()  # position t predicts t + 1
         if pairing == "positional":
@@ -262,6 +258,18 @@ def teacher_rows(
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
     return TeacherRows(input_ids, attention_mask, _pairs(student_pairs), _pairs(teacher_pairs), unaligned)
+
+
+def teacher_tokens(student_tokenizer, teacher_tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]] | None:
+    """A student row's text (its tokens decoded exactly) in the teacher's tokens, framed as the row is
+    (`_framed`), with each token's byte end; None for a row whose bytes are not text (a window that
+    splits a character) or that leaves the teacher nothing (an empty text, a teacher without BOS)."""
+    data = text_bytes(student_tokenizer, ids)
+    text = data.decode("utf-8", errors="ignore") if data is not None else None
+    if text is None or text.encode("utf-8") != data:
+        return None
+    teacher_ids, teacher_ends = _framed(teacher_tokenizer, text, student_tokenizer, ids)
+    return (teacher_ids, teacher_ends) if teacher_ids else None
 
 
 def _pairs(pairs: list[tuple[int, int]]) -> torch.Tensor:
@@ -283,9 +291,23 @@ def _framed(teacher_tokenizer, text: str, student_tokenizer, student_ids: Sequen
     return ids, ends
 
 
+def sparse_logits(teacher: SparseTeacher, rows: slice, vocab: int) -> torch.Tensor:
+    """Dense logits [n, vocab] for a teacher cache's rows (top-k and tail at T): z = T·log p̂, p̂ the
+    cached top-k probabilities with the tail's mass spread evenly over the other tokens. softmax(z/T) is
+    p̂; at k = V (no tail) z is the teacher's logits up to a constant per row, so every divergence of
+    them, at any temperature, is the live teacher's. Below V the tail's shape is unknown and the even
+    spread is its maximum-entropy guess."""
+    ids, logp = teacher.ids[rows], teacher.logp[rows].float()
+    outside = vocab - ids.shape[1]
+    fill = teacher.log_tail[rows].float() - math.log(outside) if outside > 0 else logp.new_full((len(ids),), LOG_ZERO)
+    z = fill[:, None].expand(len(ids), vocab).clone()
+    z.scatter_(1, ids, logp)
+    return z.mul_(teacher.temperature)
+
+
 def cross_divergence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     pairs: tuple[torch.Tensor, torch.Tensor],
     divergence: Divergence,
     shared: tuple[torch.Tensor, torch.Tensor] | None,
@@ -296,8 +318,9 @@ def cross_divergence(
     (`pairs`: TeacherRows.student and .teacher) of
     `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of `shared_vocabulary`) or, without
     it, positional ULD; 0 for a row without pairs. student_logits [B, S, ≥V_S], teacher_logits
-    [B, S_T, ≥V_T]; only the tokenizers' `vocab_sizes` (V_S, V_T) columns count (padded LM-head columns
-    do not). The pairs run `chunk_tokens` at a time and each chunk is recomputed in backward, so no
+    [B, S_T, ≥V_T] or a teacher cache's SparseTeacher holding one row per pair, in the pairs' order
+    (`sparse_logits`); only the tokenizers' `vocab_sizes` (V_S, V_T) columns count (padded LM-head
+    columns do not). The pairs run `chunk_tokens` at a time and each chunk is recomputed in backward, so no
     [pairs, vocab] buffer outlives its chunk."""
     from torch.utils.checkpoint import checkpoint
 
@@ -305,7 +328,7 @@ def cross_divergence(
     batch = student_logits.shape[0]
     total = student_logits.new_zeros(batch, dtype=torch.float32)
     counts = torch.zeros(batch, dtype=torch.float32, device=student_logits.device)
-    student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(teacher_logits.device)
+    student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(student_logits.device)
 
     def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if shared is None:
@@ -315,7 +338,10 @@ def cross_divergence(
     for start in range(0, len(student_at), chunk_tokens):
         s, t = student_at[start : start + chunk_tokens], teacher_at[start : start + chunk_tokens]
         student = student_logits[s[:, 0], s[:, 1], :student_vocab]
-        teacher = teacher_logits[t[:, 0], t[:, 1], :teacher_vocab].detach()
+        if isinstance(teacher_logits, SparseTeacher):
+            teacher = sparse_logits(teacher_logits, slice(start, start + len(t)), teacher_vocab)
+        else:
+            teacher = teacher_logits[t[:, 0], t[:, 1], :teacher_vocab].detach()
         value = (
             checkpoint(chunk_value, student, teacher, use_reentrant=False)
             if student.requires_grad
@@ -354,6 +380,11 @@ class CrossVocab:
             "pairs_student": rows.student,
             "pairs_teacher": rows.teacher,
         }
+
+    def teacher_positions(self, ids: Sequence[int]) -> int:
+        """How many of a student row's teacher tokens have a next token (what a teacher cache stores)."""
+        tokens = teacher_tokens(self.student_tokenizer, self.teacher_tokenizer, ids)
+        return 0 if tokens is None else len(tokens[0]) - 1
 
     def soft(self, student_logits, teacher_logits, batch_pairs, divergence: Divergence, vocab: int, chunk: int):
         shared = None if self.pairing == "positional_uld" else (self.student_ids, self.teacher_ids)

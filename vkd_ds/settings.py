@@ -258,7 +258,6 @@ class Settings:
                 ("reg.contrastive=0", self.reg.contrastive > 0 and self.loss.weights["reg"] > 0),
                 ("onpolicy.fraction=0", self.onpolicy.fraction > 0),
                 ("gate.enabled=false", self.gate.enabled),
-                ("teacher.cache=null", bool(self.teacher.cache)),
                 ("loss.fused_head=false", self.loss.fused_head),
                 ("data.packing=false", self.data.packing is True),
             )

@@ -105,10 +105,12 @@ class Term:
 
 def _one_pass(x: TermInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(CE, token KD) from one pass over the student's logits, when a teacher cache serves both (both
-    λ > 0, the logits path): computed by whichever of the two terms comes first."""
+    λ > 0, the logits path, one tokenizer): computed by whichever of the two terms comes first."""
     obj = x.objective
     teacher = x.teacher["logits"] if x.teacher is not None else None
-    if obj.fused_head or not isinstance(teacher, SparseTeacher) or not (obj.lambdas["ce"] > 0 < obj.lambdas["soft"]):
+    if obj.fused_head or obj.cross is not None or not isinstance(teacher, SparseTeacher):
+        return None
+    if not obj.lambdas["ce"] > 0 < obj.lambdas["soft"]:
         return None
     if "ce_soft" not in x.shared:
         x.shared["ce_soft"] = cached_token_losses(

@@ -58,7 +58,7 @@ def prepare(cfg) -> Prepared:
         teacher_config = model_config_from_dict(read_manifest(s.teacher.cache)["teacher"]["config"], "teacher.cache")
     tokenizer = load_tokenizer(s.data.tokenizer_path)
     vocab = len(tokenizer)
-    cross = _cross_vocab(s, tokenizer)
+    cross = cross_vocab(s, tokenizer)
     teacher_vocab = cross.teacher_vocab if cross is not None else vocab
     check_vocab(teacher_vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
     if s.student.path is not None:
@@ -100,7 +100,8 @@ def prepare(cfg) -> Prepared:
     if s.teacher.cache:
         from vkd_ds.teacher_cache import check_for_training
 
-        manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss)
+        teacher_tokenizer = None if cross is None else cross.teacher_tokenizer
+        manifest = check_for_training(s, tokenizer, splits, s.valence_feeds_the_loss, teacher_tokenizer)
     notes = [note for _, rows in splits.values() for note in rows.notes()]
     # Across tokenizers each row is re-tokenized for the teacher: one document per row (settings refuse true).
     packing = False if cross is not None else s.data.packing
@@ -121,7 +122,7 @@ def prepare(cfg) -> Prepared:
     )
 
 
-def _cross_vocab(s: Settings, tokenizer) -> CrossVocab | None:
+def cross_vocab(s: Settings, tokenizer) -> CrossVocab | None:
     """Across tokenizers (teacher.tokenizer_path): both tokenizers must give each token's exact bytes
     (byte-level BPE), which the alignment on the text's bytes reads."""
     if not s.cross_tokenizer:

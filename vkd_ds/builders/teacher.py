@@ -68,12 +68,13 @@ class TeacherPart:
         if s.teacher.cache:
             m = start.prepared.cache_manifest
             log.info(
-                "teacher: not loaded; its top-%d at T=%g, entropy%s from the cache %s (%.0f bytes per token)",
+                "teacher: not loaded; its top-%d at T=%g, entropy%s from the cache %s (%.0f bytes per token%s)",
                 m["top_k"],
                 m["temperature"],
                 " and valence" if m["valence"] else "",
                 s.teacher.cache,
                 m["bytes_per_token"],
+                "; on the teacher's own tokens, aligned at every step" if m.get("teacher_tokenizer_sha256") else "",
             )
         if self.load is not None:
             figures = self.load.figures

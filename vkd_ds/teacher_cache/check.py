@@ -12,10 +12,12 @@ from vkd_ds.teacher_cache.shards import check_shard
 from vkd_ds.token_store import tokenizer_fingerprint
 
 
-def check_for_training(settings, tokenizer, files: dict[str, tuple[str, list]], needs_valence: bool) -> dict:
-    """The cache of `teacher.cache`, checked against the run: teacher, tokenizer, data files,
-    max_seq_len, temperature, valence, every shard's files. Its manifest; VkdError naming the
-    first mismatch."""
+def check_for_training(
+    settings, tokenizer, files: dict[str, tuple[str, list]], needs_valence: bool, teacher_tokenizer=None
+) -> dict:
+    """The cache of `teacher.cache`, checked against the run: teacher, tokenizer (and across tokenizers
+    `teacher_tokenizer`, teacher.tokenizer_path's), data files, max_seq_len, temperature, valence, every
+    shard's files. Its manifest; VkdError naming the first mismatch."""
     directory = Path(settings.teacher.cache)
     m = read_manifest(directory)
     where = f"teacher.cache ({directory})"
@@ -35,6 +37,18 @@ def check_for_training(settings, tokenizer, files: dict[str, tuple[str, list]], 
     if m["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
         tokenizer_dir = settings.data.tokenizer_path
         raise VkdError(f"{where} was made with another tokenizer than data.tokenizer_path ({tokenizer_dir})")
+    cached_teacher_tokenizer = m.get("teacher_tokenizer_sha256")
+    if teacher_tokenizer is None and cached_teacher_tokenizer is not None:
+        raise VkdError(
+            f"{where} holds the teacher on its own tokens (made with teacher.tokenizer_path set), and this run "
+            "has the teacher on the data's tokenizer: set teacher.tokenizer_path to the cache's teacher tokenizer"
+        )
+    if teacher_tokenizer is not None and cached_teacher_tokenizer != tokenizer_fingerprint(teacher_tokenizer):
+        made = "another teacher tokenizer" if cached_teacher_tokenizer else "the teacher on the data's tokenizer"
+        raise VkdError(
+            f"{where} was made with {made} than teacher.tokenizer_path ({settings.teacher.tokenizer_path}): "
+            "write a cache with this teacher.tokenizer_path (vkd-ds cache-teacher)"
+        )
     if m["max_seq_len"] != settings.data.max_seq_len:
         raise VkdError(
             f"{where} was made with data.max_seq_len={m['max_seq_len']}, this run has {settings.data.max_seq_len}"

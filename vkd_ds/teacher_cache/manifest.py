@@ -28,9 +28,17 @@ class CacheSpec:
     records_per_shard: int
 
 
-def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec: CacheSpec, valence_k: int | None):
-    """The manifest of a cache of `files` ({split: (path, examples)}), before any shard is written."""
-    vocab = len(tokenizer)
+def plan_manifest(
+    settings, tokenizer, files: dict[str, tuple[str, list]], spec: CacheSpec, valence_k: int | None, cross=None
+):
+    """The manifest of a cache of `files` ({split: (path, examples)}), before any shard is written.
+    `cross` (a CrossVocab, across tokenizers): each record's positions are those of its teacher tokens
+    (every teacher token with a next token; training aligns them), over the teacher's vocabulary."""
+    vocab = len(tokenizer) if cross is None else cross.teacher_vocab
+
+    def positions(example) -> int:
+        return valid_positions(example.loss_mask) if cross is None else cross.teacher_positions(example.input_ids)
+
     if not 1 <= spec.top_k <= vocab:
         raise VkdError(f"config key `cache.top_k` must be in [1, {vocab}] (the vocabulary), got {spec.top_k}")
     splits = {}
@@ -42,7 +50,7 @@ def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec:
                 {
                     "name": f"shard_{number:05d}",
                     "records": [first, first + len(chunk)],
-                    "positions": sum(valid_positions(ex.loss_mask) for ex in chunk),
+                    "positions": sum(positions(ex) for ex in chunk),
                 }
             )
         splits[split] = {
@@ -57,7 +65,9 @@ def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec:
         "format": FORMAT,
         "complete": False,
         "teacher": {"path": str(Path(settings.teacher.path).resolve()), **teacher_fingerprint(settings.teacher.path)},
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),  # the data's: the records are its rows
+        # Across tokenizers, the teacher's own (teacher.tokenizer_path), whose tokens the positions are.
+        "teacher_tokenizer_sha256": None if cross is None else tokenizer_fingerprint(cross.teacher_tokenizer),
         "vocab_size": vocab,
         "max_seq_len": int(settings.data.max_seq_len),
         "top_k": spec.top_k,
@@ -73,7 +83,8 @@ def plan_manifest(settings, tokenizer, files: dict[str, tuple[str, list]], spec:
 
 # Keys of the manifest that decide the values: a cache dir holding a manifest that differs in any
 # of them is another cache (cache-teacher refuses to mix them).
-PLAN_KEYS = ("format", "teacher", "tokenizer_sha256", "vocab_size", "max_seq_len", "top_k", "temperature")
+PLAN_KEYS = ("format", "teacher", "tokenizer_sha256", "teacher_tokenizer_sha256", "vocab_size", "max_seq_len")
+PLAN_KEYS += ("top_k", "temperature")
 PLAN_KEYS += ("precision", "records_per_shard", "valence", "dtypes", "splits")
 
 
@@ -106,6 +117,7 @@ def describe_plan_difference(old: dict, new: dict) -> str:
     words = {
         "teacher": "another teacher",
         "tokenizer_sha256": "another tokenizer",
+        "teacher_tokenizer_sha256": "another teacher.tokenizer_path",
         "max_seq_len": "another data.max_seq_len",
         "top_k": "another cache.top_k",
         "temperature": "another cache.temperature",

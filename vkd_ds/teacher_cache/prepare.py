@@ -24,11 +24,13 @@ class CachePlan:
     files: dict[str, tuple[str, list]]
     manifest: dict
     teacher_width: int
+    cross: object = None  # a CrossVocab across tokenizers (teacher.tokenizer_path): the teacher's own tokens
 
 
 def prepare_cache(cfg) -> CachePlan:
     """Every check of `vkd-ds cache-teacher`, with no side effects: the settings, the teacher,
     tokenizer and data, `cache.*`, and a cache dir that holds either nothing or this same cache."""
+    from vkd_ds.builders.inputs import cross_vocab
     from vkd_ds.features import hidden_width
     from vkd_ds.models import check_vocab, load_model_config, load_tokenizer
     from vkd_ds.settings import Settings
@@ -42,16 +44,18 @@ def prepare_cache(cfg) -> CachePlan:
         raise VkdError("config key `teacher.path` is required by cache-teacher: the teacher to cache")
     teacher_config = load_model_config(s.teacher.path, "teacher.path")
     tokenizer = load_tokenizer(s.data.tokenizer_path)
-    check_vocab(len(tokenizer), teacher_config.vocab_size, f"teacher ({s.teacher.path})")
+    cross = cross_vocab(s, tokenizer)
+    teacher_vocab = len(tokenizer) if cross is None else cross.teacher_vocab
+    check_vocab(teacher_vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
     files = open_splits(s.data, tokenizer)
     width = hidden_width(teacher_config)
     valence_k = None
-    if s.valence.teacher_head:
+    if s.valence.teacher_head and cross is None:  # across tokenizers nothing reads the teacher's valence
         load_head(s.valence.teacher_head, int(s.valence.k), width)
         valence_k = int(s.valence.k)
     temperature = float(s.loss.temperature if s.cache.temperature is None else s.cache.temperature)
     spec = CacheSpec(int(s.cache.top_k), temperature, s.cache.precision, int(s.cache.records_per_shard))
-    manifest = plan_manifest(s, tokenizer, files, spec, valence_k)
+    manifest = plan_manifest(s, tokenizer, files, spec, valence_k, cross)
     target = Path(s.cache.dir)
     if target.exists() and not target.is_dir():
         raise VkdError(f"cache.dir ({s.cache.dir}) is a file, not a directory")
@@ -68,4 +72,4 @@ def prepare_cache(cfg) -> CachePlan:
             )
     elif Path(s.cache.dir).is_dir() and any(Path(s.cache.dir).iterdir()):
         raise VkdError(f"cache.dir ({s.cache.dir}) is not empty and holds no teacher cache: choose another directory")
-    return CachePlan(s, tokenizer, files, manifest, width)
+    return CachePlan(s, tokenizer, files, manifest, width, cross)

@@ -3,6 +3,7 @@ once a batch is copied out."""
 
 from __future__ import annotations
 
+import functools
 import mmap
 from collections import OrderedDict
 from pathlib import Path
@@ -34,6 +35,9 @@ class _Mapped:
 
     def take(self, first: int, stop: int) -> np.ndarray:
         return np.array(self.array[first:stop])
+
+    def take_at(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[rows]  # a fancy index copies
 
     def release(self) -> None:
         self.map.madvise(mmap.MADV_DONTNEED)
@@ -78,6 +82,16 @@ class CachedTeacher:
         shard, local = divmod(key - base, self.records_per_shard)
         return self.first_shard[base] + shard, local
 
+    def _record(self, key: int, count: int, what: str, theirs: str) -> tuple[dict[str, _Mapped], int, int]:
+        """The shard of a batch row's record (by its store key) and the record's first and end position in
+        it; VkdError unless it holds `count` positions (`what`, as `theirs` counts them)."""
+        number, record = self._locate(key)
+        first, stop = int(self.offsets[number][record]), int(self.offsets[number][record + 1])
+        if stop - first != count:
+            where = f"teacher.cache ({self.directory})"
+            raise VkdError(f"{where}: a record has {stop - first} cached {what}, {theirs} {count}")
+        return self._shard(number), first, stop
+
     def _shard(self, number: int) -> dict[str, _Mapped]:
         if number in self.open_shards:
             self.open_shards.move_to_end(number)
@@ -91,6 +105,8 @@ class CachedTeacher:
         return self.open_shards[number]
 
     def on_batch(self, batch: dict) -> dict:
+        if "pairs_teacher" in batch:
+            return self._on_batch_across_tokenizers(batch)
         _, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         keys = batch["row"].tolist()
         names = ("ids", "logp", "tail", "entropy", "target_logp", "valence")
@@ -101,15 +117,7 @@ class CachedTeacher:
         for b, key in enumerate(keys):
             if counts[b] == 0:
                 continue  # nothing to look up (eval's padding rows have their mask emptied)
-            found = self._locate(int(key))
-            offsets = self.offsets[found[0]]
-            first, stop = int(offsets[found[1]]), int(offsets[found[1] + 1])
-            if stop - first != counts[b]:
-                raise VkdError(
-                    f"teacher.cache ({self.directory}): a record has {stop - first} cached positions, "
-                    f"the batch {counts[b]}"
-                )
-            shard = self._shard(found[0])
+            shard, first, stop = self._record(int(key), counts[b], "positions", "the batch")
             for name in parts:
                 if name in shard:
                     parts[name].append(shard[name].take(first, stop))
@@ -118,14 +126,7 @@ class CachedTeacher:
             mapped.release()
         dev = self.device
         k = self.manifest["top_k"]
-
-        def joined(name, width=None, dtype=torch.float32):
-            if parts[name]:
-                wide = np.int64 if dtype == torch.int64 else np.float32
-                return torch.from_numpy(np.concatenate(parts[name]).astype(wide)).to(dev, dtype)
-            shape = (0,) if width is None else (0, width)
-            return torch.zeros(shape, dtype=dtype, device=dev)
-
+        joined = functools.partial(_joined, parts, dev)
         sparse = SparseTeacher(joined("ids", k, torch.int64), joined("logp", k), joined("tail"), self.temperature)
         entropy = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
         entropy[mask] = joined("entropy")
@@ -136,3 +137,36 @@ class CachedTeacher:
             valence[mask] = joined("valence", kv)
             out["valence"] = valence
         return out
+
+    def _on_batch_across_tokenizers(self, batch: dict) -> dict:
+        """Across tokenizers the cache holds every teacher token of a record's teacher row (a position
+        each, but the last); the batch's position pairs (cross_tokenizer.TeacherRows) say which of them
+        the soft term compares: their rows, in the pairs' order, as one SparseTeacher."""
+        pairs = batch["pairs_teacher"].cpu().numpy()
+        lengths = (batch["teacher_attention_mask"].sum(1) - 1).clamp(min=0).tolist()
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in ("ids", "logp", "tail")}
+        touched: dict[int, _Mapped] = {}
+        # The pairs come row by row, in row order: each row's are one run.
+        rows, starts = np.unique(pairs[:, 0], return_index=True)
+        for row, start, stop in zip(rows.tolist(), starts.tolist(), [*starts[1:].tolist(), len(pairs)], strict=True):
+            key, theirs = int(batch["row"][row]), "the batch's teacher row (another teacher.tokenizer_path?)"
+            shard, first, _ = self._record(key, lengths[row], "teacher positions", theirs)
+            for name in parts:
+                parts[name].append(shard[name].take_at(first + pairs[start:stop, 1]))
+                touched[id(shard[name])] = shard[name]
+        for mapped in touched.values():
+            mapped.release()
+        k = self.manifest["top_k"]
+        joined = functools.partial(_joined, parts, self.device)
+        return {
+            "logits": SparseTeacher(joined("ids", k, torch.int64), joined("logp", k), joined("tail"), self.temperature)
+        }
+
+
+def _joined(parts: dict[str, list[np.ndarray]], device, name: str, width=None, dtype=torch.float32) -> torch.Tensor:
+    """The rows read of one array, concatenated, in `dtype` on `device` (an empty tensor for none)."""
+    if parts[name]:
+        wide = np.int64 if dtype == torch.int64 else np.float32
+        return torch.from_numpy(np.concatenate(parts[name]).astype(wide)).to(device, dtype)
+    shape = (0,) if width is None else (0, width)
+    return torch.zeros(shape, dtype=dtype, device=device)

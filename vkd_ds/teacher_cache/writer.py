@@ -29,7 +29,7 @@ def write_cache(cfg) -> dict:
     from vkd_ds.valence import load_head
 
     plan = prepare_cache(cfg)
-    s, manifest, files, tokenizer = plan.settings, plan.manifest, plan.files, plan.tokenizer
+    s, manifest, files, tokenizer, cross = plan.settings, plan.manifest, plan.files, plan.tokenizer, plan.cross
     dist.init()
     log = setup_logging(None, dist.is_main())
     directory = Path(s.cache.dir)
@@ -80,16 +80,16 @@ def write_cache(cfg) -> dict:
     dtypes = shard_dtypes(manifest)
     vocab = manifest["vocab_size"]
     pending: dict[str, list] = {}
-    dummy = collate([files["train"][1][0]], tokenizer.pad_token_id)
     pad = tokenizer.pad_token_id
+    dummy = _teacher_inputs(collate([files["train"][1][0]], pad), [files["train"][1][0]], cross)
     for i in range(total):
         if i >= len(batches):
             # ZeRO-3 forwards are collective: a rank with no shard left joins with a batch it discards.
-            teacher(dummy["input_ids"].to(dist.device()), dummy["attention_mask"].to(dist.device()))
+            teacher(*(dummy[k].to(dist.device()) for k in ("input_ids", "attention_mask")))
             continue
         split, shard, first = batches[i]
         examples = files[split][1][first : min(first + micro, shard["records"][1])]
-        batch = {k: v.to(dist.device()) for k, v in collate(examples, pad).items()}
+        batch = {k: v.to(dist.device()) for k, v in _teacher_inputs(collate(examples, pad), examples, cross).items()}
         out = teacher(batch["input_ids"], batch["attention_mask"])
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
         rows = teacher_rows(
@@ -136,6 +136,16 @@ def write_cache(cfg) -> dict:
         )
     dist.barrier()
     return manifest
+
+
+def _teacher_inputs(batch: dict, examples: list, cross) -> dict:
+    """What the teacher reads of a collated batch: the batch itself; across tokenizers (`cross`, a
+    CrossVocab) its rows in the teacher's tokens, every one of them with a next token a position."""
+    if cross is None:
+        return batch
+    rows = cross.batch_fields([ex.input_ids for ex in examples], batch["loss_mask"])
+    ids, attention = rows["teacher_input_ids"], rows["teacher_attention_mask"]
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": attention}
 
 
 def assign_shards(shards: list[tuple[str, dict]], world: int) -> list[list[tuple[str, dict]]]:
