@@ -13,10 +13,13 @@ from vkd_ds.cross_tokenizer import (
     byte_lengths,
     cross_divergence,
     positional_uld,
+    prefix_projection,
+    projected,
     shared_vocabulary,
     sorted_l1,
     sparse_logits,
     teacher_rows,
+    token_bytes,
 )
 from vkd_ds.losses import DIVERGENCES, Divergence
 
@@ -105,6 +108,45 @@ def test_identical_tokenizers_give_exactly_the_same_tokenizer_divergence(tokeniz
     assert torch.equal(value.detach(), expected)
     value.sum().backward()
     torch.testing.assert_close(student.grad, expected_grad, rtol=1e-6, atol=1e-7)
+    # Projected: every token is its own longest prefix; through log and exp, the same up to rounding.
+    projection = prefix_projection(tokenizers[0], tokenizers[0])
+    assert torch.equal(projection, torch.arange(vocab))
+    student.grad = None
+    value = projected(teacher, student, projection, d)
+    value.sum().backward()
+    torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(student.grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_projection_gives_each_teacher_token_to_the_student_token_of_its_longest_byte_prefix(tokenizers):
+    """Across the 300- and 600-token tokenizers: each teacher token's target spells a prefix of its bytes,
+    no longer student token does, the special tokens go to theirs by name; the carried distribution
+    keeps the teacher's mass and trains the student toward it (forward KL by autograd, at T = 2)."""
+    student_tok, teacher_tok = tokenizers
+    projection = prefix_projection(student_tok, teacher_tok)
+    student_bytes, teacher_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
+    spelled = {b for b in student_bytes if b}
+    for t, s in enumerate(projection.tolist()):
+        if teacher_bytes[t] is None:
+            assert student_tok.convert_ids_to_tokens(s) == teacher_tok.convert_ids_to_tokens(t)
+            continue
+        mine, theirs = student_bytes[s], teacher_bytes[t]
+        assert theirs.startswith(mine) and not any(theirs[:n] in spelled for n in range(len(mine) + 1, len(theirs) + 1))
+    assert (projection[torch.tensor([b is not None for b in teacher_bytes])] != projection[0]).any()
+    torch.manual_seed(4)
+    teacher = torch.randn(6, len(teacher_tok)) * 2
+    student = torch.randn(6, len(student_tok), requires_grad=True)
+    d = Divergence(kind="forward_kl", temperature=2.0)
+    value = projected(teacher, student, projection, d)
+    value.sum().backward()
+    carried = torch.zeros(6, len(student_tok)).index_add_(1, projection, (teacher / 2).softmax(-1))
+    torch.testing.assert_close(carried.sum(-1), torch.ones(6))
+    reference_student = student.detach().clone().requires_grad_(True)
+    log_q = (reference_student / 2).log_softmax(-1)
+    reference = 4 * (carried * (carried.clamp(min=1e-30).log() - log_q)).sum(-1)
+    reference.sum().backward()
+    torch.testing.assert_close(value.detach(), reference.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student.grad, reference_student.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_sorted_l1_and_positional_uld_ignore_token_identity_and_train_the_student():
@@ -214,27 +256,28 @@ def _cached(teacher_logits: torch.Tensor, at: torch.Tensor, vocab: int, k: int, 
     return SparseTeacher(rows["ids"], rows["logp"], rows["tail"], temperature)
 
 
-@pytest.mark.parametrize("pairing", ["aligned", "positional"])
+@pytest.mark.parametrize("pairing", ["projected", "aligned", "positional"])
 def test_a_teacher_cache_at_k_equal_to_the_vocabulary_gives_the_live_teachers_term(tokenizers, pairing):
     """The cache holds every teacher token; the pairs pick its rows. At k = V_T the term and its
     gradient are the live teacher's (at T = 2, and positional ULD's T = 1); below V_T the top-k
     probabilities come back exactly and the tail keeps its mass."""
     student_tok, teacher_tok = tokenizers
     rows, mask = _student_rows(student_tok, [TEXTS["ascii"], TEXTS["digits"], TEXTS["emoji"]])
-    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, pairing)
+    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, "positional" if pairing == "positional" else "aligned")
     vs, vt = len(student_tok), len(teacher_tok)
-    shared = None
+    shared = projection = None
     if pairing == "aligned":
         shared = shared_vocabulary(*(t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tok, teacher_tok)))
+    if pairing == "projected":
+        projection = prefix_projection(student_tok, teacher_tok)
     torch.manual_seed(3)
     student_logits = torch.randn(len(rows), mask.shape[1], vs, requires_grad=True)
     teacher_logits = torch.randn(len(rows), teacher.input_ids.shape[1], vt + 5) * 3  # padded head
     d = Divergence(kind="forward_kl", temperature=2.0)
     pairs = (teacher.student, teacher.teacher)
-    live = cross_divergence(student_logits, teacher_logits, pairs, d, shared, (vs, vt), chunk_tokens=5)
-    cached = cross_divergence(
-        student_logits, _cached(teacher_logits, teacher.teacher, vt, vt, 2.0), pairs, d, shared, (vs, vt), 5
-    )
+    live = cross_divergence(student_logits, teacher_logits, pairs, d, shared, (vs, vt), 5, projection)
+    cached_teacher = _cached(teacher_logits, teacher.teacher, vt, vt, 2.0)
+    cached = cross_divergence(student_logits, cached_teacher, pairs, d, shared, (vs, vt), 5, projection)
     (live_grad,) = torch.autograd.grad(live.sum(), student_logits)
     (cached_grad,) = torch.autograd.grad(cached.sum(), student_logits)
     torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-6)

@@ -61,11 +61,14 @@ def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resume
     train_job(_across(tiny_assets, resumed, other_teacher, "trainer.stop_after_steps=2"))
     train_job(_across(tiny_assets, resumed, other_teacher))
     assert losses(resumed) == losses(straight)
-    # ULD pairs positions by index: another soft term from the same first step.
-    uld = tmp_path / "uld"
-    train_job(_across(tiny_assets, uld, other_teacher, "loss.cross_tokenizer=positional_uld", "trainer.max_steps=1"))
-    first = read_metrics(uld / "metrics.csv")[0]
-    assert first["loss/ce"] == rows[0]["loss/ce"] and first["loss/soft"] != rows[0]["loss/soft"]
+    # ULD pairs positions by index, projected carries the teacher onto the student's vocabulary: other
+    # soft terms from the same first step.
+    for pairing in ("positional_uld", "projected"):
+        run = tmp_path / pairing
+        train_job(_across(tiny_assets, run, other_teacher, f"loss.cross_tokenizer={pairing}", "trainer.max_steps=1"))
+        first = read_metrics(run / "metrics.csv")[0]
+        assert first["loss/ce"] == rows[0]["loss/ce"] and first["loss/soft"] != rows[0]["loss/soft"]
+        assert math.isfinite(float(first["loss/soft"])) and float(first["loss/soft"]) > 0
 
 
 @pytest.mark.distributed

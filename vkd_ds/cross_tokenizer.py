@@ -17,6 +17,11 @@ vocabulary, the student over its own. The divergences compare those two distribu
   compared by the configured divergence D on their probabilities; the rest of each distribution by the
   L1 distance of their sorted probabilities (ULD). With identical tokenizers every token matches,
   groups are single tokens, and it is exactly D.
+- `projected`: the teacher's distribution is carried onto the student's vocabulary, each teacher
+  token's probability given to the student token that spells the longest prefix of its bytes (the
+  student's first token of that text, in byte-level BPE), and compared with the student's by the
+  configured divergence D over the whole vocabulary. With identical tokenizers every token is its
+  own prefix, and it is exactly D.
 - `positional_uld` (ULD, Boizard et al. 2024, the baseline): the i-th positions of both sequences are
   paired by index, whatever their text, and compared by the L1 distance of their sorted probabilities.
 """
@@ -190,6 +195,54 @@ def aligned_hybrid(
     return shared + sorted_l1(p, q)
 
 
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Each id's exact bytes for a byte-level BPE tokenizer (None for a special token)."""
+    alphabet, special = _byte_alphabet(), set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [None if i in special else bytes(alphabet[c] for c in t) for i, t in enumerate(tokens)]
+
+
+def prefix_projection(student_tokenizer, teacher_tokenizer) -> torch.Tensor:
+    """[V_T] the student token each teacher token's probability goes to: the one whose bytes are the
+    longest prefix of its bytes (every single byte is a byte-level BPE token, so one always is); a
+    special token goes to the student's special token of the same string, or nowhere (−1)."""
+    student_bytes = token_bytes(student_tokenizer)
+    by_bytes = {b: i for i, b in enumerate(student_bytes) if b}
+    special_ids = student_tokenizer.all_special_ids
+    student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
+    teacher_names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
+    longest = max(map(len, by_bytes))
+    target = []
+    for name, data in zip(teacher_names, token_bytes(teacher_tokenizer), strict=True):
+        if data is None:
+            target.append(student_special.get(name, -1))
+            continue
+        cut = min(len(data), longest)
+        while data[:cut] not in by_bytes:
+            cut -= 1
+        target.append(by_bytes[data[:cut]])
+    return torch.tensor(target, dtype=torch.long)
+
+
+def projected(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, projection: torch.Tensor, divergence: Divergence
+) -> torch.Tensor:
+    """Per aligned position [N]: T²·D (`loss.divergence`) between the teacher's distribution at T carried
+    onto the student's vocabulary by `projection` (`prefix_projection`; mass sent nowhere is dropped and
+    the rest renormalized) and the student's. Differentiable in the student's logits, with the
+    divergence's own analytic gradient (losses.DIVERGENCES)."""
+    t = divergence.temperature
+    student = student_logits.float()
+    p = (teacher_logits.detach().float() / t).softmax(-1)
+    kept = (projection >= 0).nonzero().squeeze(-1).to(p.device)
+    carried = p.new_zeros(len(p), student.shape[-1]).index_add_(1, projection.to(p.device)[kept], p[:, kept])
+    carried = carried / carried.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    teacher_at_t = carried.log().clamp(min=LOG_ZERO).mul_(t)  # logits whose softmax at T is `carried`
+    value, grad = DIVERGENCES[divergence.kind](student.detach().clone(), teacher_at_t, divergence)
+    surrogate = (grad * student).sum(-1)
+    return value + (surrogate - surrogate.detach())  # the value, with d/dz_S = grad
+
+
 def positional_uld(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """ULD per position [min(T_T, T_S)]: the i-th teacher and student positions, sorted L1 of their
     probabilities."""
@@ -313,15 +366,16 @@ def cross_divergence(
     shared: tuple[torch.Tensor, torch.Tensor] | None,
     vocab_sizes: tuple[int, int],
     chunk_tokens: int = 1024,
+    projection: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The soft term across tokenizers per student row [B]: the mean over the row's position pairs
-    (`pairs`: TeacherRows.student and .teacher) of
-    `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of `shared_vocabulary`) or, without
-    it, positional ULD; 0 for a row without pairs. student_logits [B, S, ≥V_S], teacher_logits
-    [B, S_T, ≥V_T] or a teacher cache's SparseTeacher holding one row per pair, in the pairs' order
-    (`sparse_logits`); only the tokenizers' `vocab_sizes` (V_S, V_T) columns count (padded LM-head
-    columns do not). The pairs run `chunk_tokens` at a time and each chunk is recomputed in backward, so no
-    [pairs, vocab] buffer outlives its chunk."""
+    (`pairs`: TeacherRows.student and .teacher) of `projected` (with `projection`,
+    `prefix_projection`'s), `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of
+    `shared_vocabulary`) or, without either, positional ULD; 0 for a row without pairs.
+    student_logits [B, S, ≥V_S]; teacher_logits [B, S_T, ≥V_T], or a teacher cache's SparseTeacher
+    holding one row per pair in the pairs' order (`sparse_logits`). Only the tokenizers' `vocab_sizes`
+    (V_S, V_T) columns count (padded LM-head columns do not). The pairs run `chunk_tokens` at a time
+    and each chunk is recomputed in backward, so no [pairs, vocab] buffer outlives its chunk."""
     from torch.utils.checkpoint import checkpoint
 
     student_vocab, teacher_vocab = vocab_sizes
@@ -331,6 +385,8 @@ def cross_divergence(
     student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(student_logits.device)
 
     def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if projection is not None:
+            return projected(teacher, student, projection, divergence)
         if shared is None:
             return positional_uld(teacher, student)
         return aligned_hybrid(teacher, student, shared[0], shared[1], divergence)
@@ -359,16 +415,19 @@ class CrossVocab:
 
     student_tokenizer: object
     teacher_tokenizer: object
-    pairing: str  # aligned | positional_uld
+    pairing: str  # projected | aligned | positional_uld (loss.cross_tokenizer)
     student_ids: torch.Tensor  # shared_vocabulary's
     teacher_ids: torch.Tensor
     teacher_vocab: int
+    projection: torch.Tensor | None  # prefix_projection's, for `projected`
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer, pairing: str) -> CrossVocab:
         names = [t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tokenizer, teacher_tokenizer)]
         student_ids, teacher_ids = shared_vocabulary(*names)
-        return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, len(teacher_tokenizer))
+        projection = prefix_projection(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
+        vocab = len(teacher_tokenizer)
+        return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, vocab, projection)
 
     def batch_fields(self, examples_ids: Sequence[Sequence[int]], loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """A host batch's teacher rows and position pairs (TeacherRows), as batch entries."""
@@ -387,7 +446,8 @@ class CrossVocab:
         return 0 if tokens is None else len(tokens[0]) - 1
 
     def soft(self, student_logits, teacher_logits, batch_pairs, divergence: Divergence, vocab: int, chunk: int):
-        shared = None if self.pairing == "positional_uld" else (self.student_ids, self.teacher_ids)
+        shared = (self.student_ids, self.teacher_ids) if self.pairing == "aligned" else None
+        sizes = (vocab, self.teacher_vocab)
         return cross_divergence(
-            student_logits, teacher_logits, batch_pairs, divergence, shared, (vocab, self.teacher_vocab), chunk
+            student_logits, teacher_logits, batch_pairs, divergence, shared, sizes, chunk, self.projection
         )
