@@ -10,13 +10,13 @@ trained here on the same training text. The demo's train.jsonl is split as bench
 it: its last 64 records are the validation split ("tune") on which every λ is chosen; the rest is
 trained on; valid.jsonl stays held out ("test") and reports. Arms, each a 2-layer x 128 student trained
 for the demo's steps on 16 unpacked rows of at most 128 tokens per step, CE plus what it names:
-- `ce_only_A`, `ce_only_B`: CE on tokenizer A or B (LR 2e-3, CE only's LR in bench/objectives.py);
-- `same_tokenizer_kd_A`: the reference, tokenizer A, soft KD with forward KL (λ 20, LR 4e-3, T = 1:
-  what bench/objectives.py's pretraining sweep chose for CE + forward KL on its validation split);
-- `projected_B`, `aligned_B`, `positional_uld_B`: tokenizer B, the teacher on A, loss.cross_tokenizer =
-  projected, aligned or positional_uld, at the reference's LR and T; each one's λ is picked by the
-  lowest validation bits per byte of the first seed over CROSS_LAMBDAS, widened one step where the best
-  lies on the grid's edge, at most twice; the chosen λ then runs every seed.
+- `ce_only_A`, `ce_only_B`: CE only, on tokenizer A or B;
+- `same_tokenizer_kd_A`: the reference, tokenizer A, CE + λ·forward KL (T = 1);
+- `projected_B`, `aligned_B`, `positional_uld_B`: tokenizer B, the teacher on A, CE + λ·the soft term
+  with loss.cross_tokenizer = projected, aligned or positional_uld (T = 1).
+Every arm's LR (and λ) is picked by the lowest validation bits per byte of the first seed over its grid
+(GRIDS), widened one step where the best lies on the grid's edge, at most twice; the chosen setting then
+runs every seed: matched controls, each at its own best.
 Bits per byte = Σ −log₂ p_S(target) / Σ bytes of the targets, over every target token that is not a
 special token. Share of the gain recovered: (bpb(ce_only_B) − bpb(arm)) / (bpb(ce_only_A) −
 bpb(same_tokenizer_kd_A)), on the test split. 1 process per run with 1 thread, --jobs runs at once;
@@ -36,21 +36,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_env, describe, train, work_dir  # noqa: E402
-from objectives import WIDENINGS, split_assets, widened  # noqa: E402
+from objectives import WIDENINGS, points, split_assets, widened  # noqa: E402
 
 from vkd_ds.terms import loss_overrides  # noqa: E402
 
 B_VOCAB, ROWS_PER_STEP = 1024, 16
-KD = ["loss.temperature=1.0", "trainer.lr=4e-3"]
-FIXED_ARMS: dict[str, tuple[str, list[str]]] = {
-    "ce_only_A": ("A", ["trainer.lr=2e-3"]),
-    "ce_only_B": ("B", ["trainer.lr=2e-3"]),
-    "same_tokenizer_kd_A": ("A", [*KD, "loss.soft=20"]),
+LRS = [2e-3, 4e-3, 8e-3]
+ARMS: dict[str, tuple[str, list[str], dict[str, list[float]]]] = {
+    "ce_only_A": ("A", [], {"lr": LRS}),
+    "ce_only_B": ("B", [], {"lr": LRS}),
+    "same_tokenizer_kd_A": ("A", ["loss.temperature=1.0"], {"lr": LRS, "soft": [1.0, 4.0, 20.0]}),
+    **{
+        f"{pairing}_B": (
+            "B",
+            ["loss.temperature=1.0", f"loss.cross_tokenizer={pairing}"],
+            {"lr": LRS, "soft": [0.0625, 0.25, 1.0]},
+        )
+        for pairing in ("projected", "aligned", "positional_uld")
+    },
 }
-SWEPT_ARMS: dict[str, list[str]] = {
-    f"{pairing}_B": [*KD, f"loss.cross_tokenizer={pairing}"] for pairing in ("projected", "aligned", "positional_uld")
-}
-CROSS_LAMBDAS = (1.0, 4.0, 20.0)
+CROSS_ARMS = [arm for arm in ARMS if arm.endswith("_B") and not arm.startswith("ce_")]
 
 
 def tokenizer_b(assets: Path, out: Path) -> Path:
@@ -150,7 +155,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="run these arms only")
     args = parser.parse_args()
+    arms = {arm: ARMS[arm] for arm in args.arms}
     from vkd_ds.demo import FULL, QUICK, build_assets
 
     demo = QUICK if args.quick else FULL
@@ -179,16 +186,13 @@ def main() -> int:
                     "env": env,
                 }
 
-            fixed = [job(arm, "fixed", seed, side, o) for arm, (side, o) in FIXED_ARMS.items() for seed in args.seeds]
-            pending = pool.map(run_one, fixed)  # alongside the sweeps
-            sweep, chosen = _sweep(pool, job, args.seeds[0])
+            sweep, chosen = _sweep(pool, job, args.seeds[0], arms)
             rest = [
-                job(arm, best["setting"], seed, "B", best["overrides"])
+                job(arm, best["setting"], seed, ARMS[arm][0], best["overrides"])
                 for arm, best in chosen.items()
                 for seed in args.seeds[1:]
             ]
-            runs = [*pending, *(best["result"] for best in chosen.values()), *pool.map(run_one, rest)]
-    arms = [*FIXED_ARMS, *SWEPT_ARMS]
+            runs = [*(best["result"] for best in chosen.values()), *pool.map(run_one, rest)]
     table = {}
     for arm in arms:
         values = [r["test/bpb"] for r in runs if r["arm"] == arm]
@@ -203,7 +207,8 @@ def main() -> int:
             "gain_over_ce_only_B": round(ce_b["mean"] - table[arm]["mean"], 4),
             "beats_ce_only_B_beyond_spread": ce_b["mean"] - table[arm]["mean"] > max(ce_b["std"], table[arm]["std"]),
         }
-        for arm in SWEPT_ARMS
+        for arm in CROSS_ARMS
+        if arm in arms
     }
     report = {
         **describe(env, 1),
@@ -212,10 +217,9 @@ def main() -> int:
         "steps": demo.distill_steps,
         "seeds": args.seeds,
         "tokenizers": {"A": "the demo's (2,048 tokens)", "B": f"{B_VOCAB} tokens, digits split, trained here"},
-        "arms": {arm: {"tokenizer": side, "overrides": o} for arm, (side, o) in FIXED_ARMS.items()}
-        | {arm: {"tokenizer": "B", "overrides": o, "swept": "loss.soft"} for arm, o in SWEPT_ARMS.items()},
-        "tune_bpb_by_lambda": sweep,
-        "chosen": {arm: {"loss.soft": best["soft"], "on_edge": best["on_edge"]} for arm, best in chosen.items()},
+        "arms": {arm: {"tokenizer": side, "overrides": o, "grid": grid} for arm, (side, o, grid) in arms.items()},
+        "tune_bpb": sweep,
+        "chosen": {arm: {**best["point"], "on_edge": best["on_edge"]} for arm, best in chosen.items()},
         "test_bits_per_byte": table,
         "share_of_same_tokenizer_gain": recovered,
         "runs": runs,
@@ -224,32 +228,43 @@ def main() -> int:
     return 0
 
 
-def _sweep(pool, job, seed: int) -> tuple[dict, dict]:
-    """λ of every swept arm, at `seed`: the grid CROSS_LAMBDAS, widened where its best lies on an edge
-    (WIDENINGS times at most). ({arm: {λ: tune bpb}}, {arm: the chosen λ, its run and its overrides})."""
-    grids = {arm: {"soft": list(CROSS_LAMBDAS)} for arm in SWEPT_ARMS}
-    results: dict[str, dict[float, dict]] = {arm: {} for arm in SWEPT_ARMS}
+def _sweep(pool, job, seed: int, arms: dict) -> tuple[dict, dict]:
+    """Every arm's grid (of `arms`) at `seed`, widened where its best point lies on an edge (WIDENINGS times at most).
+    ({arm: {setting: tune bpb}}, {arm: its best point, run, setting and overrides})."""
+    grids = {arm: dict(grid) for arm, (_, _, grid) in arms.items()}
+    results: dict[str, dict[str, dict]] = {arm: {} for arm in arms}
+
+    def setting(point: dict[str, float]) -> str:
+        return "_".join(f"{dim}{value:g}" for dim, value in point.items())
+
+    def overrides(arm: str, point: dict[str, float]) -> list[str]:
+        names = {"lr": "trainer.lr", "soft": "loss.soft"}
+        return [*ARMS[arm][1], *(f"{names[dim]}={value}" for dim, value in point.items())]
+
     for _ in range(WIDENINGS + 1):
-        todo = [(arm, w) for arm, grid in grids.items() for w in grid["soft"] if w not in results[arm]]
-        jobs = [job(arm, f"soft{w:g}", seed, "B", [*SWEPT_ARMS[arm], f"loss.soft={w}"]) for arm, w in todo]
-        for (arm, w), result in zip(todo, pool.map(run_one, jobs), strict=True):
-            results[arm][w] = result
-        best = {arm: min(grid["soft"], key=lambda w, a=arm: results[a][w]["tune/bpb"]) for arm, grid in grids.items()}
-        wider = {arm: widened(grid, {"soft": best[arm]}) for arm, grid in grids.items()}
+        todo = [(arm, p) for arm, grid in grids.items() for p in points(grid) if setting(p) not in results[arm]]
+        jobs = [job(arm, setting(p), seed, ARMS[arm][0], overrides(arm, p)) for arm, p in todo]
+        for (arm, p), result in zip(todo, pool.map(run_one, jobs), strict=True):
+            results[arm][setting(p)] = result | {"point": p}
+        best = {
+            arm: min((results[arm][setting(p)] for p in points(grid)), key=lambda r: r["tune/bpb"])["point"]
+            for arm, grid in grids.items()
+        }
+        wider = {arm: widened(grid, best[arm]) for arm, grid in grids.items()}
         if wider == grids:
             break
         grids = wider
     chosen = {
         arm: {
-            "soft": best[arm],
-            "setting": f"soft{best[arm]:g}",
-            "overrides": [*SWEPT_ARMS[arm], f"loss.soft={best[arm]}"],
-            "result": results[arm][best[arm]],
-            "on_edge": wider[arm] != grids[arm],
+            "point": best[arm],
+            "setting": setting(best[arm]),
+            "overrides": overrides(arm, best[arm]),
+            "result": results[arm][setting(best[arm])],
+            "on_edge": [dim for dim in grids[arm] if wider[arm][dim] != grids[arm][dim]],
         }
-        for arm in SWEPT_ARMS
+        for arm in arms
     }
-    sweep = {arm: {f"{w:g}": round(results[arm][w]["tune/bpb"], 4) for w in sorted(results[arm])} for arm in SWEPT_ARMS}
+    sweep = {arm: {name: round(r["tune/bpb"], 4) for name, r in sorted(results[arm].items())} for arm in arms}
     return sweep, chosen
 
 

@@ -210,7 +210,7 @@ def summarize(runs: list[dict], split: str = "test") -> dict:
     }
 
 
-def _points(grid: dict[str, list[float]]) -> list[dict[str, float]]:
+def points(grid: dict[str, list[float]]) -> list[dict[str, float]]:
     points: list[dict[str, float]] = [{}]
     for dim, values in grid.items():
         points = [{**point, dim: value} for point in points for value in values]
@@ -240,7 +240,7 @@ def sweep_and_choose(runner: Runner, protocol: str, grids: dict, lr: float | Non
     for _ in range(WIDENINGS + 1):
         jobs, keys = [], []
         for arm, (overrides, grid) in grids.items():
-            for point in _points(grid):
+            for point in points(grid):
                 setting = "_".join(f"{dim}{value:g}" for dim, value in point.items())
                 swept = overrides
                 for term, weight in point.items():

@@ -17,8 +17,8 @@ from tests.conftest import save_tiny_model  # noqa: E402
 
 def test_a_grid_widens_along_the_edge_its_best_point_lies_on_and_nowhere_else():
     grid = {"lr": [1e-3, 2e-3, 4e-3], "soft": [0.8, 4.0, 20.0]}
-    assert len(objectives._points(grid)) == 9
-    assert objectives._points({"seq": [0.1, 1.0]}) == [{"seq": 0.1}, {"seq": 1.0}]
+    assert len(objectives.points(grid)) == 9
+    assert objectives.points({"seq": [0.1, 1.0]}) == [{"seq": 0.1}, {"seq": 1.0}]
     assert objectives.widened(grid, {"lr": 2e-3, "soft": 4.0}) == grid  # interior: done
     assert objectives.widened(grid, {"lr": 4e-3, "soft": 0.8}) == {
         "lr": [1e-3, 2e-3, 4e-3, 8e-3],
