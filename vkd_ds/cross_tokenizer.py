@@ -17,11 +17,15 @@ vocabulary, the student over its own. The divergences compare those two distribu
   compared by the configured divergence D on their probabilities; the rest of each distribution by the
   L1 distance of their sorted probabilities (ULD). With identical tokenizers every token matches,
   groups are single tokens, and it is exactly D.
-- `projected`: the teacher's distribution is carried onto the student's vocabulary, each teacher
-  token's probability given to the student token that spells the longest prefix of its bytes (the
-  student's first token of that text, in byte-level BPE), and compared with the student's by the
-  configured divergence D over the whole vocabulary. With identical tokenizers every token is its
-  own prefix, and it is exactly D.
+- `projected`: at EVERY student position whose next token is a target, not only at group ends. The
+  teacher position paired with it is the teacher's last token that ends at or before the bytes the
+  student has read; the bytes between the two ends (the prefix P, empty at a group end) are part of
+  the teacher's next token. The teacher's distribution there, conditioned on its next token spelling
+  P and more, is carried onto the student's vocabulary: each such teacher token's probability goes to
+  the student token that spells the longest prefix of its bytes after P (the student's next token of
+  that text, in byte-level BPE), and the result is compared with the student's by the configured
+  divergence D over the whole vocabulary. With identical tokenizers every prefix is empty, every
+  token is its own longest prefix, and it is exactly D at every position.
 - `positional_uld` (ULD, Boizard et al. 2024, the baseline): the i-th positions of both sequences are
   paired by index, whatever their text, and compared by the L1 distance of their sorted probabilities.
 """
@@ -202,45 +206,96 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return [None if i in special else bytes(alphabet[c] for c in t) for i, t in enumerate(tokens)]
 
 
-def prefix_projection(student_tokenizer, teacher_tokenizer) -> torch.Tensor:
-    """[V_T] the student token each teacher token's probability goes to: the one whose bytes are the
-    longest prefix of its bytes (every single byte is a byte-level BPE token, so one always is); a
-    special token goes to the student's special token of the same string, or nowhere (−1)."""
-    student_bytes = token_bytes(student_tokenizer)
-    by_bytes = {b: i for i, b in enumerate(student_bytes) if b}
-    special_ids = student_tokenizer.all_special_ids
-    student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
-    teacher_names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
-    longest = max(map(len, by_bytes))
-    target = []
-    for name, data in zip(teacher_names, token_bytes(teacher_tokenizer), strict=True):
-        if data is None:
-            target.append(student_special.get(name, -1))
-            continue
-        cut = min(len(data), longest)
-        while data[:cut] not in by_bytes:
-            cut -= 1
-        target.append(by_bytes[data[:cut]])
-    return torch.tensor(target, dtype=torch.long)
+@dataclass(frozen=True, eq=False)
+class CarryTable:
+    """How a teacher token's probability is carried onto the student's vocabulary after a prefix of
+    its bytes has been read: `carry[m, v]` is the student token that spells the longest prefix of
+    teacher token v's bytes after their first m (−1: none, m ≥ its length); a special token is
+    carried (at m = 0 only) to the student's special token of the same string, if any. `spelled`
+    [V_T, L] holds each teacher token's bytes (−1 past its end, and for special tokens), `lengths`
+    [V_T] their count (1 for a special token carried somewhere, so that m = 0 reaches it)."""
+
+    carry: torch.Tensor  # [L, V_T] int32
+    spelled: torch.Tensor  # [V_T, L] int16
+    lengths: torch.Tensor  # [V_T] int64
+
+    @classmethod
+    def of(cls, student_tokenizer, teacher_tokenizer) -> CarryTable:
+        by_bytes = {b: i for i, b in enumerate(token_bytes(student_tokenizer)) if b}
+        longest_student = max(map(len, by_bytes))
+        special_ids = student_tokenizer.all_special_ids
+        student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
+        names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
+        teacher_bytes = token_bytes(teacher_tokenizer)
+        width = max([1, *(len(b) for b in teacher_bytes if b)])
+        carry = torch.full((width, len(names)), -1, dtype=torch.int32)
+        spelled = torch.full((len(names), width), -1, dtype=torch.int16)
+        lengths = torch.zeros(len(names), dtype=torch.long)
+        for v, (name, data) in enumerate(zip(names, teacher_bytes, strict=True)):
+            if data is None:
+                carry[0, v] = student_special.get(name, -1)
+                lengths[v] = 1 if name in student_special else 0
+                continue
+            spelled[v, : len(data)] = torch.tensor(list(data), dtype=torch.int16)
+            lengths[v] = len(data)
+            for m in range(len(data)):
+                cut = min(len(data) - m, longest_student)
+                while data[m : m + cut] not in by_bytes:  # every single byte is a byte-level BPE token
+                    cut -= 1
+                carry[m, v] = by_bytes[data[m : m + cut]]
+        return cls(carry, spelled, lengths)
+
+    def to(self, device) -> CarryTable:
+        if self.carry.device == torch.device(device):
+            return self
+        return CarryTable(self.carry.to(device), self.spelled.to(device), self.lengths.to(device))
+
+
+PROJECTED_CELLS = 1 << 24  # positions x teacher vocabulary handled at once by `projected` (its masks' size)
+
+
+def carried(p: torch.Tensor, prefixes: torch.Tensor, table: CarryTable, student_vocab: int) -> torch.Tensor:
+    """The teacher's next-token probabilities p [n, V_T] carried onto the student's vocabulary
+    [n, V_S] after each row's prefix (`prefixes` [n, Lp], bytes, −1 past the prefix): conditioned on
+    the teacher's token spelling the prefix and more, renormalized. A row whose conditioned mass is 0
+    comes back all zero."""
+    m = (prefixes >= 0).sum(-1)
+    keep = table.lengths[None, :] > m[:, None]  # the token is longer than the prefix
+    for j in range(min(prefixes.shape[1], table.spelled.shape[1])):
+        keep &= (table.spelled[:, j][None, :] == prefixes[:, j][:, None]) | (m <= j)[:, None]
+    target = table.carry[m.clamp(max=table.carry.shape[0] - 1)].long()  # [n, V_T]
+    keep &= target >= 0
+    mass = p * keep
+    out = p.new_zeros(len(p), student_vocab).scatter_add_(1, target.clamp(min=0), mass)
+    return out / mass.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def projected(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, projection: torch.Tensor, divergence: Divergence
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    prefixes: torch.Tensor,
+    table: CarryTable,
+    divergence: Divergence,
 ) -> torch.Tensor:
-    """Per aligned position [N]: T²·D (`loss.divergence`) between the teacher's distribution at T carried
-    onto the student's vocabulary by `projection` (`prefix_projection`; mass sent nowhere is dropped and
-    the rest renormalized) and the student's. Differentiable in the student's logits, with the
-    divergence's own analytic gradient (losses.DIVERGENCES)."""
+    """Per position pair [N]: T²·D (`loss.divergence`) between the teacher's distribution at T carried
+    onto the student's vocabulary after the pair's prefix (`carried`) and the student's; 0 where no
+    teacher token extends the prefix. Differentiable in the student's logits, with the divergence's
+    own analytic gradient (losses.DIVERGENCES); PROJECTED_CELLS at a time."""
     t = divergence.temperature
     student = student_logits.float()
-    p = (teacher_logits.detach().float() / t).softmax(-1)
-    kept = (projection >= 0).nonzero().squeeze(-1).to(p.device)
-    carried = p.new_zeros(len(p), student.shape[-1]).index_add_(1, projection.to(p.device)[kept], p[:, kept])
-    carried = carried / carried.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    teacher_at_t = carried.log().clamp(min=LOG_ZERO).mul_(t)  # logits whose softmax at T is `carried`
-    value, grad = DIVERGENCES[divergence.kind](student.detach().clone(), teacher_at_t, divergence)
-    surrogate = (grad * student).sum(-1)
-    return value + (surrogate - surrogate.detach())  # the value, with d/dz_S = grad
+    table = table.to(student.device)
+    parts = []
+    rows = max(1, PROJECTED_CELLS // max(1, teacher_logits.shape[-1]))
+    for start in range(0, len(student), rows):
+        p = (teacher_logits[start : start + rows].detach().float() / t).softmax(-1)
+        target = carried(p, prefixes[start : start + rows].to(student.device), table, student.shape[-1])
+        found = target.sum(-1) > 0
+        teacher_at_t = target.log().clamp(min=LOG_ZERO).mul_(t)  # logits whose softmax at T is `target`
+        z = student[start : start + rows]
+        value, grad = DIVERGENCES[divergence.kind](z.detach().clone(), teacher_at_t, divergence)
+        surrogate = (grad * z).sum(-1)
+        parts.append(torch.where(found, value + (surrogate - surrogate.detach()), 0.0))  # d/dz_S = grad
+    return torch.cat(parts) if parts else student.new_zeros(0)
 
 
 def positional_uld(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -273,6 +328,7 @@ class TeacherRows:
     student: torch.Tensor  # [N, 2] (row, position)
     teacher: torch.Tensor  # [N, 2]
     unaligned_rows: int  # rows whose bytes are not text (a window that splits a character): not distilled
+    prefixes: torch.Tensor | None = None  # [N, Lp] int16, `prefixed` pairing: the bytes between the ends
 
 
 def teacher_rows(
@@ -284,8 +340,9 @@ def teacher_rows(
 ) -> TeacherRows:
     """Each row's text (the student's tokens decoded exactly) tokenized by the teacher, with the teacher's
     special tokens, and the pairs of positions to compare: `aligned` at the groups' last tokens
-    (`align`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
-    rows, student_pairs, teacher_pairs, unaligned = [], [], [], 0
+    (`align`), `prefixed` at every target position with the prefix read since the teacher's last end
+    (`prefixed_pairs`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
+    rows, student_pairs, teacher_pairs, prefixes, unaligned = [], [], [], [], 0
     for row, ids in enumerate(student_ids):
         tokens = teacher_tokens(student_tokenizer, teacher_tokenizer, ids)
         if tokens is None:
@@ -297,6 +354,12 @@ def teacher_rows(
         targets = loss_mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()  # position t predicts t + 1
         if pairing == "positional":
             pairs = [(t, t) for t in targets if t < len(teacher_ids) - 1]
+        elif pairing == "prefixed":
+            student_ends = list(itertools.accumulate(byte_lengths(student_tokenizer, ids)))
+            data = text_bytes(student_tokenizer, ids)
+            found = prefixed_pairs(student_ends, teacher_ends, targets)
+            pairs = [(s, t) for s, t, _, _ in found]
+            prefixes += [data[start:end] for _, _, start, end in found]
         else:
             alignment = align(list(itertools.accumulate(byte_lengths(student_tokenizer, ids))), teacher_ends)
             wanted = set(targets)
@@ -310,7 +373,32 @@ def teacher_rows(
     for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
-    return TeacherRows(input_ids, attention_mask, _pairs(student_pairs), _pairs(teacher_pairs), unaligned)
+    prefix_tensor = None
+    if pairing == "prefixed":
+        prefix_tensor = torch.full((len(prefixes), max([1, *map(len, prefixes)])), -1, dtype=torch.int16)
+        for k, prefix in enumerate(prefixes):
+            prefix_tensor[k, : len(prefix)] = torch.tensor(list(prefix), dtype=torch.int16)
+    pairs = _pairs(student_pairs), _pairs(teacher_pairs)
+    return TeacherRows(input_ids, attention_mask, *pairs, unaligned, prefix_tensor)
+
+
+def prefixed_pairs(
+    student_ends: list[int], teacher_ends: list[int], targets: list[int]
+) -> list[tuple[int, int, int, int]]:
+    """(student position, teacher position, prefix start, prefix end) for every target position s (in
+    `targets`, ascending): the teacher position is its last token ending at or before the student's
+    end (zero-width ones included), and never its last token (which predicts nothing the cache holds);
+    the prefix is the text's bytes between the two ends. A position before the teacher's first end is
+    not paired."""
+    pairs, t, last = [], 0, len(teacher_ends) - 2
+    for s in targets:
+        end = student_ends[s]
+        while t < last and teacher_ends[t + 1] <= end:
+            t += 1
+        # The prefix must be a proper prefix of the teacher's next token (not so only where t was capped).
+        if t <= last and teacher_ends[t] <= end and (teacher_ends[t] == end or teacher_ends[t + 1] > end):
+            pairs.append((s, t, teacher_ends[t], end))
+    return pairs
 
 
 def teacher_tokens(student_tokenizer, teacher_tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]] | None:
@@ -361,16 +449,16 @@ def sparse_logits(teacher: SparseTeacher, rows: slice, vocab: int) -> torch.Tens
 def cross_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTeacher,
-    pairs: tuple[torch.Tensor, torch.Tensor],
+    pairs: tuple[torch.Tensor, ...],
     divergence: Divergence,
     shared: tuple[torch.Tensor, torch.Tensor] | None,
     vocab_sizes: tuple[int, int],
     chunk_tokens: int = 1024,
-    projection: torch.Tensor | None = None,
+    carry: CarryTable | None = None,
 ) -> torch.Tensor:
     """The soft term across tokenizers per student row [B]: the mean over the row's position pairs
-    (`pairs`: TeacherRows.student and .teacher) of `projected` (with `projection`,
-    `prefix_projection`'s), `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of
+    (`pairs`: TeacherRows.student and .teacher, and .prefixes with `carry`) of `projected` (with
+    `carry`, a CarryTable), `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of
     `shared_vocabulary`) or, without either, positional ULD; 0 for a row without pairs.
     student_logits [B, S, ≥V_S]; teacher_logits [B, S_T, ≥V_T], or a teacher cache's SparseTeacher
     holding one row per pair in the pairs' order (`sparse_logits`). Only the tokenizers' `vocab_sizes`
@@ -384,9 +472,9 @@ def cross_divergence(
     counts = torch.zeros(batch, dtype=torch.float32, device=student_logits.device)
     student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(student_logits.device)
 
-    def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        if projection is not None:
-            return projected(teacher, student, projection, divergence)
+    def chunk_value(student: torch.Tensor, teacher: torch.Tensor, prefixes: torch.Tensor | None) -> torch.Tensor:
+        if carry is not None:
+            return projected(teacher, student, prefixes, carry, divergence)
         if shared is None:
             return positional_uld(teacher, student)
         return aligned_hybrid(teacher, student, shared[0], shared[1], divergence)
@@ -398,10 +486,11 @@ def cross_divergence(
             teacher = sparse_logits(teacher_logits, slice(start, start + len(t)), teacher_vocab)
         else:
             teacher = teacher_logits[t[:, 0], t[:, 1], :teacher_vocab].detach()
+        prefixes = pairs[2][start : start + chunk_tokens] if carry is not None else None
         value = (
-            checkpoint(chunk_value, student, teacher, use_reentrant=False)
+            checkpoint(chunk_value, student, teacher, prefixes, use_reentrant=False)
             if student.requires_grad
-            else chunk_value(student, teacher)
+            else chunk_value(student, teacher, prefixes)
         )
         total = total.index_add(0, s[:, 0], value)
         counts.index_add_(0, s[:, 0], torch.ones_like(value, dtype=torch.float32))
@@ -419,26 +508,29 @@ class CrossVocab:
     student_ids: torch.Tensor  # shared_vocabulary's
     teacher_ids: torch.Tensor
     teacher_vocab: int
-    projection: torch.Tensor | None  # prefix_projection's, for `projected`
+    carry: CarryTable | None  # for `projected`
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer, pairing: str) -> CrossVocab:
         names = [t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tokenizer, teacher_tokenizer)]
         student_ids, teacher_ids = shared_vocabulary(*names)
-        projection = prefix_projection(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
+        carry = CarryTable.of(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
         vocab = len(teacher_tokenizer)
-        return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, vocab, projection)
+        return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, vocab, carry)
 
     def batch_fields(self, examples_ids: Sequence[Sequence[int]], loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """A host batch's teacher rows and position pairs (TeacherRows), as batch entries."""
-        pairing = "positional" if self.pairing == "positional_uld" else "aligned"
+        pairing = {"positional_uld": "positional", "projected": "prefixed"}.get(self.pairing, "aligned")
         rows = teacher_rows(examples_ids, loss_mask, self.student_tokenizer, self.teacher_tokenizer, pairing)
-        return {
+        fields = {
             "teacher_input_ids": rows.input_ids,
             "teacher_attention_mask": rows.attention_mask,
             "pairs_student": rows.student,
             "pairs_teacher": rows.teacher,
         }
+        if rows.prefixes is not None:
+            fields["pairs_prefix"] = rows.prefixes
+        return fields
 
     def teacher_positions(self, ids: Sequence[int]) -> int:
         """How many of a student row's teacher tokens have a next token (what a teacher cache stores)."""
@@ -449,5 +541,5 @@ class CrossVocab:
         shared = (self.student_ids, self.teacher_ids) if self.pairing == "aligned" else None
         sizes = (vocab, self.teacher_vocab)
         return cross_divergence(
-            student_logits, teacher_logits, batch_pairs, divergence, shared, sizes, chunk, self.projection
+            student_logits, teacher_logits, batch_pairs, divergence, shared, sizes, chunk, self.carry
         )

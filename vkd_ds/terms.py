@@ -86,7 +86,8 @@ class TermInputs:
     rollout: SampleScores | None = None
     sequences: Sequences | None = None  # which sequence each position is in (None: one per row)
     shared: dict = field(default_factory=dict)  # values two terms compute together (_one_pass)
-    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # across tokenizers: (student, teacher) positions
+    # Across tokenizers: (student positions, teacher positions, their byte prefixes or None).
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
 
 @dataclass(frozen=True)
