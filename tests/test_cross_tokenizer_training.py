@@ -56,6 +56,8 @@ def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resume
     rows = read_metrics(straight / "metrics.csv")
     soft = [float(r["loss/soft"]) for r in rows]
     assert len(soft) == 4 and all(math.isfinite(v) and v > 0 for v in soft), soft
+    # Aligned pairs sit at group ends only: some target positions, not all; every row here is text.
+    assert all(0 < float(r["paired_share"]) < 1 and float(r["unaligned_rows"]) == 0 for r in rows)
     assert rows[-1]["eval/ce"] != "" and rows[-1].get("eval/kl_teacher", "") == ""  # no position pairs in eval
     assert "teacher tokenizer: " in result.stderr and "soft term across tokenizers: aligned" in result.stderr
     train_job(_across(tiny_assets, resumed, other_teacher, "trainer.stop_after_steps=2"))
@@ -68,6 +70,8 @@ def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resume
         train_job(_across(tiny_assets, run, other_teacher, f"loss.cross_tokenizer={pairing}", "trainer.max_steps=1"))
         first = read_metrics(run / "metrics.csv")[0]
         assert first["loss/ce"] == rows[0]["loss/ce"] and first["loss/soft"] != rows[0]["loss/soft"]
+        if pairing == "projected":  # every target position the teacher has reached: all, or nearly
+            assert float(first["paired_share"]) > 0.95
         assert math.isfinite(float(first["loss/soft"])) and float(first["loss/soft"]) > 0
 
 

@@ -527,6 +527,7 @@ class CrossVocab:
             "teacher_attention_mask": rows.attention_mask,
             "pairs_student": rows.student,
             "pairs_teacher": rows.teacher,
+            "unaligned_rows": torch.tensor(rows.unaligned_rows),
         }
         if rows.prefixes is not None:
             fields["pairs_prefix"] = rows.prefixes

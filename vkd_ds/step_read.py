@@ -23,6 +23,8 @@ class StepSums:
         "teacher_valence",  # Σ of the teacher's valence over the same positions (the gate's arming)
         "valence_count",
         "nonfinite",  # micro-batches whose loss was not finite
+        "paired",  # across tokenizers: student positions the soft term compares with a teacher position
+        "unaligned_rows",  # across tokenizers: rows whose bytes are not text (not distilled)
     )
 
     def __init__(self, terms: list[str], device: torch.device):

@@ -132,6 +132,9 @@ class Trainer:
                     self.engine.step()  # DeepSpeed counts the micro-step; the update waits for the boundary
         read = read_step(sums, weight_sum, stats, self.guard.grad_norm_before_step(), self.on_gpu)
         nonfinite = read.pop("nonfinite") > 0 or not math.isfinite(read.get("grad_norm", 0.0))
+        paired, unaligned = read.pop("paired"), read.pop("unaligned_rows")
+        if self.objective.cross is not None:  # how much of the batch the soft term reaches
+            stats.update({"paired_share": paired / max(read["tokens"], 1.0), "unaligned_rows": unaligned})
         stats.update(
             self.guard.commit(
                 step, nonfinite, read.pop("valence"), read.pop("teacher_valence"), read.pop("valence_count")
@@ -218,6 +221,9 @@ class Trainer:
         sums.add("loss", loss)
         sums.add("nonfinite", ~torch.isfinite(loss.detach()))
         sums.add("tokens", mask.sum())
+        if "pairs_student" in batch:
+            sums.add("paired", len(batch["pairs_student"]))
+            sums.add("unaligned_rows", batch["unaligned_rows"])
         sums.add("real_tokens", batch["attention_mask"].sum())
         sums.add("positions", batch["attention_mask"].numel())
 
