@@ -37,7 +37,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -218,6 +218,7 @@ class CarryTable:
     carry: torch.Tensor  # [L, V_T] int32
     spelled: torch.Tensor  # [V_T, L] int16
     lengths: torch.Tensor  # [V_T] int64
+    copies: dict = field(default_factory=dict, repr=False)  # device -> this table there, made once
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer) -> CarryTable:
@@ -246,9 +247,13 @@ class CarryTable:
         return cls(carry, spelled, lengths)
 
     def to(self, device) -> CarryTable:
-        if self.carry.device == torch.device(device):
+        """This table on `device`, copied there once (every chunk of every step reads it)."""
+        device = torch.device(device)
+        if self.carry.device == device:
             return self
-        return CarryTable(self.carry.to(device), self.spelled.to(device), self.lengths.to(device))
+        if device not in self.copies:
+            self.copies[device] = CarryTable(self.carry.to(device), self.spelled.to(device), self.lengths.to(device))
+        return self.copies[device]
 
 
 PROJECTED_CELLS = 1 << 24  # positions x teacher vocabulary handled at once by `projected` (its masks' size)
