@@ -124,9 +124,10 @@ def test_identical_tokenizers_give_exactly_the_same_tokenizer_divergence(tokeniz
 
 
 def _brute_carried(p, prefix: bytes, student_tok, teacher_tok) -> torch.Tensor:
-    """`carried` by its definition, one teacher token at a time."""
-    student_bytes, teacher_bytes = token_bytes(student_tok), token_bytes(teacher_tok)
-    spelled = {b: i for i, b in enumerate(student_bytes) if b}
+    """`carried` by its definition, one teacher token at a time: its bytes after the prefix, tokenized
+    by the student's BPE, give their first token the probability."""
+    teacher_bytes = token_bytes(teacher_tok)
+    to_char = {byte: char for char, byte in _byte_decoder().items()}
     out = torch.zeros(len(student_tok))
     for v, data in enumerate(teacher_bytes):
         if data is None:
@@ -135,9 +136,8 @@ def _brute_carried(p, prefix: bytes, student_tok, teacher_tok) -> torch.Tensor:
                 out[student_tok.convert_tokens_to_ids(name)] += p[v]
             continue
         if data.startswith(prefix) and len(data) > len(prefix):
-            rest = data[len(prefix) :]
-            longest = max(n for n in range(1, len(rest) + 1) if rest[:n] in spelled)
-            out[spelled[rest[:longest]]] += p[v]
+            rest = "".join(to_char[b] for b in data[len(prefix) :])
+            out[student_tok.convert_tokens_to_ids(student_tok.backend_tokenizer.model.tokenize(rest)[0].value)] += p[v]
     return out / out.sum()
 
 

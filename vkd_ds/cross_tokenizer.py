@@ -22,10 +22,10 @@ vocabulary, the student over its own. The divergences compare those two distribu
   student has read; the bytes between the two ends (the prefix P, empty at a group end) are part of
   the teacher's next token. The teacher's distribution there, conditioned on its next token spelling
   P and more, is carried onto the student's vocabulary: each such teacher token's probability goes to
-  the student token that spells the longest prefix of its bytes after P (the student's next token of
-  that text, in byte-level BPE), and the result is compared with the student's by the configured
-  divergence D over the whole vocabulary. With identical tokenizers every prefix is empty, every
-  token is its own longest prefix, and it is exactly D at every position.
+  the student token that its bytes after P begin with in the student's own tokenization (its BPE
+  merges), and the result is compared with the student's by the configured divergence D over the
+  whole vocabulary. With identical tokenizers every prefix is empty, every token carries to itself,
+  and it is exactly D at every position.
 - `positional_uld` (ULD, Boizard et al. 2024, the baseline): the i-th positions of both sequences are
   paired by index, whatever their text, and compared by the L1 distance of their sorted probabilities.
 """
@@ -209,8 +209,8 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 @dataclass(frozen=True, eq=False)
 class CarryTable:
     """How a teacher token's probability is carried onto the student's vocabulary after a prefix of
-    its bytes has been read: `carry[m, v]` is the student token that spells the longest prefix of
-    teacher token v's bytes after their first m (−1: none, m ≥ its length); a special token is
+    its bytes has been read: `carry[m, v]` is the student token that teacher token v's bytes after
+    their first m begin with, in the student's tokenization (−1: none, m ≥ its length); a special token is
     carried (at m = 0 only) to the student's special token of the same string, if any. `spelled`
     [V_T, L] holds each teacher token's bytes (−1 past its end, and for special tokens), `lengths`
     [V_T] their count (1 for a special token carried somewhere, so that m = 0 reaches it)."""
@@ -222,8 +222,17 @@ class CarryTable:
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer) -> CarryTable:
-        by_bytes = {b: i for i, b in enumerate(token_bytes(student_tokenizer)) if b}
-        longest_student = max(map(len, by_bytes))
+        """The student token a teacher token's bytes after m of them begin with: the first token of the
+        student's own BPE of those bytes (its merges, not the longest token that fits: a student
+        trained on its tokenizer's output never sees the longest fit where its merges split
+        otherwise). The BPE runs on the bytes alone, without the text that follows them."""
+        model = student_tokenizer.backend_tokenizer.model
+        to_char = {byte: char for char, byte in _byte_alphabet().items()}
+
+        @functools.cache
+        def first_token(data: bytes) -> int:
+            return model.tokenize("".join(to_char[b] for b in data))[0].id
+
         special_ids = student_tokenizer.all_special_ids
         student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
         names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
@@ -240,10 +249,7 @@ class CarryTable:
             spelled[v, : len(data)] = torch.tensor(list(data), dtype=torch.int16)
             lengths[v] = len(data)
             for m in range(len(data)):
-                cut = min(len(data) - m, longest_student)
-                while data[m : m + cut] not in by_bytes:  # every single byte is a byte-level BPE token
-                    cut -= 1
-                carry[m, v] = by_bytes[data[m : m + cut]]
+                carry[m, v] = first_token(data[m:])
         return cls(carry, spelled, lengths)
 
     def to(self, device) -> CarryTable:
