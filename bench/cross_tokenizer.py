@@ -251,6 +251,8 @@ def _sweep(pool, job, seed: int, arms: dict) -> tuple[dict, dict]:
             for arm, grid in grids.items()
         }
         wider = {arm: widened(grid, best[arm]) for arm, grid in grids.items()}
+        # The dimensions along which a best point lies on its grid's edge (after the last widening too).
+        edges = {arm: [dim for dim in grid if wider[arm][dim] != grid[dim]] for arm, grid in grids.items()}
         if wider == grids:
             break
         grids = wider
@@ -260,7 +262,7 @@ def _sweep(pool, job, seed: int, arms: dict) -> tuple[dict, dict]:
             "setting": setting(best[arm]),
             "overrides": overrides(arm, best[arm]),
             "result": results[arm][setting(best[arm])],
-            "on_edge": [dim for dim in grids[arm] if wider[arm][dim] != grids[arm][dim]],
+            "on_edge": edges[arm],
         }
         for arm in arms
     }
