@@ -109,6 +109,26 @@ def test_a_cache_of_the_teacher_on_its_own_tokens_gives_the_live_teachers_losses
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.distributed
+def test_projected_across_a_copy_of_the_data_tokenizer_is_same_tokenizer_kd(tiny_assets, tmp_path):
+    """The whole cross-tokenizer path (re-tokenized rows, prefixed pairs, the carry table, the chunked
+    term) across a copy of the data's tokenizer: the same losses as same-tokenizer soft KD, 2 ranks."""
+    import shutil
+
+    copy = tmp_path / "tokenizer_copy"
+    shutil.copytree(tiny_assets / "tokenizer", copy)
+    common = [*loss_overrides(ce=1.0, soft=1.0), "weighting.lam=0", "valence.teacher_head=null"]
+    common += ["data.packing=false", "loss.temperature=2.0", "trainer.max_steps=2", "trainer.eval_every=0"]
+    same, across = tmp_path / "same", tmp_path / "across"
+    train_job([*base_overrides(tiny_assets, same), *common])
+    projected = [f"teacher.tokenizer_path={copy}", "loss.cross_tokenizer=projected"]
+    train_job([*base_overrides(tiny_assets, across), *common, *projected])
+    for a, b in zip(read_metrics(same / "metrics.csv"), read_metrics(across / "metrics.csv"), strict=True):
+        for column in ("loss", "loss/ce", "loss/soft"):
+            assert abs(float(a[column]) - float(b[column])) <= 1e-5 * max(1.0, abs(float(a[column]))), column
+    assert "soft term across tokenizers: projected" in (across / "train.log").read_text()
+
+
 REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "data.tokenizer_path=/s", "teacher.tokenizer_path=/t2"]
 
 
