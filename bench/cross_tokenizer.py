@@ -96,38 +96,37 @@ def bits_per_byte(student_dir: Path, tokenizer_dir: Path, valid: Path) -> float:
 
 
 def teacher_carried(assets: Path, tokenizer_b_dir: Path, split: str = "test", records: int = 64) -> dict:
-    """How well the teacher, carried onto tokenizer B's positions by `projected`'s pairing and carry
-    table, predicts B's targets: bits per byte of B's targets under the carried distribution (every
-    paired position, and the group ends alone), next to the teacher's own on its tokens, over the first
-    `records` records of the split (truncated as training rows are: 128 tokens)."""
+    """How well the teacher, carried onto tokenizer B by `projected` at the aligned positions (group
+    ends), predicts B's targets there: bits per byte of B's targets under the carried distribution,
+    next to the teacher's own on all of its tokens, over the first `records` records of the split
+    (truncated as training rows are: 128 tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vkd_ds.cross_tokenizer import CarryTable, byte_lengths, carried, teacher_rows
+    from vkd_ds.cross_tokenizer import byte_lengths, projection, teacher_rows
 
     tok_a, tok_b = AutoTokenizer.from_pretrained(assets / "tokenizer"), AutoTokenizer.from_pretrained(tokenizer_b_dir)
     teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
-    table = CarryTable.of(tok_b, tok_a)
+    carry = projection(tok_b, tok_a)
     bytes_a, bytes_b = (torch.tensor(byte_lengths(t, list(range(len(t))))) for t in (tok_a, tok_b))
-    sums = {name: [0.0, 0.0] for name in ("teacher_own", "carried_every_position", "carried_group_ends")}
+    sums = {name: [0.0, 0.0] for name in ("teacher_own", "carried_group_ends")}
 
-    def add(name: str, logp: torch.Tensor, size: torch.Tensor, keep: torch.Tensor) -> None:
-        sums[name][0] -= float(logp[keep].sum()) / math.log(2)
-        sums[name][1] += float(size[keep].sum())
+    def add(name: str, logp: torch.Tensor, size: torch.Tensor) -> None:
+        sums[name][0] -= float(logp[size > 0].sum()) / math.log(2)
+        sums[name][1] += float(size.sum())
 
     lines = (assets / f"{split}.jsonl").read_text().splitlines()[:records]
     for text in (json.loads(line)["text"] for line in lines):
         ids = [tok_b.bos_token_id, *tok_b(text, add_special_tokens=False)["input_ids"][:126], tok_b.eos_token_id]
-        rows = teacher_rows([ids], torch.ones(1, len(ids), dtype=torch.long), tok_b, tok_a, "prefixed")
+        rows = teacher_rows([ids], torch.ones(1, len(ids), dtype=torch.long), tok_b, tok_a)
         with torch.no_grad():
             logits = teacher(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[0, :, : len(tok_a)]
         own = rows.input_ids[0, 1:]
-        add("teacher_own", logits[:-1].log_softmax(-1).gather(1, own[:, None])[:, 0], bytes_a[own], bytes_a[own] > 0)
+        add("teacher_own", logits[:-1].log_softmax(-1).gather(1, own[:, None])[:, 0], bytes_a[own])
+        p = logits[rows.teacher[:, 1]].softmax(-1)
+        carried = p.new_zeros(len(p), len(tok_b)).index_add_(1, carry, p)
         target = torch.tensor(ids)[rows.student[:, 1] + 1]
-        q = carried(logits[rows.teacher[:, 1]].softmax(-1), rows.prefixes, table, len(tok_b))
-        logq = q.gather(1, target[:, None])[:, 0].clamp(min=1e-30).log()
-        add("carried_every_position", logq, bytes_b[target], bytes_b[target] > 0)
-        add("carried_group_ends", logq, bytes_b[target], (bytes_b[target] > 0) & (rows.prefixes[:, 0] < 0))
+        add("carried_group_ends", carried.gather(1, target[:, None])[:, 0].clamp(min=1e-30).log(), bytes_b[target])
     return {name: round(bits / size, 4) for name, (bits, size) in sums.items()}
 
 

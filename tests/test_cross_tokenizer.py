@@ -3,27 +3,22 @@ two real byte-level BPE tokenizers of different sizes trained here (one splits d
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from vkd_ds.cross_tokenizer import (
-    CarryTable,
     align,
     aligned_hybrid,
     byte_ends,
     byte_lengths,
-    carried,
     cross_divergence,
     positional_uld,
-    prefixed_pairs,
     projected,
+    projection,
     shared_vocabulary,
     sorted_l1,
     sparse_logits,
     teacher_rows,
-    text_bytes,
     token_bytes,
 )
 from vkd_ds.losses import DIVERGENCES, Divergence
@@ -114,69 +109,54 @@ def test_identical_tokenizers_give_exactly_the_same_tokenizer_divergence(tokeniz
     value.sum().backward()
     torch.testing.assert_close(student.grad, expected_grad, rtol=1e-6, atol=1e-7)
     # Projected: every token is its own longest prefix; through log and exp, the same up to rounding.
-    table = CarryTable.of(tokenizers[0], tokenizers[0])
-    assert torch.equal(table.carry[0].long(), torch.arange(vocab))
+    carry = projection(tokenizers[0], tokenizers[0])
+    assert torch.equal(carry, torch.arange(vocab))
     student.grad = None
-    value = projected(teacher, student, torch.full((len(ids), 1), -1, dtype=torch.int16), table, d)
+    value = projected(teacher, student, carry, d)
     value.sum().backward()
     torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(student.grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
-def _brute_carried(p, prefix: bytes, student_tok, teacher_tok) -> torch.Tensor:
-    """`carried` by its definition, one teacher token at a time: its bytes after the prefix, tokenized
-    by the student's BPE, give their first token the probability."""
-    teacher_bytes = token_bytes(teacher_tok)
+def _brute_carried(p, student_tok, teacher_tok) -> torch.Tensor:
+    """The carried distribution by its definition, one teacher token at a time: its bytes, tokenized by
+    the student's BPE, give their first token the probability; special tokens go by name."""
     to_char = {byte: char for char, byte in _byte_decoder().items()}
     out = torch.zeros(len(student_tok))
-    for v, data in enumerate(teacher_bytes):
+    for v, data in enumerate(token_bytes(teacher_tok)):
         if data is None:
             name = teacher_tok.convert_ids_to_tokens(v)
-            if not prefix and name in student_tok.all_special_tokens:
+            if name in student_tok.all_special_tokens:
                 out[student_tok.convert_tokens_to_ids(name)] += p[v]
             continue
-        if data.startswith(prefix) and len(data) > len(prefix):
-            rest = "".join(to_char[b] for b in data[len(prefix) :])
-            out[student_tok.convert_tokens_to_ids(student_tok.backend_tokenizer.model.tokenize(rest)[0].value)] += p[v]
+        first = student_tok.backend_tokenizer.model.tokenize("".join(to_char[b] for b in data))[0].value
+        out[student_tok.convert_tokens_to_ids(first)] += p[v]
     return out / out.sum()
 
 
-def test_every_target_position_pairs_with_the_teachers_last_end_and_the_bytes_read_since(tokenizers):
-    """`prefixed` pairs across the 300- and 600-token tokenizers: every student target position that
-    the teacher has reached, with the teacher position of the last end at or before the student's, and
-    the bytes between them a proper prefix of the teacher's next token; the teacher's distribution
-    carried after that prefix matches its definition (brute force), and the term trains the student."""
+def test_projected_carries_each_teacher_token_to_the_students_first_token_of_its_bytes(tokenizers):
+    """Across the 300- and 600-token tokenizers: each teacher token goes to the first token of the
+    student's BPE of its bytes (which spells a prefix of them), special tokens by name; the term is
+    forward KL between that carried distribution and the student's (autograd's value and gradient)."""
     student_tok, teacher_tok = tokenizers
-    rows, mask = _student_rows(student_tok, [TEXTS["ascii"], TEXTS["digits"], TEXTS["emoji"], TEXTS["cjk"]])
-    table = CarryTable.of(student_tok, teacher_tok)
-    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, "prefixed")
-    assert teacher.prefixes is not None and len(teacher.prefixes) == len(teacher.student)
-    assert (teacher.prefixes[:, 0] >= 0).any() and (teacher.prefixes[:, 0] < 0).any()  # prefixed and not
-    paired = 0
-    for row, ids in enumerate(rows):
-        teacher_ids = teacher.input_ids[row][teacher.attention_mask[row].bool()].tolist()
-        data = text_bytes(student_tok, ids)
-        student_ends = list(itertools.accumulate(byte_lengths(student_tok, ids)))
-        teacher_ends = list(itertools.accumulate(byte_lengths(teacher_tok, teacher_ids)))
-        targets = mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()
-        found = prefixed_pairs(student_ends, teacher_ends, targets)
-        assert len(found) >= len(targets) - 1, (len(found), len(targets))  # all but, at most, the last
-        for s, t, start, end in found:
-            next_bytes = data[teacher_ends[t] : teacher_ends[t + 1]]
-            assert start == teacher_ends[t] and end == student_ends[s]
-            assert start == end or (next_bytes.startswith(data[start:end]) and len(next_bytes) > end - start)
-        paired += len(found)
-    assert paired == len(teacher.student)
-    torch.manual_seed(5)
-    p = (torch.randn(len(teacher.student), len(teacher_tok)) * 2).softmax(-1)
-    fast = carried(p, teacher.prefixes, table, len(student_tok))
-    for k in range(0, len(p), 7):
-        prefix = bytes(b for b in teacher.prefixes[k].tolist() if b >= 0)
-        torch.testing.assert_close(fast[k], _brute_carried(p[k], prefix, student_tok, teacher_tok))
-    student = torch.randn(len(p), len(student_tok), requires_grad=True)
-    value = projected(p.log(), student, teacher.prefixes, table, Divergence(kind="forward_kl"))
+    carry = projection(student_tok, teacher_tok)
+    student_bytes = token_bytes(student_tok)
+    for data, s in zip(token_bytes(teacher_tok), carry.tolist(), strict=True):
+        assert s >= 0 and (data is None or data.startswith(student_bytes[s]))
+    assert len(set(carry.tolist())) > len(student_tok) // 2
+    torch.manual_seed(4)
+    teacher = torch.randn(6, len(teacher_tok)) * 2
+    student = torch.randn(6, len(student_tok), requires_grad=True)
+    value = projected(teacher, student, carry, Divergence(kind="forward_kl", temperature=2.0))
     value.sum().backward()
-    assert (value > 0).all() and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    p = (teacher / 2).softmax(-1)
+    target = torch.stack([_brute_carried(row, student_tok, teacher_tok) for row in p])
+    reference_student = student.detach().clone().requires_grad_(True)
+    log_q = (reference_student / 2).log_softmax(-1)
+    reference = 4 * (target * (target.clamp(min=1e-30).log() - log_q)).sum(-1)
+    reference.sum().backward()
+    torch.testing.assert_close(value.detach(), reference.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(student.grad, reference_student.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_sorted_l1_and_positional_uld_ignore_token_identity_and_train_the_student():
@@ -293,19 +273,18 @@ def test_a_teacher_cache_at_k_equal_to_the_vocabulary_gives_the_live_teachers_te
     probabilities come back exactly and the tail keeps its mass."""
     student_tok, teacher_tok = tokenizers
     rows, mask = _student_rows(student_tok, [TEXTS["ascii"], TEXTS["digits"], TEXTS["emoji"]])
-    kind = {"projected": "prefixed"}.get(pairing, pairing)
-    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, kind)
+    teacher = teacher_rows(rows, mask, student_tok, teacher_tok, "positional" if pairing == "positional" else "aligned")
     vs, vt = len(student_tok), len(teacher_tok)
     shared = carry = None
     if pairing == "aligned":
         shared = shared_vocabulary(*(t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tok, teacher_tok)))
     if pairing == "projected":
-        carry = CarryTable.of(student_tok, teacher_tok)
+        carry = projection(student_tok, teacher_tok)
     torch.manual_seed(3)
     student_logits = torch.randn(len(rows), mask.shape[1], vs, requires_grad=True)
     teacher_logits = torch.randn(len(rows), teacher.input_ids.shape[1], vt + 5) * 3  # padded head
     d = Divergence(kind="forward_kl", temperature=2.0)
-    pairs = (teacher.student, teacher.teacher, teacher.prefixes)
+    pairs = (teacher.student, teacher.teacher)
     live = cross_divergence(student_logits, teacher_logits, pairs, d, shared, (vs, vt), 5, carry)
     cached_teacher = _cached(teacher_logits, teacher.teacher, vt, vt, 2.0)
     cached = cross_divergence(student_logits, cached_teacher, pairs, d, shared, (vs, vt), 5, carry)

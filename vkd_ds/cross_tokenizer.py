@@ -17,15 +17,12 @@ vocabulary, the student over its own. The divergences compare those two distribu
   compared by the configured divergence D on their probabilities; the rest of each distribution by the
   L1 distance of their sorted probabilities (ULD). With identical tokenizers every token matches,
   groups are single tokens, and it is exactly D.
-- `projected`: at EVERY student position whose next token is a target, not only at group ends. The
-  teacher position paired with it is the teacher's last token that ends at or before the bytes the
-  student has read; the bytes between the two ends (the prefix P, empty at a group end) are part of
-  the teacher's next token. The teacher's distribution there, conditioned on its next token spelling
-  P and more, is carried onto the student's vocabulary: each such teacher token's probability goes to
-  the student token that its bytes after P begin with in the student's own tokenization (its BPE
-  merges), and the result is compared with the student's by the configured divergence D over the
-  whole vocabulary. With identical tokenizers every prefix is empty, every token carries to itself,
-  and it is exactly D at every position.
+- `projected`: the teacher's distribution is carried onto the student's vocabulary, each teacher
+  token's probability given to the first token of the student's own tokenization (its BPE merges)
+  of that token's bytes, and compared with the student's by the configured divergence D over the
+  whole vocabulary. With identical tokenizers every token carries to itself, and it is exactly D.
+  Only group ends are compared: inside a teacher token, conditioning the teacher on the bytes read
+  so far would tell the student that the teacher's token goes on, which is the text to come.
 - `positional_uld` (ULD, Boizard et al. 2024, the baseline): the i-th positions of both sequences are
   paired by index, whatever their text, and compared by the L1 distance of their sorted probabilities.
 """
@@ -37,7 +34,7 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -206,107 +203,41 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return [None if i in special else bytes(alphabet[c] for c in t) for i, t in enumerate(tokens)]
 
 
-@dataclass(frozen=True, eq=False)
-class CarryTable:
-    """How a teacher token's probability is carried onto the student's vocabulary after a prefix of
-    its bytes has been read: `carry[m, v]` is the student token that teacher token v's bytes after
-    their first m begin with, in the student's tokenization (−1: none, m ≥ its length); a special token is
-    carried (at m = 0 only) to the student's special token of the same string, if any. `spelled`
-    [V_T, L] holds each teacher token's bytes (−1 past its end, and for special tokens), `lengths`
-    [V_T] their count (1 for a special token carried somewhere, so that m = 0 reaches it)."""
-
-    carry: torch.Tensor  # [L, V_T] int32
-    spelled: torch.Tensor  # [V_T, L] int16
-    lengths: torch.Tensor  # [V_T] int64
-    copies: dict = field(default_factory=dict, repr=False)  # device -> this table there, made once
-
-    @classmethod
-    def of(cls, student_tokenizer, teacher_tokenizer) -> CarryTable:
-        """The student token a teacher token's bytes after m of them begin with: the first token of the
-        student's own BPE of those bytes (its merges, not the longest token that fits: a student
-        trained on its tokenizer's output never sees the longest fit where its merges split
-        otherwise). The BPE runs on the bytes alone, without the text that follows them."""
-        model = student_tokenizer.backend_tokenizer.model
-        to_char = {byte: char for char, byte in _byte_alphabet().items()}
-
-        @functools.cache
-        def first_token(data: bytes) -> int:
-            return model.tokenize("".join(to_char[b] for b in data))[0].id
-
-        special_ids = student_tokenizer.all_special_ids
-        student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
-        names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
-        teacher_bytes = token_bytes(teacher_tokenizer)
-        width = max([1, *(len(b) for b in teacher_bytes if b)])
-        carry = torch.full((width, len(names)), -1, dtype=torch.int32)
-        spelled = torch.full((len(names), width), -1, dtype=torch.int16)
-        lengths = torch.zeros(len(names), dtype=torch.long)
-        for v, (name, data) in enumerate(zip(names, teacher_bytes, strict=True)):
-            if data is None:
-                carry[0, v] = student_special.get(name, -1)
-                lengths[v] = 1 if name in student_special else 0
-                continue
-            spelled[v, : len(data)] = torch.tensor(list(data), dtype=torch.int16)
-            lengths[v] = len(data)
-            for m in range(len(data)):
-                carry[m, v] = first_token(data[m:])
-        return cls(carry, spelled, lengths)
-
-    def to(self, device) -> CarryTable:
-        """This table on `device`, copied there once (every chunk of every step reads it)."""
-        device = torch.device(device)
-        if self.carry.device == device:
-            return self
-        if device not in self.copies:
-            self.copies[device] = CarryTable(self.carry.to(device), self.spelled.to(device), self.lengths.to(device))
-        return self.copies[device]
-
-
-PROJECTED_CELLS = 1 << 24  # positions x teacher vocabulary handled at once by `projected` (its masks' size)
-
-
-def carried(p: torch.Tensor, prefixes: torch.Tensor, table: CarryTable, student_vocab: int) -> torch.Tensor:
-    """The teacher's next-token probabilities p [n, V_T] carried onto the student's vocabulary
-    [n, V_S] after each row's prefix (`prefixes` [n, Lp], bytes, −1 past the prefix): conditioned on
-    the teacher's token spelling the prefix and more, renormalized. A row whose conditioned mass is 0
-    comes back all zero."""
-    m = (prefixes >= 0).sum(-1)
-    keep = table.lengths[None, :] > m[:, None]  # the token is longer than the prefix
-    for j in range(min(prefixes.shape[1], table.spelled.shape[1])):
-        keep &= (table.spelled[:, j][None, :] == prefixes[:, j][:, None]) | (m <= j)[:, None]
-    target = table.carry[m.clamp(max=table.carry.shape[0] - 1)].long()  # [n, V_T]
-    keep &= target >= 0
-    mass = p * keep
-    out = p.new_zeros(len(p), student_vocab).scatter_add_(1, target.clamp(min=0), mass)
-    return out / mass.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+def projection(student_tokenizer, teacher_tokenizer) -> torch.Tensor:
+    """[V_T] the student token each teacher token's probability goes to: the first token of the
+    student's own BPE of its bytes (its merges, not the longest student token that fits: a student
+    learns its tokenizer's splits from the data and never sees the longest fit where they differ);
+    a special token goes to the student's special token of the same string, or nowhere (−1). The
+    BPE runs on the token's bytes alone, without the text that follows them."""
+    model = student_tokenizer.backend_tokenizer.model
+    to_char = {byte: char for char, byte in _byte_alphabet().items()}
+    special_ids = student_tokenizer.all_special_ids
+    student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
+    names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
+    target = [
+        student_special.get(name, -1) if data is None else model.tokenize("".join(to_char[b] for b in data))[0].id
+        for name, data in zip(names, token_bytes(teacher_tokenizer), strict=True)
+    ]
+    return torch.tensor(target, dtype=torch.long)
 
 
 def projected(
-    teacher_logits: torch.Tensor,
-    student_logits: torch.Tensor,
-    prefixes: torch.Tensor,
-    table: CarryTable,
-    divergence: Divergence,
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, carry: torch.Tensor, divergence: Divergence
 ) -> torch.Tensor:
-    """Per position pair [N]: T²·D (`loss.divergence`) between the teacher's distribution at T carried
-    onto the student's vocabulary after the pair's prefix (`carried`) and the student's; 0 where no
-    teacher token extends the prefix. Differentiable in the student's logits, with the divergence's
-    own analytic gradient (losses.DIVERGENCES); PROJECTED_CELLS at a time."""
+    """Per aligned position [N]: T²·D (`loss.divergence`) between the teacher's distribution at T carried
+    onto the student's vocabulary by `carry` (`projection`'s; mass sent nowhere is dropped and the rest
+    renormalized) and the student's. Differentiable in the student's logits, with the divergence's own
+    analytic gradient (losses.DIVERGENCES)."""
     t = divergence.temperature
     student = student_logits.float()
-    table = table.to(student.device)
-    parts = []
-    rows = max(1, PROJECTED_CELLS // max(1, teacher_logits.shape[-1]))
-    for start in range(0, len(student), rows):
-        p = (teacher_logits[start : start + rows].detach().float() / t).softmax(-1)
-        target = carried(p, prefixes[start : start + rows].to(student.device), table, student.shape[-1])
-        found = target.sum(-1) > 0
-        teacher_at_t = target.log().clamp(min=LOG_ZERO).mul_(t)  # logits whose softmax at T is `target`
-        z = student[start : start + rows]
-        value, grad = DIVERGENCES[divergence.kind](z.detach().clone(), teacher_at_t, divergence)
-        surrogate = (grad * z).sum(-1)
-        parts.append(torch.where(found, value + (surrogate - surrogate.detach()), 0.0))  # d/dz_S = grad
-    return torch.cat(parts) if parts else student.new_zeros(0)
+    p = (teacher_logits.detach().float() / t).softmax(-1)
+    kept = (carry >= 0).nonzero().squeeze(-1).to(p.device)
+    carried = p.new_zeros(len(p), student.shape[-1]).index_add_(1, carry.to(p.device)[kept], p[:, kept])
+    carried = carried / carried.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    teacher_at_t = carried.log().clamp(min=LOG_ZERO).mul_(t)  # logits whose softmax at T is `carried`
+    value, grad = DIVERGENCES[divergence.kind](student.detach().clone(), teacher_at_t, divergence)
+    surrogate = (grad * student).sum(-1)
+    return value + (surrogate - surrogate.detach())  # the value, with d/dz_S = grad
 
 
 def positional_uld(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -339,7 +270,6 @@ class TeacherRows:
     student: torch.Tensor  # [N, 2] (row, position)
     teacher: torch.Tensor  # [N, 2]
     unaligned_rows: int  # rows whose bytes are not text (a window that splits a character): not distilled
-    prefixes: torch.Tensor | None = None  # [N, Lp] int16, `prefixed` pairing: the bytes between the ends
 
 
 def teacher_rows(
@@ -351,9 +281,8 @@ def teacher_rows(
 ) -> TeacherRows:
     """Each row's text (the student's tokens decoded exactly) tokenized by the teacher, with the teacher's
     special tokens, and the pairs of positions to compare: `aligned` at the groups' last tokens
-    (`align`), `prefixed` at every target position with the prefix read since the teacher's last end
-    (`prefixed_pairs`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
-    rows, student_pairs, teacher_pairs, prefixes, unaligned = [], [], [], [], 0
+    (`align`), `positional` by index (ULD). `loss_mask` [B, S]: the student batch's targets."""
+    rows, student_pairs, teacher_pairs, unaligned = [], [], [], 0
     for row, ids in enumerate(student_ids):
         tokens = teacher_tokens(student_tokenizer, teacher_tokenizer, ids)
         if tokens is None:
@@ -365,12 +294,6 @@ def teacher_rows(
         targets = loss_mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()  # position t predicts t + 1
         if pairing == "positional":
             pairs = [(t, t) for t in targets if t < len(teacher_ids) - 1]
-        elif pairing == "prefixed":
-            student_ends = list(itertools.accumulate(byte_lengths(student_tokenizer, ids)))
-            data = text_bytes(student_tokenizer, ids)
-            found = prefixed_pairs(student_ends, teacher_ends, targets)
-            pairs = [(s, t) for s, t, _, _ in found]
-            prefixes += [data[start:end] for _, _, start, end in found]
         else:
             alignment = align(list(itertools.accumulate(byte_lengths(student_tokenizer, ids))), teacher_ends)
             wanted = set(targets)
@@ -384,32 +307,7 @@ def teacher_rows(
     for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
-    prefix_tensor = None
-    if pairing == "prefixed":
-        prefix_tensor = torch.full((len(prefixes), max([1, *map(len, prefixes)])), -1, dtype=torch.int16)
-        for k, prefix in enumerate(prefixes):
-            prefix_tensor[k, : len(prefix)] = torch.tensor(list(prefix), dtype=torch.int16)
-    pairs = _pairs(student_pairs), _pairs(teacher_pairs)
-    return TeacherRows(input_ids, attention_mask, *pairs, unaligned, prefix_tensor)
-
-
-def prefixed_pairs(
-    student_ends: list[int], teacher_ends: list[int], targets: list[int]
-) -> list[tuple[int, int, int, int]]:
-    """(student position, teacher position, prefix start, prefix end) for every target position s (in
-    `targets`, ascending): the teacher position is its last token ending at or before the student's
-    end (zero-width ones included), and never its last token (which predicts nothing the cache holds);
-    the prefix is the text's bytes between the two ends. A position before the teacher's first end is
-    not paired."""
-    pairs, t, last = [], 0, len(teacher_ends) - 2
-    for s in targets:
-        end = student_ends[s]
-        while t < last and teacher_ends[t + 1] <= end:
-            t += 1
-        # The prefix must be a proper prefix of the teacher's next token (not so only where t was capped).
-        if t <= last and teacher_ends[t] <= end and (teacher_ends[t] == end or teacher_ends[t + 1] > end):
-            pairs.append((s, t, teacher_ends[t], end))
-    return pairs
+    return TeacherRows(input_ids, attention_mask, _pairs(student_pairs), _pairs(teacher_pairs), unaligned)
 
 
 def teacher_tokens(student_tokenizer, teacher_tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]] | None:
@@ -460,16 +358,16 @@ def sparse_logits(teacher: SparseTeacher, rows: slice, vocab: int) -> torch.Tens
 def cross_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTeacher,
-    pairs: tuple[torch.Tensor, ...],
+    pairs: tuple[torch.Tensor, torch.Tensor],
     divergence: Divergence,
     shared: tuple[torch.Tensor, torch.Tensor] | None,
     vocab_sizes: tuple[int, int],
     chunk_tokens: int = 1024,
-    carry: CarryTable | None = None,
+    carry: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The soft term across tokenizers per student row [B]: the mean over the row's position pairs
-    (`pairs`: TeacherRows.student and .teacher, and .prefixes with `carry`) of `projected` (with
-    `carry`, a CarryTable), `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of
+    (`pairs`: TeacherRows.student and .teacher) of `projected` (with `carry`, `projection`'s),
+    `aligned_hybrid` (with `shared`, the (student ids, teacher ids) of
     `shared_vocabulary`) or, without either, positional ULD; 0 for a row without pairs.
     student_logits [B, S, ≥V_S]; teacher_logits [B, S_T, ≥V_T], or a teacher cache's SparseTeacher
     holding one row per pair in the pairs' order (`sparse_logits`). Only the tokenizers' `vocab_sizes`
@@ -483,9 +381,9 @@ def cross_divergence(
     counts = torch.zeros(batch, dtype=torch.float32, device=student_logits.device)
     student_at, teacher_at = pairs[0].to(student_logits.device), pairs[1].to(student_logits.device)
 
-    def chunk_value(student: torch.Tensor, teacher: torch.Tensor, prefixes: torch.Tensor | None) -> torch.Tensor:
+    def chunk_value(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if carry is not None:
-            return projected(teacher, student, prefixes, carry, divergence)
+            return projected(teacher, student, carry, divergence)
         if shared is None:
             return positional_uld(teacher, student)
         return aligned_hybrid(teacher, student, shared[0], shared[1], divergence)
@@ -497,11 +395,10 @@ def cross_divergence(
             teacher = sparse_logits(teacher_logits, slice(start, start + len(t)), teacher_vocab)
         else:
             teacher = teacher_logits[t[:, 0], t[:, 1], :teacher_vocab].detach()
-        prefixes = pairs[2][start : start + chunk_tokens] if carry is not None else None
         value = (
-            checkpoint(chunk_value, student, teacher, prefixes, use_reentrant=False)
+            checkpoint(chunk_value, student, teacher, use_reentrant=False)
             if student.requires_grad
-            else chunk_value(student, teacher, prefixes)
+            else chunk_value(student, teacher)
         )
         total = total.index_add(0, s[:, 0], value)
         counts.index_add_(0, s[:, 0], torch.ones_like(value, dtype=torch.float32))
@@ -519,19 +416,19 @@ class CrossVocab:
     student_ids: torch.Tensor  # shared_vocabulary's
     teacher_ids: torch.Tensor
     teacher_vocab: int
-    carry: CarryTable | None  # for `projected`
+    carry: torch.Tensor | None  # `projection`'s, for `projected`
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer, pairing: str) -> CrossVocab:
         names = [t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tokenizer, teacher_tokenizer)]
         student_ids, teacher_ids = shared_vocabulary(*names)
-        carry = CarryTable.of(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
+        carry = projection(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
         vocab = len(teacher_tokenizer)
         return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, vocab, carry)
 
     def batch_fields(self, examples_ids: Sequence[Sequence[int]], loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """A host batch's teacher rows and position pairs (TeacherRows), as batch entries."""
-        pairing = {"positional_uld": "positional", "projected": "prefixed"}.get(self.pairing, "aligned")
+        pairing = "positional" if self.pairing == "positional_uld" else "aligned"
         rows = teacher_rows(examples_ids, loss_mask, self.student_tokenizer, self.teacher_tokenizer, pairing)
         fields = {
             "teacher_input_ids": rows.input_ids,
@@ -540,8 +437,6 @@ class CrossVocab:
             "pairs_teacher": rows.teacher,
             "unaligned_rows": torch.tensor(rows.unaligned_rows),
         }
-        if rows.prefixes is not None:
-            fields["pairs_prefix"] = rows.prefixes
         return fields
 
     def teacher_positions(self, ids: Sequence[int]) -> int:

@@ -133,9 +133,7 @@ class Objective(TermParams):
         rollouts: rollout_terms), and the valid-position mask [B,S]. `on_policy`: the batch is the
         student's own samples."""
         targets, mask = shift_for_next_token(batch["input_ids"], batch["loss_mask"])
-        pairs = None
-        if "pairs_student" in batch:  # across tokenizers; with the pairs' byte prefixes for `projected`
-            pairs = (batch["pairs_student"], batch["pairs_teacher"], batch.get("pairs_prefix"))
+        pairs = (batch["pairs_student"], batch["pairs_teacher"]) if "pairs_student" in batch else None
         inputs = TermInputs(
             self, student_out, teacher_out, targets, mask, sequences=Sequences.of_batch(batch), pairs=pairs
         )

@@ -86,8 +86,7 @@ class TermInputs:
     rollout: SampleScores | None = None
     sequences: Sequences | None = None  # which sequence each position is in (None: one per row)
     shared: dict = field(default_factory=dict)  # values two terms compute together (_one_pass)
-    # Across tokenizers: (student positions, teacher positions, their byte prefixes or None).
-    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None  # across tokenizers: (student, teacher) positions
 
 
 @dataclass(frozen=True)
