@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vkd_ds.builders.objective import build_objective
-from vkd_ds.cross_tokenizer import CrossVocab, byte_lengths
+from vkd_ds.cross_tokenizer import cross_vocab
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.models import (
@@ -120,24 +120,6 @@ def prepare(cfg) -> Prepared:
         teacher_parameters,
         packs,
     )
-
-
-def cross_vocab(s: Settings, tokenizer) -> CrossVocab | None:
-    """Across tokenizers (teacher.tokenizer_path): both tokenizers must give each token's exact bytes
-    (byte-level BPE), which the alignment on the text's bytes reads."""
-    if not s.cross_tokenizer:
-        return None
-    teacher_tokenizer = load_tokenizer(s.teacher.tokenizer_path, "teacher.tokenizer_path")
-    for who, key, tok in (
-        ("student", "data.tokenizer_path", tokenizer),
-        ("teacher", "teacher.tokenizer_path", teacher_tokenizer),
-    ):
-        if byte_lengths(tok, []) is None:
-            raise VkdError(
-                f"{key}: the {who}'s tokenizer is not a byte-level BPE tokenizer, and distilling across "
-                "tokenizers aligns the texts on each token's exact bytes, which only those give so far"
-            )
-    return CrossVocab.of(tokenizer, teacher_tokenizer, s.loss.cross_tokenizer)
 
 
 def _check_prompts(s: Settings, train_data: TokenRows) -> None:

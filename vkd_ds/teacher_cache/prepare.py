@@ -30,7 +30,7 @@ class CachePlan:
 def prepare_cache(cfg) -> CachePlan:
     """Every check of `vkd-ds cache-teacher`, with no side effects: the settings, the teacher,
     tokenizer and data, `cache.*`, and a cache dir that holds either nothing or this same cache."""
-    from vkd_ds.builders.inputs import cross_vocab
+    from vkd_ds.cross_tokenizer import cross_vocab
     from vkd_ds.features import hidden_width
     from vkd_ds.models import check_vocab, load_model_config, load_tokenizer
     from vkd_ds.settings import Settings
