@@ -145,3 +145,27 @@ def test_what_does_not_work_across_tokenizers_yet_is_refused_in_one_line():
         Settings.from_config(compose([*plain, "data.packing=true"]))
     same = [*plain[:3], "teacher.tokenizer_path=/s", *plain[4:]]
     assert not Settings.from_config(compose(same)).cross_tokenizer
+
+
+@pytest.mark.distributed
+def test_conversations_across_tokenizers_are_refused_before_anything_is_written(tiny_assets, tmp_path, other_teacher):
+    """`messages` records across tokenizers: training and cache-teacher both refuse them in one line (the
+    student's chat template is not the teacher's), and the run leaves no folder."""
+    from transformers import AutoTokenizer
+
+    from tests.test_chat import TINY_TEMPLATE, write_conversations
+    from tests.test_teacher_cache import run_cache_teacher
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets / "tokenizer")
+    tok.chat_template = TINY_TEMPLATE
+    tok.save_pretrained(tmp_path / "tokenizer")
+    write_conversations(tmp_path / "chat.jsonl", 24)
+    chat = [f"data.train_path={tmp_path / 'chat.jsonl'}", f"data.tokenizer_path={tmp_path / 'tokenizer'}"]
+    overrides = [*_across(tiny_assets, tmp_path / "run", other_teacher), *chat]
+    message = 'data.train_path holds conversations ("messages" records), which distillation across tokenizers'
+    refused = deepspeed_launch(["launcher/train.py", *overrides], 1)
+    assert refused.returncode != 0 and message in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+    cached = run_cache_teacher([*overrides, f"cache.dir={tmp_path / 'cache'}"])
+    assert cached.returncode != 0 and message in cached.stderr, cached.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()

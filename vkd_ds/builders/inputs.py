@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vkd_ds.builders.objective import build_objective
-from vkd_ds.cross_tokenizer import cross_vocab
+from vkd_ds.cross_tokenizer import check_records, cross_vocab
 from vkd_ds.errors import VkdError
 from vkd_ds.features import hidden_width, num_layers, resolve_layer_map
 from vkd_ds.models import (
@@ -76,6 +76,8 @@ def prepare(cfg) -> Prepared:
     check_buildable(student_config, "student.path" if s.student.path is not None else "student.config")
     # Tokenized once into token stores (found again by fingerprint on every later start).
     splits = open_splits(s.data, tokenizer)
+    if cross is not None:
+        check_records(splits)
     train_data = splits["train"][1]
     valid_data = splits["valid"][1] if "valid" in splits else []
     _check_prompts(s, train_data)

@@ -126,6 +126,20 @@ def cross_vocab(s, tokenizer) -> CrossVocab | None:
     return CrossVocab.of(tokenizer, teacher_tokenizer, s.loss.cross_tokenizer)
 
 
+def check_records(splits: dict) -> None:
+    """Refuse conversations (`messages` records) across tokenizers: the student's rows are its own chat
+    template's rendering, whose special tokens the teacher cannot read, and the teacher's own template
+    renders other text around the turns, which the byte alignment would have to map. `splits`:
+    open_splits's {split: (value, rows)}."""
+    chats = [f"data.{split}_path" for split, (_, rows) in splits.items() if rows.has_conversations]
+    if chats:
+        verb = "hold" if len(chats) > 1 else "holds"
+        raise VkdError(
+            f'{" and ".join(chats)} {verb} conversations ("messages" records), which distillation across '
+            "tokenizers (teacher.tokenizer_path) does not handle yet: use text or prompt/completion records"
+        )
+
+
 __all__ = [
     "Alignment",
     "CrossVocab",
@@ -134,6 +148,7 @@ __all__ = [
     "aligned_hybrid",
     "byte_ends",
     "byte_lengths",
+    "check_records",
     "cross_divergence",
     "cross_vocab",
     "positional_uld",

@@ -30,7 +30,7 @@ class CachePlan:
 def prepare_cache(cfg) -> CachePlan:
     """Every check of `vkd-ds cache-teacher`, with no side effects: the settings, the teacher,
     tokenizer and data, `cache.*`, and a cache dir that holds either nothing or this same cache."""
-    from vkd_ds.cross_tokenizer import cross_vocab
+    from vkd_ds.cross_tokenizer import check_records, cross_vocab
     from vkd_ds.features import hidden_width
     from vkd_ds.models import check_vocab, load_model_config, load_tokenizer
     from vkd_ds.settings import Settings
@@ -48,6 +48,8 @@ def prepare_cache(cfg) -> CachePlan:
     teacher_vocab = len(tokenizer) if cross is None else cross.teacher_vocab
     check_vocab(teacher_vocab, teacher_config.vocab_size, f"teacher ({s.teacher.path})")
     files = open_splits(s.data, tokenizer)
+    if cross is not None:
+        check_records(files)
     width = hidden_width(teacher_config)
     valence_k = None
     if s.valence.teacher_head and cross is None:  # across tokenizers nothing reads the teacher's valence

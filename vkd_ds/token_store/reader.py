@@ -156,6 +156,11 @@ class TokenRows(Sequence):
     def text_rows(self) -> int:
         return int(self.manifest["counts"]["text_rows"])
 
+    @property
+    def has_conversations(self) -> bool:
+        """Some rows are `messages` records rendered by the chat template (only they store per-token targets)."""
+        return "targets" in self.manifest["arrays"]
+
     def mixture(self) -> list[tuple[int, int, float]] | None:
         """[(first row, stop row, weight)] of each weighted source; None where no source is weighted."""
         if not self.sources or all(s.weight is None for s in self.sources):
