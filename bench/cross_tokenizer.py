@@ -95,11 +95,12 @@ def bits_per_byte(student_dir: Path, tokenizer_dir: Path, valid: Path) -> float:
     return nats / math.log(2) / size
 
 
-def teacher_carried(assets: Path, tokenizer_b_dir: Path, split: str = "test", records: int = 64) -> dict:
+def teacher_carried(assets: Path, tokenizer_b_dir: Path, student_b: Path, split="test", records=64) -> dict:
     """How well the teacher, carried onto tokenizer B by `projected` at the aligned positions (group
-    ends), predicts B's targets there: bits per byte of B's targets under the carried distribution,
-    next to the teacher's own on all of its tokens, over the first `records` records of the split
-    (truncated as training rows are: 128 tokens)."""
+    ends), predicts B's targets there, next to the teacher's own bits per byte on all of its tokens and
+    to `student_b`'s (an exported CE-only student on B) on the same group-end targets: the margin a soft
+    term at group ends has to teach. Over the first `records` records of the split (truncated as
+    training rows are: 128 tokens)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,9 +108,11 @@ def teacher_carried(assets: Path, tokenizer_b_dir: Path, split: str = "test", re
 
     tok_a, tok_b = AutoTokenizer.from_pretrained(assets / "tokenizer"), AutoTokenizer.from_pretrained(tokenizer_b_dir)
     teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher").eval()
+    student = AutoModelForCausalLM.from_pretrained(student_b).eval()
     carry = projection(tok_b, tok_a)
     bytes_a, bytes_b = (torch.tensor(byte_lengths(t, list(range(len(t))))) for t in (tok_a, tok_b))
-    sums = {name: [0.0, 0.0] for name in ("teacher_own", "carried_group_ends")}
+    names = ("teacher_own", "carried_group_ends", "ce_only_B_group_ends")
+    sums = {name: [0.0, 0.0] for name in names}
 
     def add(name: str, logp: torch.Tensor, size: torch.Tensor) -> None:
         sums[name][0] -= float(logp[size > 0].sum()) / math.log(2)
@@ -121,12 +124,15 @@ def teacher_carried(assets: Path, tokenizer_b_dir: Path, split: str = "test", re
         rows = teacher_rows([ids], torch.ones(1, len(ids), dtype=torch.long), tok_b, tok_a)
         with torch.no_grad():
             logits = teacher(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits[0, :, : len(tok_a)]
+            student_logp = student(input_ids=torch.tensor([ids])).logits[0, :, : len(tok_b)].log_softmax(-1)
         own = rows.input_ids[0, 1:]
         add("teacher_own", logits[:-1].log_softmax(-1).gather(1, own[:, None])[:, 0], bytes_a[own])
         p = logits[rows.teacher[:, 1]].softmax(-1)
         carried = p.new_zeros(len(p), len(tok_b)).index_add_(1, carry, p)
-        target = torch.tensor(ids)[rows.student[:, 1] + 1]
+        at = rows.student[:, 1]
+        target = torch.tensor(ids)[at + 1]
         add("carried_group_ends", carried.gather(1, target[:, None])[:, 0].clamp(min=1e-30).log(), bytes_b[target])
+        add("ce_only_B_group_ends", student_logp[at].gather(1, target[:, None])[:, 0], bytes_b[target])
     return {name: round(bits / size, 4) for name, (bits, size) in sums.items()}
 
 
@@ -245,6 +251,7 @@ def main() -> int:
         for arm in CROSS_ARMS
         if arm in arms
     }
+    ce_only_b = out / "ce_only_B" / chosen["ce_only_B"]["setting"] / f"seed{args.seeds[0]}" / "exported"
     report = {
         **describe(env, 1),
         "jobs": args.jobs,
@@ -257,7 +264,7 @@ def main() -> int:
         "chosen": {arm: {**best["point"], "on_edge": best["on_edge"]} for arm, best in chosen.items()},
         "test_bits_per_byte": table,
         "share_of_same_tokenizer_gain": recovered,
-        "teacher_bits_per_byte": teacher_carried(assets, tokenizers["B"]),
+        "teacher_bits_per_byte": teacher_carried(assets, tokenizers["B"], ce_only_b),
         "runs": runs,
     }
     print(json.dumps(report, indent=2))
