@@ -1,7 +1,10 @@
 """Alignment of two tokenizations on byte offsets, and the cross-tokenizer divergences (issue #34), on
-two real byte-level BPE tokenizers of different sizes trained here (one splits digits)."""
+two real byte-level BPE tokenizers of different sizes trained here (one splits digits), and a tokenizer
+with SentencePiece's conventions ("▁" for a space, a dummy prefix, `<0xNN>` byte fallback)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -18,8 +21,10 @@ from vkd_ds.cross_tokenizer import (
     shared_vocabulary,
     sorted_l1,
     sparse_logits,
+    spelling,
     teacher_rows,
     token_bytes,
+    vocabulary_keys,
 )
 from vkd_ds.losses import DIVERGENCES, Divergence
 
@@ -45,6 +50,24 @@ def tokenizers(tmp_path_factory):
     ]
 
 
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    """A 400-token tokenizer with SentencePiece's conventions, plus its 256 byte tokens."""
+    from vkd_ds.assets import pydoc_records, train_tokenizer
+
+    return train_tokenizer(pydoc_records(200), 400, tmp_path_factory.mktemp("sp"), sentencepiece=True)
+
+
+@pytest.fixture(params=["byte_level", "sentencepiece_student", "sentencepiece_teacher"])
+def pair(request, tokenizers, sentencepiece):
+    """(student, teacher): the two byte-level tokenizers, or the SentencePiece one on either side."""
+    return {
+        "byte_level": tokenizers,
+        "sentencepiece_student": [sentencepiece, tokenizers[1]],
+        "sentencepiece_teacher": [tokenizers[0], sentencepiece],
+    }[request.param]
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's bytes-to-unicode table, inverted (written here, apart from the module's)."""
     kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
@@ -52,18 +75,30 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(b): b for b in kept} | {chr(256 + n): b for n, b in enumerate(moved)}
 
 
+def _spelled(tokenizer, token: str) -> bytes:
+    """A token's bytes, written here apart from the module's: GPT-2's byte characters, or SentencePiece's
+    "▁" for a space and `<0xNN>` for a byte."""
+    if tokenizer.backend_tokenizer.model.byte_fallback:
+        return bytes([int(token[3:5], 16)]) if token.startswith("<0x") else token.replace("\u2581", " ").encode()
+    decoder = _byte_decoder()
+    return bytes(decoder[c] for c in token)
+
+
 def _tokens(tokenizer, text: str):
-    """(ids, byte ends, each token's own bytes)."""
+    """(ids, byte ends, each token's own bytes; SentencePiece's dummy prefix, a space written before a text
+    that has none, is no byte of the text)."""
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ids, decoder = encoded["input_ids"], _byte_decoder()
-    pieces = [bytes(decoder[c] for c in token) for token in tokenizer.convert_ids_to_tokens(ids)]
+    ids = encoded["input_ids"]
+    pieces = [_spelled(tokenizer, token) for token in tokenizer.convert_ids_to_tokens(ids)]
+    if sum(map(len, pieces)) == len(text.encode()) + 1 and not text.startswith(" "):
+        pieces[0] = pieces[0].removeprefix(b" ")
     return ids, byte_ends(text, encoded["offset_mapping"], byte_lengths(tokenizer, ids)), pieces
 
 
 @pytest.mark.parametrize("name", list(TEXTS))
-def test_groups_partition_both_tokenizations_and_their_bytes_concatenate_to_the_text(tokenizers, name):
+def test_groups_partition_both_tokenizations_and_their_bytes_concatenate_to_the_text(pair, name):
     text = TEXTS[name]
-    student, teacher = (_tokens(tok, text) for tok in tokenizers)
+    student, teacher = (_tokens(tok, text) for tok in pair)
     if name == "digits":  # the digit-splitting tokenizer really tokenizes differently
         assert student[1] != teacher[1]
     alignment = align(student[1], teacher[1])
@@ -159,6 +194,45 @@ def test_projected_carries_each_teacher_token_to_the_students_first_token_of_its
     torch.testing.assert_close(student.grad, reference_student.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_sentencepiece_tokens_meet_byte_level_ones_by_their_bytes(tokenizers, sentencepiece):
+    """ "▁the" and "Ġthe" are one shared token; a SentencePiece tokenizer against itself shares every token
+    and its aligned term is exactly the same-tokenizer divergence; `projected` carries each teacher token
+    to a student token that spells a prefix of its bytes (a split character: its first byte's token)."""
+    bpe = tokenizers[0]
+    student_ids, teacher_ids = shared_vocabulary(vocabulary_keys(sentencepiece), vocabulary_keys(bpe))
+    names = dict(zip(teacher_ids.tolist(), student_ids.tolist(), strict=True))
+    the = bpe.convert_tokens_to_ids("\u0120the")
+    assert sentencepiece.convert_ids_to_tokens(names[the]) == "\u2581the"
+    vocab = len(sentencepiece)
+    student_ids, teacher_ids = shared_vocabulary(*[vocabulary_keys(sentencepiece)] * 2)
+    assert torch.equal(student_ids, torch.arange(vocab)) and torch.equal(teacher_ids, torch.arange(vocab))
+    torch.manual_seed(2)
+    teacher, student = torch.randn(7, vocab) * 3, torch.randn(7, vocab)
+    d = Divergence(kind="forward_kl", temperature=2.0)
+    expected, _ = DIVERGENCES["forward_kl"](student.clone(), teacher.clone(), d)
+    assert torch.equal(aligned_hybrid(teacher, student, student_ids, teacher_ids, d), expected)
+    for student_tok, teacher_tok in ((sentencepiece, bpe), (bpe, sentencepiece)):
+        student_bytes = token_bytes(student_tok)
+        for data, s in zip(token_bytes(teacher_tok), projection(student_tok, teacher_tok).tolist(), strict=True):
+            assert s >= 0 and (data is None or (student_bytes[s] and data.startswith(student_bytes[s]))), data
+
+
+def test_a_tokenizer_that_rewrites_the_text_is_refused(sentencepiece, tmp_path):
+    """A normalizer other than SentencePiece's "▁" for a space (NFKC here), or no byte fallback: the tokens
+    no longer spell the text's bytes, and the teacher and student cannot be aligned on them."""
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    assert spelling(sentencepiece) == "metaspace"
+    rewriting = PreTrainedTokenizerFast(tokenizer_object=sentencepiece.backend_tokenizer)
+    rewriting.backend_tokenizer.normalizer = normalizers.NFKC()
+    assert spelling(rewriting) is None and byte_lengths(rewriting, [5]) is None
+    saved = json.loads(sentencepiece.backend_tokenizer.to_str())
+    saved["model"]["byte_fallback"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    assert spelling(PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))) is None
+
+
 def test_sorted_l1_and_positional_uld_ignore_token_identity_and_train_the_student():
     torch.manual_seed(1)
     teacher = torch.randn(5, 40)
@@ -211,16 +285,18 @@ def test_teacher_rows_of_the_same_tokenizer_are_the_student_rows_paired_position
         assert teacher.unaligned_rows == 0
 
 
-def test_teacher_rows_of_another_tokenizer_pair_positions_that_have_read_the_same_bytes(tokenizers):
-    student_tok, teacher_tok = tokenizers
+def test_teacher_rows_of_another_tokenizer_pair_positions_that_have_read_the_same_bytes(pair):
+    """The student's row and the teacher's have read the same bytes at each pair (a SentencePiece
+    tokenizer's dummy prefix aside: the student's is a space the teacher reads, the teacher's none)."""
+    student_tok, teacher_tok = pair
     texts = list(TEXTS.values())
     rows, mask = _student_rows(student_tok, texts)
     teacher = teacher_rows(rows, mask, student_tok, teacher_tok)
-    decoder = _byte_decoder()
 
     def prefix(tokenizer, ids):
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        return b"".join(bytes(decoder[c] for c in t) for t in tokens if t not in tokenizer.all_special_tokens)
+        spelled = b"".join(_spelled(tokenizer, t) for t in tokens if t not in tokenizer.all_special_tokens)
+        return spelled.removeprefix(b" ")
 
     assert len(teacher.student) > sum(len(r) for r in rows) // 3
     for (row, s), (row_t, t) in zip(teacher.student.tolist(), teacher.teacher.tolist(), strict=True):

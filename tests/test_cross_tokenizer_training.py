@@ -29,6 +29,18 @@ def other_teacher(tmp_path_factory):
     return teacher, root / "tokenizer"
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_teacher(tmp_path_factory):
+    """(teacher dir, tokenizer dir): a tokenizer with SentencePiece's conventions ("▁", a dummy prefix,
+    byte fallback; as Llama 2's, Mistral's, Gemma's), and a teacher for it."""
+    from vkd_ds.assets import pydoc_records, train_tokenizer
+
+    root = tmp_path_factory.mktemp("sentencepiece_teacher")
+    tokenizer = train_tokenizer(pydoc_records(300)[:240], 400, root / "tokenizer", sentencepiece=True)
+    teacher = save_tiny_model(root / "teacher", vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=3)
+    return teacher, root / "tokenizer"
+
+
 def _across(assets, run_dir, other_teacher, *extra: str) -> list[str]:
     teacher, tokenizer = other_teacher
     return [
@@ -127,6 +139,22 @@ def test_projected_across_a_copy_of_the_data_tokenizer_is_same_tokenizer_kd(tiny
         for column in ("loss", "loss/ce", "loss/soft"):
             assert abs(float(a[column]) - float(b[column])) <= 1e-5 * max(1.0, abs(float(a[column]))), column
     assert "soft term across tokenizers: projected" in (across / "train.log").read_text()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("pairing", ["aligned", "projected"])
+def test_a_sentencepiece_teacher_distills_into_a_byte_level_student(
+    tiny_assets, tmp_path, sentencepiece_teacher, pairing
+):
+    """A teacher whose tokenizer writes "▁" for a space and bytes as `<0xNN>` tokens, on 2 ranks: every row
+    aligns (none left out), the soft term is reached at group ends and trains."""
+    run = tmp_path / "run"
+    train_job(
+        _across(tiny_assets, run, sentencepiece_teacher, f"loss.cross_tokenizer={pairing}", "trainer.max_steps=2")
+    )
+    rows = read_metrics(run / "metrics.csv")
+    assert all(math.isfinite(float(r["loss/soft"])) and float(r["loss/soft"]) > 0 for r in rows)
+    assert all(0.3 < float(r["paired_share"]) < 1 and float(r["unaligned_rows"]) == 0 for r in rows), rows
 
 
 REQUIRED = ["teacher.path=/t", "data.train_path=/d.jsonl", "data.tokenizer_path=/s", "teacher.tokenizer_path=/t2"]

@@ -50,24 +50,39 @@ def split_records(records: list[str], valid_every: int = 20) -> tuple[list[str],
     return train, valid
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, split_digits: bool = False):
-    """Byte-level BPE trained with `tokenizers`, saved as a transformers fast tokenizer; `split_digits`:
-    every digit its own token (as Llama's and Qwen's tokenizers do), so two tokenizers differ on numbers."""
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, split_digits: bool = False, sentencepiece=False):
+    """BPE trained with `tokenizers`, saved as a transformers fast tokenizer: byte-level (GPT-2's, as Llama 3's
+    and Qwen's), or with `sentencepiece` SentencePiece's conventions (as Llama 2's, Mistral's and Gemma's:
+    "▁" for a space, a "▁" before the text, characters outside the vocabulary as `<0xNN>` byte tokens,
+    256 of them past `vocab_size`). `split_digits`: every digit its own token (as Llama's and Qwen's
+    tokenizers do), so two tokenizers differ on numbers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     digits = [pre_tokenizers.Digits(individual_digits=True)] if split_digits else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level]) if digits else byte_level
-    tok.decoder = decoders.ByteLevel()
+    if sentencepiece:
+        tok = Tokenizer(models.BPE(byte_fallback=True))
+        words = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        alphabet = {"limit_alphabet": 200}
+    else:
+        tok = Tokenizer(models.BPE())
+        words = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, words]) if digits else words
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False, **alphabet
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if sentencepiece:  # the byte-fallback tokens are ordinary vocabulary entries, as in SentencePiece's models
+        saved = json.loads(tok.to_str())
+        vocab = saved["model"]["vocab"]
+        for byte in range(256):
+            vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+        tok = Tokenizer.from_str(json.dumps(saved))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)

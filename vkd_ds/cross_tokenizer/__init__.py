@@ -13,7 +13,7 @@ else joins the group its end falls in.
 
 At the last token of group g both models predict what follows the same byte: the teacher over its
 vocabulary, the student over its own. The divergences compare those two distributions:
-- `aligned_hybrid` (TRL GOLD's hybrid): token ids whose strings are identical in both vocabularies are
+- `aligned_hybrid` (TRL GOLD's hybrid): token ids whose bytes are identical in both vocabularies (`vocabulary_keys`) are
   compared by the configured divergence D on their probabilities; the rest of each distribution by the
   L1 distance of their sorted probabilities (ULD). With identical tokenizers every token matches,
   groups are single tokens, and it is exactly D.
@@ -40,6 +40,7 @@ from vkd_ds.cross_tokenizer.alignment import (
     align,
     byte_ends,
     byte_lengths,
+    spelling,
     teacher_rows,
     teacher_tokens,
     text_bytes,
@@ -54,6 +55,7 @@ from vkd_ds.cross_tokenizer.terms import (
     shared_vocabulary,
     sorted_l1,
     sparse_logits,
+    vocabulary_keys,
 )
 from vkd_ds.errors import VkdError
 from vkd_ds.losses import Divergence
@@ -74,8 +76,8 @@ class CrossVocab:
 
     @classmethod
     def of(cls, student_tokenizer, teacher_tokenizer, pairing: str) -> CrossVocab:
-        names = [t.convert_ids_to_tokens(list(range(len(t)))) for t in (student_tokenizer, teacher_tokenizer)]
-        student_ids, teacher_ids = shared_vocabulary(*names)
+        keys = [vocabulary_keys(t) for t in (student_tokenizer, teacher_tokenizer)]
+        student_ids, teacher_ids = shared_vocabulary(*keys)
         carry = projection(student_tokenizer, teacher_tokenizer) if pairing == "projected" else None
         vocab = len(teacher_tokenizer)
         return cls(student_tokenizer, teacher_tokenizer, pairing, student_ids, teacher_ids, vocab, carry)
@@ -118,10 +120,11 @@ def cross_vocab(s, tokenizer) -> CrossVocab | None:
         ("student", "data.tokenizer_path", tokenizer),
         ("teacher", "teacher.tokenizer_path", teacher_tokenizer),
     ):
-        if byte_lengths(tok, []) is None:
+        if spelling(tok) is None:
             raise VkdError(
-                f"{key}: the {who}'s tokenizer is not a byte-level BPE tokenizer, and distilling across "
-                "tokenizers aligns the texts on each token's exact bytes, which only those give so far"
+                f"{key}: the {who}'s tokenizer does not spell each token's exact bytes (neither byte-level "
+                "BPE nor SentencePiece with byte fallback and no text normalizer), and distilling across "
+                "tokenizers aligns the texts on them"
             )
     return CrossVocab.of(tokenizer, teacher_tokenizer, s.loss.cross_tokenizer)
 
@@ -157,8 +160,10 @@ __all__ = [
     "shared_vocabulary",
     "sorted_l1",
     "sparse_logits",
+    "spelling",
     "teacher_rows",
     "teacher_tokens",
     "text_bytes",
     "token_bytes",
+    "vocabulary_keys",
 ]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,8 +19,12 @@ def byte_ends(text: str, offsets: Sequence[tuple[int, int]], lengths: Sequence[i
     the text's end (bytes no token claims, such as trimmed trailing spaces, join it). `lengths`: each
     token's exact byte length (`byte_lengths`), used when they add up to the text's bytes: the pieces of
     a character split into several tokens then end where their bytes do, where character offsets
-    would give them all the character's end."""
+    would give them all the character's end. A SentencePiece tokenizer writes a space before a text that
+    does not start with one (its dummy prefix): that one byte more is the first token's that has bytes."""
     size = len(text.encode("utf-8"))
+    if lengths is not None and sum(lengths) == size + 1 and not text.startswith(" "):
+        first = next(i for i, n in enumerate(lengths) if n > 0)
+        lengths = [*lengths[:first], lengths[first] - 1, *lengths[first + 1 :]]
     if lengths is not None and sum(lengths) == size:
         return list(itertools.accumulate(lengths))
     char_to_byte = [0, *itertools.accumulate(len(char.encode("utf-8")) for char in text)]
@@ -43,16 +49,65 @@ def byte_alphabet() -> dict[str, int]:
     return alphabet
 
 
-def byte_lengths(tokenizer, ids: Sequence[int]) -> list[int] | None:
-    """Each token's exact byte length for a byte-level BPE tokenizer (special tokens: 0), else None."""
+METASPACE = "\u2581"  # SentencePiece's "▁", a space in its tokens
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+@functools.lru_cache(maxsize=16)  # per tokenizer object: its JSON is read once, not at every row
+def spelling(tokenizer) -> str | None:
+    """How a tokenizer's tokens spell their exact bytes: "byte_level" (GPT-2's alphabet: Llama 3, Qwen,
+    GPT-NeoX), "metaspace" (SentencePiece's: "▁" for a space, `<0xNN>` byte-fallback tokens, the text
+    otherwise unchanged: Llama 2, Mistral, Gemma), or None (a normalizer that rewrites the text, or
+    unknown characters lost to an unk token: no exact bytes)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or "ByteLevel" not in str(backend.decoder):
+    if backend is None:
         return None
-    alphabet, special = byte_alphabet(), set(tokenizer.all_special_ids)
+    if "ByteLevel" in str(backend.decoder):
+        return "byte_level"
+    saved = json.loads(backend.to_str())
+    if not (saved.get("model") or {}).get("byte_fallback"):
+        return None  # a character outside the vocabulary would become an unk token, its bytes lost
+    normalizer = saved.get("normalizer")
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer else []
+    # Normalizers that only write "▁" for a space (or before the text) keep the bytes; any other rewrites them.
+    if any(step["type"] not in ("Replace", "Prepend") or METASPACE not in json.dumps(step) for step in steps):
+        return None
+    uses_metaspace = METASPACE in str(backend.decoder) + str(backend.pre_tokenizer) + json.dumps(normalizer)
+    return "metaspace" if uses_metaspace else None
+
+
+def spell(tokenizer, ids: Sequence[int]) -> list[bytes | None] | None:
+    """Each of `ids`'s exact bytes (None for a special token), or None for a tokenizer whose tokens do
+    not spell them (`spelling`)."""
+    kind = spelling(tokenizer)
+    if kind is None:
+        return None
+    special = set(tokenizer.all_special_ids)
     tokens = tokenizer.convert_ids_to_tokens(list(ids))
-    if any(i not in special and any(c not in alphabet for c in t) for i, t in zip(ids, tokens, strict=True)):
-        return None
-    return [0 if i in special else len(t) for i, t in zip(ids, tokens, strict=True)]
+    if kind == "byte_level":
+        alphabet = byte_alphabet()
+        if any(i not in special and any(c not in alphabet for c in t) for i, t in zip(ids, tokens, strict=True)):
+            return None
+        return [None if i in special else bytes(alphabet[c] for c in t) for i, t in zip(ids, tokens, strict=True)]
+    out = []
+    for i, token in zip(ids, tokens, strict=True):
+        byte = _BYTE_TOKEN.fullmatch(token)
+        out.append(
+            None if i in special else bytes([int(byte[1], 16)]) if byte else token.replace(METASPACE, " ").encode()
+        )
+    return out
+
+
+def is_byte(token: str) -> bool:
+    """A SentencePiece byte-fallback token (`<0xNN>`)."""
+    return _BYTE_TOKEN.fullmatch(token) is not None
+
+
+def byte_lengths(tokenizer, ids: Sequence[int]) -> list[int] | None:
+    """Each token's exact byte length (special tokens: 0), or None for a tokenizer whose tokens do not
+    spell their bytes (`spelling`)."""
+    spelled = spell(tokenizer, ids)
+    return None if spelled is None else [0 if data is None else len(data) for data in spelled]
 
 
 @dataclass(frozen=True)
@@ -110,21 +165,15 @@ def align(student_ends: list[int], teacher_ends: list[int]) -> Alignment:
 
 
 def token_bytes(tokenizer) -> list[bytes | None]:
-    """Each id's exact bytes for a byte-level BPE tokenizer (None for a special token)."""
-    alphabet, special = byte_alphabet(), set(tokenizer.all_special_ids)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [None if i in special else bytes(alphabet[c] for c in t) for i, t in enumerate(tokens)]
+    """Each id's exact bytes (None for a special token), for a tokenizer that spells them (`spelling`)."""
+    return spell(tokenizer, range(len(tokenizer)))
 
 
 def text_bytes(tokenizer, ids: Sequence[int]) -> bytes | None:
-    """The exact bytes a byte-level BPE tokenizer's `ids` stand for (special tokens: none); None for a
-    tokenizer that is not byte-level."""
-    lengths = byte_lengths(tokenizer, ids)
-    if lengths is None:
-        return None
-    alphabet, special = byte_alphabet(), set(tokenizer.all_special_ids)
-    tokens = tokenizer.convert_ids_to_tokens(list(ids))
-    return b"".join(bytes(alphabet[c] for c in t) for i, t in zip(ids, tokens, strict=True) if i not in special)
+    """The exact bytes a tokenizer's `ids` stand for (special tokens: none); None for a tokenizer that
+    does not spell them (`spelling`). A SentencePiece tokenizer's dummy prefix is a space in them."""
+    spelled = spell(tokenizer, ids)
+    return None if spelled is None else b"".join(data for data in spelled if data is not None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vkd_ds.cross_tokenizer.alignment import byte_alphabet, token_bytes
+from vkd_ds.cross_tokenizer.alignment import METASPACE, byte_alphabet, is_byte, spelling, token_bytes
 from vkd_ds.losses import DIVERGENCES, LOG_ZERO, Divergence, SparseTeacher
 
 
@@ -20,11 +20,25 @@ def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p_sorted - q_sorted).abs().sum(-1)
 
 
+def vocabulary_keys(tokenizer) -> list[bytes | str]:
+    """What identifies each id across tokenizers: its exact bytes (`token_bytes`), or a special token's
+    name. "Ġthe" (byte-level BPE) and "▁the" (SentencePiece) are both b" the". A SentencePiece byte token
+    (`<0x41>`) that spells what a text token does ("A") keeps its name: keys are unique, and the text
+    token is the one the tokenizer writes."""
+    names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    spelled = token_bytes(tokenizer)
+    text_tokens = {data for name, data in zip(names, spelled, strict=True) if data is not None and not is_byte(name)}
+    return [
+        name if data is None or (is_byte(name) and data in text_tokens) else data
+        for name, data in zip(names, spelled, strict=True)
+    ]
+
+
 def shared_vocabulary(
-    student_tokens: Sequence[str], teacher_tokens: Sequence[str]
+    student_tokens: Sequence[bytes | str], teacher_tokens: Sequence[bytes | str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student ids, teacher ids) of the tokens whose strings are identical in both vocabularies
-    (strings as each tokenizer's `convert_ids_to_tokens` writes them), in teacher-id order."""
+    """(student ids, teacher ids) of the tokens whose keys are identical in both vocabularies
+    (`vocabulary_keys`), in teacher-id order."""
     student_id = {token: i for i, token in enumerate(student_tokens)}
     pairs = [(student_id[token], t) for t, token in enumerate(teacher_tokens) if token in student_id]
     if not pairs:
@@ -77,15 +91,35 @@ def projection(student_tokenizer, teacher_tokenizer) -> torch.Tensor:
     a special token goes to the student's special token of the same string, or nowhere (−1). The
     BPE runs on the token's bytes alone, without the text that follows them."""
     model = student_tokenizer.backend_tokenizer.model
-    to_char = {byte: char for char, byte in byte_alphabet().items()}
+    first = _first_token(spelling(student_tokenizer), model, student_tokenizer)
     special_ids = student_tokenizer.all_special_ids
     student_special = dict(zip(student_tokenizer.convert_ids_to_tokens(special_ids), special_ids, strict=True))
     names = teacher_tokenizer.convert_ids_to_tokens(list(range(len(teacher_tokenizer))))
     target = [
-        student_special.get(name, -1) if data is None else model.tokenize("".join(to_char[b] for b in data))[0].id
+        student_special.get(name, -1) if data is None else first(data)
         for name, data in zip(names, token_bytes(teacher_tokenizer), strict=True)
     ]
     return torch.tensor(target, dtype=torch.long)
+
+
+def _first_token(kind: str, model, tokenizer):
+    """bytes -> the id of the first token of the student model's BPE of them, written in its alphabet:
+    GPT-2's byte characters, or SentencePiece's text with "▁" for a space, where bytes that are not
+    whole characters (a teacher token that splits one) start with their first byte's fallback token."""
+    if kind == "byte_level":
+        to_char = {byte: char for char, byte in byte_alphabet().items()}
+        return lambda data: model.tokenize("".join(to_char[b] for b in data))[0].id
+
+    def first(data: bytes) -> int:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            text = data[: bad.start].decode("utf-8")
+        if not text:
+            return tokenizer.convert_tokens_to_ids(f"<0x{data[0]:02X}>")
+        return model.tokenize(text.replace(" ", METASPACE))[0].id
+
+    return first
 
 
 def projected(
