@@ -2,7 +2,7 @@
 term recovers when the student's tokenizer is not the teacher's, measured in held-out bits per byte
 (comparable across tokenizers), 3 seeds, every λ chosen on a validation split.
 
-    python bench/cross_tokenizer.py [--quick] [--seeds 1234 1 2] [--jobs 2] [--out DIR]
+    python bench/cross_tokenizer.py [--quick] [--seeds 1234 1 2] [--jobs 2] [--widenings 2] [--out DIR]
 
 The demo's assets (--quick: the --quick demo's): its teacher and its 2,048-token byte-level BPE
 tokenizer ("A"). A second byte-level BPE tokenizer ("B": 1,024 tokens, every digit its own token) is
@@ -15,7 +15,7 @@ for the demo's steps on 16 unpacked rows of at most 128 tokens per step, CE plus
 - `projected_B`, `aligned_B`, `positional_uld_B`: tokenizer B, the teacher on A, CE + λ·the soft term
   with loss.cross_tokenizer = projected, aligned or positional_uld (T = 1).
 Every arm's LR (and λ) is picked by the lowest validation bits per byte of the first seed over its grid
-(GRIDS), widened one step where the best lies on the grid's edge, at most twice; the chosen setting then
+(GRIDS), widened one step where the best lies on the grid's edge, at most twice (--widenings); the chosen setting then
 runs every seed: matched controls, each at its own best.
 Bits per byte = Σ −log₂ p_S(target) / Σ bytes of the targets, over every target token that is not a
 special token. Share of the gain recovered: (bpb(ce_only_B) − bpb(arm)) / (bpb(ce_only_A) −
@@ -197,6 +197,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="run these arms only")
+    parser.add_argument(
+        "--widenings", type=int, default=WIDENINGS, help="how often a grid widens at most where its best is on an edge"
+    )
     args = parser.parse_args()
     arms = {arm: ARMS[arm] for arm in args.arms}
     from vkd_ds.demo import FULL, QUICK, build_assets
@@ -227,7 +230,7 @@ def main() -> int:
                     "env": env,
                 }
 
-            sweep, chosen = _sweep(pool, job, args.seeds[0], arms)
+            sweep, chosen = _sweep(pool, job, args.seeds[0], arms, args.widenings)
             rest = [
                 job(arm, best["setting"], seed, ARMS[arm][0], best["overrides"])
                 for arm, best in chosen.items()
@@ -258,6 +261,7 @@ def main() -> int:
         "quick": args.quick,
         "steps": demo.distill_steps,
         "seeds": args.seeds,
+        "widenings": args.widenings,
         "tokenizers": {"A": "the demo's (2,048 tokens)", "B": f"{B_VOCAB} tokens, digits split, trained here"},
         "arms": {arm: {"tokenizer": side, "overrides": o, "grid": grid} for arm, (side, o, grid) in arms.items()},
         "tune_bpb": sweep,
@@ -271,8 +275,8 @@ def main() -> int:
     return 0
 
 
-def _sweep(pool, job, seed: int, arms: dict) -> tuple[dict, dict]:
-    """Every arm's grid (of `arms`) at `seed`, widened where its best point lies on an edge (WIDENINGS times at most).
+def _sweep(pool, job, seed: int, arms: dict, widenings: int) -> tuple[dict, dict]:
+    """Every arm's grid (of `arms`) at `seed`, widened where its best point lies on an edge (`widenings` times at most).
     ({arm: {setting: tune bpb}}, {arm: its best point, run, setting and overrides})."""
     grids = {arm: dict(grid) for arm, (_, _, grid) in arms.items()}
     results: dict[str, dict[str, dict]] = {arm: {} for arm in arms}
@@ -284,7 +288,7 @@ def _sweep(pool, job, seed: int, arms: dict) -> tuple[dict, dict]:
         names = {"lr": "trainer.lr", "soft": "loss.soft"}
         return [*ARMS[arm][1], *(f"{names[dim]}={value}" for dim, value in point.items())]
 
-    for _ in range(WIDENINGS + 1):
+    for _ in range(widenings + 1):
         todo = [(arm, p) for arm, grid in grids.items() for p in points(grid) if setting(p) not in results[arm]]
         jobs = [job(arm, setting(p), seed, ARMS[arm][0], overrides(arm, p)) for arm, p in todo]
         for (arm, p), result in zip(todo, pool.map(run_one, jobs), strict=True):
