@@ -37,7 +37,7 @@ def test_defaults_are_the_spec_defaults():
         "temperature": 4.0,
         "chunk_tokens": "auto",
         "fused_head": False,
-        "cross_tokenizer": "aligned",
+        "cross_tokenizer": "projected",
     }
     assert cfg.weighting.lam == 6.0 and cfg.weighting.z_max == 3.0 and cfg.weighting.normalize is True
     assert list(cfg.weighting.alphas) == [0.55, 0.20, 0.15, 0.10] and cfg.valence.k == 8

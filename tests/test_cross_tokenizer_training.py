@@ -71,18 +71,18 @@ def test_a_teacher_with_its_own_tokenizer_distills_on_two_zero3_ranks_and_resume
     # Aligned pairs sit at group ends only: some target positions, not all; every row here is text.
     assert all(0 < float(r["paired_share"]) < 1 and float(r["unaligned_rows"]) == 0 for r in rows)
     assert rows[-1]["eval/ce"] != "" and rows[-1].get("eval/kl_teacher", "") == ""  # no position pairs in eval
-    assert "teacher tokenizer: " in result.stderr and "soft term across tokenizers: aligned" in result.stderr
+    assert "teacher tokenizer: " in result.stderr and "soft term across tokenizers: projected" in result.stderr
     train_job(_across(tiny_assets, resumed, other_teacher, "trainer.stop_after_steps=2"))
     train_job(_across(tiny_assets, resumed, other_teacher))
     assert losses(resumed) == losses(straight)
-    # ULD pairs positions by index, projected carries the teacher onto the student's vocabulary: other
-    # soft terms from the same first step.
-    for pairing in ("positional_uld", "projected"):
+    # ULD pairs positions by index, aligned compares shared tokens and sorts the rest: other soft terms
+    # from the same first step.
+    for pairing in ("positional_uld", "aligned"):
         run = tmp_path / pairing
         train_job(_across(tiny_assets, run, other_teacher, f"loss.cross_tokenizer={pairing}", "trainer.max_steps=1"))
         first = read_metrics(run / "metrics.csv")[0]
         assert first["loss/ce"] == rows[0]["loss/ce"] and first["loss/soft"] != rows[0]["loss/soft"]
-        if pairing == "projected":  # at the aligned term's positions: the groups' ends
+        if pairing == "aligned":  # at the projected term's positions: the groups' ends
             assert first["paired_share"] == rows[0]["paired_share"]
         assert math.isfinite(float(first["loss/soft"])) and float(first["loss/soft"]) > 0
 

@@ -36,7 +36,7 @@ from vkd_ds.settings_fields import (
 from vkd_ds.terms import TERMS
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-# The soft term across tokenizers (vkd_ds/cross_tokenizer.py), at byte-aligned positions: the teacher's
+# The soft term across tokenizers (vkd_ds/cross_tokenizer/), at byte-aligned positions: the teacher's
 # distribution carried onto the student's vocabulary by the student's own BPE, compared by loss.divergence |
 # shared tokens by loss.divergence and the rest by sorted L1 | (ULD) positions paired by index.
 CROSS_TOKENIZER_PAIRINGS = ("projected", "aligned", "positional_uld")

@@ -1,4 +1,4 @@
-"""Distillation across tokenizers (issue #34, in progress): the alignment of two tokenizations of one text
+"""Distillation across tokenizers (issue #34): the alignment of two tokenizations of one text
 on UTF-8 byte offsets (`alignment`), the divergences that compare a teacher's and a student's next-token
 distributions over different vocabularies (`terms`), and what a run needs of both (`CrossVocab`, here).
 
