@@ -43,7 +43,6 @@ from vkd_ds.cross_tokenizer.alignment import (
     spelling,
     teacher_rows,
     teacher_tokens,
-    text_bytes,
     token_bytes,
 )
 from vkd_ds.cross_tokenizer.terms import (
@@ -163,7 +162,6 @@ __all__ = [
     "spelling",
     "teacher_rows",
     "teacher_tokens",
-    "text_bytes",
     "token_bytes",
     "vocabulary_keys",
 ]

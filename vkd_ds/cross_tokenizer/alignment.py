@@ -82,20 +82,24 @@ def spell(tokenizer, ids: Sequence[int]) -> list[bytes | None] | None:
     kind = spelling(tokenizer)
     if kind is None:
         return None
-    special = set(tokenizer.all_special_ids)
+    special = _special_ids(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(ids))
     if kind == "byte_level":
         alphabet = byte_alphabet()
         if any(i not in special and any(c not in alphabet for c in t) for i, t in zip(ids, tokens, strict=True)):
             return None
         return [None if i in special else bytes(alphabet[c] for c in t) for i, t in zip(ids, tokens, strict=True)]
-    out = []
-    for i, token in zip(ids, tokens, strict=True):
-        byte = _BYTE_TOKEN.fullmatch(token)
-        out.append(
-            None if i in special else bytes([int(byte[1], 16)]) if byte else token.replace(METASPACE, " ").encode()
-        )
-    return out
+    return [None if i in special else _metaspace_bytes(t) for i, t in zip(ids, tokens, strict=True)]
+
+
+@functools.lru_cache(maxsize=16)  # all_special_ids is rebuilt at every read; rows read it at every step
+def _special_ids(tokenizer) -> frozenset[int]:
+    return frozenset(tokenizer.all_special_ids)
+
+
+def _metaspace_bytes(token: str) -> bytes:
+    byte = _BYTE_TOKEN.fullmatch(token)
+    return bytes([int(byte[1], 16)]) if byte else token.replace(METASPACE, " ").encode("utf-8")
 
 
 def is_byte(token: str) -> bool:
@@ -169,13 +173,6 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return spell(tokenizer, range(len(tokenizer)))
 
 
-def text_bytes(tokenizer, ids: Sequence[int]) -> bytes | None:
-    """The exact bytes a tokenizer's `ids` stand for (special tokens: none); None for a tokenizer that
-    does not spell them (`spelling`). A SentencePiece tokenizer's dummy prefix is a space in them."""
-    spelled = spell(tokenizer, ids)
-    return None if spelled is None else b"".join(data for data in spelled if data is not None)
-
-
 @dataclass(frozen=True)
 class TeacherRows:
     """A student batch's rows in the teacher's tokens, and the positions the divergence compares: pair k
@@ -207,13 +204,13 @@ def teacher_rows(
             rows.append([teacher_tokenizer.pad_token_id])
             unaligned += 1
             continue
-        teacher_ids, teacher_ends = tokens
+        teacher_ids, teacher_ends, student_ends = tokens
         rows.append(teacher_ids)
         targets = loss_mask[row, 1 : len(ids)].nonzero().squeeze(-1).tolist()  # position t predicts t + 1
         if pairing == "positional":
             pairs = [(t, t) for t in targets if t < len(teacher_ids) - 1]
         else:
-            alignment = align(list(itertools.accumulate(byte_lengths(student_tokenizer, ids))), teacher_ends)
+            alignment = align(student_ends, teacher_ends)
             wanted = set(targets)
             last_pairs = zip(alignment.student_last()[:-1], alignment.teacher_last()[:-1], strict=True)
             pairs = [(s, t) for s, t in last_pairs if s in wanted]
@@ -228,16 +225,23 @@ def teacher_rows(
     return TeacherRows(input_ids, attention_mask, _pairs(student_pairs), _pairs(teacher_pairs), unaligned)
 
 
-def teacher_tokens(student_tokenizer, teacher_tokenizer, ids: Sequence[int]) -> tuple[list[int], list[int]] | None:
+def teacher_tokens(
+    student_tokenizer, teacher_tokenizer, ids: Sequence[int]
+) -> tuple[list[int], list[int], list[int]] | None:
     """A student row's text (its tokens decoded exactly) in the teacher's tokens, framed as the row is
-    (`_framed`), with each token's byte end; None for a row whose bytes are not text (a window that
-    splits a character) or that leaves the teacher nothing (an empty text, a teacher without BOS)."""
-    data = text_bytes(student_tokenizer, ids)
-    text = data.decode("utf-8", errors="ignore") if data is not None else None
-    if text is None or text.encode("utf-8") != data:
+    (`_framed`): (teacher ids, their byte ends, the student tokens' byte ends); None for a row whose bytes
+    are not text (a window that splits a character) or that leaves the teacher nothing (an empty text, a
+    teacher without BOS). The row is spelled once, for its text and its ends alike."""
+    spelled = spell(student_tokenizer, ids)
+    if spelled is None:
+        return None
+    data = b"".join(piece for piece in spelled if piece is not None)
+    text = data.decode("utf-8", errors="ignore")
+    if text.encode("utf-8") != data:
         return None
     teacher_ids, teacher_ends = _framed(teacher_tokenizer, text, student_tokenizer, ids)
-    return (teacher_ids, teacher_ends) if teacher_ids else None
+    student_ends = list(itertools.accumulate(0 if piece is None else len(piece) for piece in spelled))
+    return (teacher_ids, teacher_ends, student_ends) if teacher_ids else None
 
 
 def _pairs(pairs: list[tuple[int, int]]) -> torch.Tensor:
